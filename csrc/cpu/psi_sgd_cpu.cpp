@@ -1,0 +1,297 @@
+// Fused CPU implementation of psi_cuda::psi_sgd_ (math: psi/math.h).
+//
+// The tensors of the list are cut into work items of about kItemElems elements:
+//   rows   - whole channel groups (short rows): reduce, solve, write while the rows are in cache;
+//   chunk  - a piece of a long group (a tensor group, or a row longer than kLongGroup): its
+//            partial Gram matrix is stored, the group is solved once all its chunks are reduced,
+//            then a second parallel pass writes it;
+//   plain  - a piece of a Euclidean tensor: elementwise, no reduction.
+// One at::parallel_for runs every item; a second one runs the write pass of the chunks.
+// Sums of a group are combined in a fixed order, so results do not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "psi/ops.h"
+
+namespace psi {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kItemElems = 1 << 15;  // elements per work item
+constexpr int64_t kLongGroup = 1 << 16;  // longer groups are reduced in chunks, in parallel
+constexpr int64_t kFlush = 1 << 10;      // float partial sums are moved to double this often
+
+// Loads and stores 2 vectors of opmath_t from scalar_t memory (widening half/bfloat16).
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+struct Io {
+  using V = Vectorized<opmath_t>;
+  static constexpr int64_t kStep = 2 * V::size();
+  static void load(const scalar_t* p, V& a, V& b) {
+    if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+      a = V::loadu(p);
+      b = V::loadu(p + V::size());
+    } else {
+      std::tie(a, b) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
+    }
+  }
+  static void store(scalar_t* p, const V& a, const V& b) {
+    if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+      a.store(p);
+      b.store(p + V::size());
+    } else {
+      at::vec::convert_from_float<scalar_t>(a, b).store(p);
+    }
+  }
+};
+
+// Six running sums of a Gram matrix held in vectors.
+template <typename V>
+struct GramVec {
+  V ww{0}, wg{0}, wm{0}, gg{0}, gm{0}, mm{0};
+  void add(const V& w, const V& g, const V& m, bool has_m) {
+    ww = at::vec::fmadd(w, w, ww);
+    wg = at::vec::fmadd(w, g, wg);
+    gg = at::vec::fmadd(g, g, gg);
+    if (has_m) {
+      wm = at::vec::fmadd(w, m, wm);
+      gm = at::vec::fmadd(g, m, gm);
+      mm = at::vec::fmadd(m, m, mm);
+    }
+  }
+  static double hsum(const V& v) {
+    typename V::value_type buf[V::size()];
+    v.store(buf);
+    double s = 0.0;
+    for (int64_t i = 0; i < V::size(); ++i) s += static_cast<double>(buf[i]);
+    return s;
+  }
+  void flush(Gram& G) {
+    G.ww += hsum(ww); G.wg += hsum(wg); G.wm += hsum(wm);
+    G.gg += hsum(gg); G.gm += hsum(gm); G.mm += hsum(mm);
+    *this = GramVec();
+  }
+};
+
+// Gram matrix of (w, g, m) over n elements; m may be null (no momentum).
+template <typename scalar_t, typename opmath_t>
+Gram reduce_gram(const scalar_t* w, const scalar_t* g, const opmath_t* m, int64_t n) {
+  using IoP = Io<scalar_t>;
+  using IoM = Io<opmath_t>;
+  using V = typename IoP::V;
+  const bool has_m = m != nullptr;
+  Gram G{0, 0, 0, 0, 0, 0};
+  GramVec<V> acc;
+  int64_t i = 0;
+  int64_t since_flush = 0;
+  V w0, w1, g0, g1, m0{0}, m1{0};
+  for (; i + IoP::kStep <= n; i += IoP::kStep) {
+    IoP::load(w + i, w0, w1);
+    IoP::load(g + i, g0, g1);
+    if (has_m) IoM::load(m + i, m0, m1);
+    acc.add(w0, g0, m0, has_m);
+    acc.add(w1, g1, m1, has_m);
+    since_flush += IoP::kStep;
+    if (since_flush >= kFlush) {
+      acc.flush(G);
+      since_flush = 0;
+    }
+  }
+  acc.flush(G);
+  for (; i < n; ++i) {
+    const double wi = static_cast<double>(static_cast<opmath_t>(w[i]));
+    const double gi = static_cast<double>(static_cast<opmath_t>(g[i]));
+    const double mi = has_m ? static_cast<double>(m[i]) : 0.0;
+    G.ww += wi * wi; G.wg += wi * gi; G.gg += gi * gi;
+    G.wm += wi * mi; G.gm += gi * mi; G.mm += mi * mi;
+  }
+  return G;
+}
+
+// w <- P.w w + P.g g + P.m m and m <- B.w w + B.g g + B.m m over n elements.
+template <typename scalar_t, typename opmath_t>
+void apply_update(scalar_t* w, const scalar_t* g, opmath_t* m, int64_t n, const Update& up) {
+  if (up.skip) return;
+  using IoP = Io<scalar_t>;
+  using IoM = Io<opmath_t>;
+  using V = typename IoP::V;
+  const bool has_m = m != nullptr;
+  const opmath_t pw = up.param.w, pg = up.param.g, pm = up.param.m;
+  const opmath_t bw = up.buf.w, bg = up.buf.g, bm = up.buf.m;
+  const V vpw(pw), vpg(pg), vpm(pm), vbw(bw), vbg(bg), vbm(bm);
+  int64_t i = 0;
+  V w0, w1, g0, g1, m0, m1;
+  for (; i + IoP::kStep <= n; i += IoP::kStep) {
+    IoP::load(w + i, w0, w1);
+    IoP::load(g + i, g0, g1);
+    V nw0 = at::vec::fmadd(vpg, g0, vpw * w0);
+    V nw1 = at::vec::fmadd(vpg, g1, vpw * w1);
+    if (has_m) {
+      IoM::load(m + i, m0, m1);
+      nw0 = at::vec::fmadd(vpm, m0, nw0);
+      nw1 = at::vec::fmadd(vpm, m1, nw1);
+      const V nm0 = at::vec::fmadd(vbm, m0, at::vec::fmadd(vbg, g0, vbw * w0));
+      const V nm1 = at::vec::fmadd(vbm, m1, at::vec::fmadd(vbg, g1, vbw * w1));
+      IoM::store(m + i, nm0, nm1);
+    }
+    IoP::store(w + i, nw0, nw1);
+  }
+  for (; i < n; ++i) {
+    const opmath_t wi = static_cast<opmath_t>(w[i]);
+    const opmath_t gi = static_cast<opmath_t>(g[i]);
+    opmath_t nw = pw * wi + pg * gi;
+    if (has_m) {
+      const opmath_t mi = m[i];
+      nw += pm * mi;
+      m[i] = bw * wi + bg * gi + bm * mi;
+    }
+    w[i] = static_cast<scalar_t>(nw);
+  }
+}
+
+struct TensorArgs {
+  void* w;
+  const void* g;
+  void* m;  // null without momentum
+  int64_t numel, group;
+  bool first;
+};
+
+enum ItemKind : int { kRows, kChunk, kPlain };
+
+struct Item {
+  int kind;
+  int64_t tensor;
+  int64_t begin, end;  // rows for kRows, elements for kChunk/kPlain
+  int64_t slot;        // kChunk: index of its partial Gram; -1 otherwise
+  int64_t long_group;  // kChunk: index of its long group
+};
+
+struct LongGroup {
+  int64_t tensor, offset, first_slot, num_slots;
+};
+
+template <typename scalar_t>
+void psi_sgd_cpu_impl(const std::vector<TensorArgs>& ts, const SgdOptions& o, double f) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const bool euclidean = o.manifold == kEuclidean;
+
+  std::vector<Item> items;
+  std::vector<LongGroup> longs;
+  int64_t slots = 0;
+  for (int64_t t = 0; t < static_cast<int64_t>(ts.size()); ++t) {
+    const TensorArgs& a = ts[t];
+    if (a.numel == 0) continue;
+    if (euclidean) {
+      for (int64_t b = 0; b < a.numel; b += kItemElems)
+        items.push_back({kPlain, t, b, std::min(a.numel, b + kItemElems), -1, -1});
+    } else if (a.group <= kLongGroup) {
+      const int64_t rows = a.numel / a.group;
+      const int64_t per_item = std::max<int64_t>(1, kItemElems / a.group);
+      for (int64_t r = 0; r < rows; r += per_item)
+        items.push_back({kRows, t, r, std::min(rows, r + per_item), -1, -1});
+    } else {
+      for (int64_t off = 0; off < a.numel; off += a.group) {
+        const int64_t first_slot = slots;
+        for (int64_t b = off; b < off + a.group; b += kItemElems)
+          items.push_back({kChunk, t, b, std::min(off + a.group, b + kItemElems), slots++,
+                           static_cast<int64_t>(longs.size())});
+        longs.push_back({t, off, first_slot, slots - first_slot});
+      }
+    }
+  }
+
+  auto ptrs = [&](const TensorArgs& a, int64_t off) {
+    return std::make_tuple(static_cast<scalar_t*>(a.w) + off,
+                           static_cast<const scalar_t*>(a.g) + off,
+                           a.m ? static_cast<opmath_t*>(a.m) + off : nullptr);
+  };
+
+  std::vector<Gram> partial(slots);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const Item& it = items[k];
+      const TensorArgs& a = ts[it.tensor];
+      if (it.kind == kPlain) {
+        auto [w, g, m] = ptrs(a, it.begin);
+        apply_update(w, g, m, it.end - it.begin, euclidean_sgd_update(o, f, a.first));
+      } else if (it.kind == kRows) {
+        for (int64_t r = it.begin; r < it.end; ++r) {
+          auto [w, g, m] = ptrs(a, r * a.group);
+          const Gram G = reduce_gram(w, g, m, a.group);
+          apply_update(w, g, m, a.group, psi_sgd_update(G, o, f, a.first, a.group));
+        }
+      } else {
+        auto [w, g, m] = ptrs(a, it.begin);
+        partial[it.slot] = reduce_gram(w, g, m, it.end - it.begin);
+      }
+    }
+  });
+  if (longs.empty()) return;
+
+  std::vector<Update> updates(longs.size());
+  for (size_t j = 0; j < longs.size(); ++j) {
+    const LongGroup& lg = longs[j];
+    Gram G{0, 0, 0, 0, 0, 0};
+    for (int64_t s = lg.first_slot; s < lg.first_slot + lg.num_slots; ++s) {
+      const Gram& P = partial[s];
+      G.ww += P.ww; G.wg += P.wg; G.wm += P.wm; G.gg += P.gg; G.gm += P.gm; G.mm += P.mm;
+    }
+    const TensorArgs& a = ts[lg.tensor];
+    updates[j] = psi_sgd_update(G, o, f, a.first, a.group);
+  }
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const Item& it = items[k];
+      if (it.kind != kChunk) continue;
+      auto [w, g, m] = ptrs(ts[it.tensor], it.begin);
+      apply_update(w, g, m, it.end - it.begin, updates[it.long_group]);
+    }
+  });
+}
+
+void psi_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                 at::TensorList state_steps, double lr, double momentum, double dampening,
+                 bool nesterov, double weight_decay, bool maximize, int64_t manifold,
+                 int64_t retraction, int64_t transport, double max_grad_norm,
+                 const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf) {
+  const SgdOptions o = make_sgd_options(lr, momentum, dampening, nesterov, weight_decay, maximize,
+                                        manifold, retraction, transport, max_grad_norm);
+  check_psi_sgd_args(params, grads, momentum_buffers, state_steps, o, grad_scale, found_inf);
+  if (params.empty()) return;
+  if (found_inf.has_value() && *found_inf->data_ptr<float>() != 0.0f) return;  // CPU memory
+  const double f = grad_factor(maximize, grad_scale ? grad_scale->data_ptr<float>() : nullptr);
+
+  const bool has_momentum = momentum != 0.0;
+  std::vector<at::Tensor> grads_laid_out;  // keeps copies of differently laid out grads alive
+  grads_laid_out.reserve(params.size());
+  std::vector<TensorArgs> ts;
+  ts.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    grads_laid_out.push_back(grad_like_param(grads[i], params[i]));
+    TensorArgs a;
+    a.w = params[i].data_ptr();
+    a.g = grads_laid_out.back().data_ptr();
+    a.m = has_momentum ? momentum_buffers[i].data_ptr() : nullptr;
+    a.numel = params[i].numel();
+    a.group = group_size(params[i], manifold);
+    a.first = *state_steps[i].data_ptr<float>() == 0.0f;
+    ts.push_back(a);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "psi_sgd_cpu",
+                                  [&] { psi_sgd_cpu_impl<scalar_t>(ts, o, f); });
+  for (const at::Tensor& s : state_steps) s.add_(1);
+}
+
+}  // namespace
+}  // namespace psi
+
+TORCH_LIBRARY_IMPL(psi_cuda, CPU, m) { m.impl("psi_sgd_", &psi::psi_sgd_cpu); }

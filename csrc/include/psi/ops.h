@@ -1,0 +1,39 @@
+// Host-side pieces shared by the CPU and CUDA implementations of the ops: argument checks (all
+// done before anything is written, so a bad call changes nothing) and the layout helpers.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include <optional>
+
+#include "psi/math.h"
+
+namespace psi {
+
+// Checks every argument of psi_sgd_ and raises a c10::Error naming the argument and what was
+// expected. Afterwards: all params share one device and one floating dtype, grads match them in
+// shape/dtype/device, buffers (when momentum != 0) have the opmath dtype and the params' layout,
+// steps are float32 scalars on the params' device.
+void check_psi_sgd_args(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                        at::TensorList steps, const SgdOptions& o,
+                        const std::optional<at::Tensor>& grad_scale,
+                        const std::optional<at::Tensor>& found_inf);
+
+SgdOptions make_sgd_options(double lr, double momentum, double dampening, bool nesterov,
+                            double weight_decay, bool maximize, int64_t manifold,
+                            int64_t retraction, int64_t transport, double max_grad_norm);
+
+// Length of one group of `p` in memory: a row of p.view(p.size(0), -1) for the channel manifold,
+// the whole tensor otherwise. Groups are contiguous blocks of memory in every layout the checks
+// admit (contiguous, channels-last, any dense layout whose outermost dimension is dim 0).
+int64_t group_size(const at::Tensor& p, int64_t manifold);
+
+// `g` itself when it has the layout of `p`, else a copy of it in that layout.
+at::Tensor grad_like_param(const at::Tensor& g, const at::Tensor& p);
+
+// The dtype of the math and of the optimizer state for a parameter dtype: float for
+// float/half/bfloat16, double for double.
+c10::ScalarType opmath_dtype(c10::ScalarType param_dtype);
+
+}  // namespace psi

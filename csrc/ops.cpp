@@ -1,0 +1,28 @@
+// Schemas of all psi_cuda ops. Implementations: csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA);
+// fake (meta) implementations for torch.compile: psi_cuda/ops.py.
+#include <torch/library.h>
+
+#ifdef PSI_CUDA_PYTHON_MODULE
+#include <Python.h>
+
+// `import psi_cuda._C` loads this library, which registers the ops with the dispatcher.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+#endif
+
+TORCH_LIBRARY(psi_cuda, m) {
+  // One PSI-SGD (or, with manifold=0, torch.optim.SGD) step over a list of same-device,
+  // same-dtype tensors. manifold: 0 euclidean, 1 channel (rows of p.view(p.size(0), -1)),
+  // 2 tensor. retraction: 0 normalize, 1 exp, 2 none. transport: 0 project, 1 parallel.
+  // momentum_buffers is empty when momentum == 0. state_steps are float32 scalars, incremented
+  // unless found_inf is set; a step of 0 marks a buffer's first step.
+  m.def(
+      "psi_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor(c!)[] state_steps, *, float lr, float momentum, float dampening, bool nesterov, "
+      "float weight_decay, bool maximize, int manifold, int retraction, int transport, "
+      "float max_grad_norm, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+}

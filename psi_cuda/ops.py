@@ -1,0 +1,81 @@
+"""The only module that touches ``torch.ops.psi_cuda``: typed wrappers and fake implementations.
+
+Integer codes of the string options are defined here once (they match ``csrc/include/psi/math.h``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loading the library registers the ops)
+
+MANIFOLDS = {None: 0, "euclidean": 0, "channel": 1, "tensor": 2}
+RETRACTIONS = {"normalize": 0, "exp": 1, "none": 2}
+TRANSPORTS = {"project": 0, "parallel": 1}
+
+
+def has_cuda_kernels() -> bool:
+    """True when this build registered CUDA kernels (a CUDA build, whether or not a GPU is present)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("psi_cuda::psi_sgd_", "CUDA")
+
+
+def psi_sgd_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    manifold: str | None = "channel",
+    retraction: str = "normalize",
+    transport: str = "project",
+    max_grad_norm: float | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One fused PSI-SGD step (or torch.optim.SGD step with ``manifold=None``) over a tensor list.
+
+    Updates ``params``, ``momentum_buffers`` (empty when ``momentum == 0``) and ``state_steps``
+    in place. All params must share one device and dtype.
+    """
+    torch.ops.psi_cuda.psi_sgd_(
+        params,
+        grads,
+        momentum_buffers,
+        state_steps,
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        maximize=maximize,
+        manifold=_code(MANIFOLDS, manifold, "manifold"),
+        retraction=_code(RETRACTIONS, retraction, "retraction"),
+        transport=_code(TRANSPORTS, transport, "transport"),
+        max_grad_norm=float(max_grad_norm or 0.0),
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
+
+
+def _code(table: dict, value, name: str) -> int:
+    try:
+        return table[value]
+    except (KeyError, TypeError):
+        choices = ", ".join(repr(k) for k in table)
+        raise ValueError(f"{name} must be one of {choices}; got {value!r}") from None
+
+
+@torch.library.register_fake("psi_cuda::psi_sgd_")
+def _psi_sgd_fake(params, grads, momentum_buffers, state_steps, *, lr, momentum, dampening,
+                  nesterov, weight_decay, maximize, manifold, retraction, transport,
+                  max_grad_norm, grad_scale=None, found_inf=None):
+    torch._check(len(grads) == len(params), lambda: "psi_sgd_: params and grads differ in length")
+    torch._check(len(state_steps) == len(params),
+                 lambda: "psi_sgd_: params and state_steps differ in length")
+    return None

@@ -1,0 +1,4 @@
+"""Optimizers: thin torch.optim.Optimizer classes over the fused ops."""
+from .psi_sgd import PSISGD
+
+__all__ = ["PSISGD"]

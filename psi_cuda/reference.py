@@ -1,0 +1,163 @@
+"""Pure-PyTorch implementation of every psi_cuda op: the oracle of the tests, the baseline of
+the benchmarks, and the ``backend="reference"`` of the optimizers.
+
+It follows ALGORITHMS.md one formula per line. Groups are handled as the rows of a 2-D view
+(channel groups: ``p.reshape(p.size(0), -1)``; a tensor group: one row), all rows at once.
+Math runs in float32 (float64 for float64 parameters); state is kept in that dtype.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+EXP_MIN_ANGLE = 1e-7  # below this the exponential map falls back to "normalize"
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the math and of the optimizer state for a parameter dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-row dot product <a, b>, shape (rows, 1)."""
+    return (a * b).sum(dim=1, keepdim=True)
+
+
+def rownorm(a: Tensor) -> Tensor:
+    """Per-row Euclidean norm |a|, shape (rows, 1)."""
+    return a.norm(dim=1, keepdim=True)
+
+
+def project_tangent(g: Tensor, w: Tensor) -> Tensor:
+    """h = g - (<g,w>/|w|^2) w: remove the radial component of g."""
+    return g - rowdot(g, w) / rowdot(w, w) * w
+
+
+def clip_rows(q: Tensor, max_norm: float | None) -> Tensor:
+    """q *= min(1, max_norm / |q|) per row (no-op when max_norm is falsy)."""
+    if not max_norm:
+        return q
+    qn = rownorm(q)
+    return q * torch.where(qn > max_norm, max_norm / qn, torch.ones_like(qn))
+
+
+def retract_normalize(u: Tensor, d: Tensor, lr: float) -> Tensor:
+    """u' = (u - lr d) / |u - lr d| (geoopt's Sphere.retr)."""
+    v = u - lr * d
+    return v / rownorm(v)
+
+
+def retract_exp(u: Tensor, d: Tensor, t: Tensor, d_norm: Tensor) -> Tensor:
+    """Exponential map of the sphere: u' = cos(t) u - sin(t) d / |d|, t = lr |d|."""
+    return torch.cos(t) * u - torch.sin(t) * d / d_norm
+
+
+def transport_project(m: Tensor, u_new: Tensor) -> Tensor:
+    """m <- m - <m, u'> u'."""
+    return m - rowdot(m, u_new) * u_new
+
+
+def transport_parallel(m: Tensor, u: Tensor, d: Tensor, t: Tensor, d_norm: Tensor) -> Tensor:
+    """Parallel transport along the geodesic of retract_exp, e = -d/|d|:
+    m <- m - <m, e> (sin(t) u + (1 - cos(t)) e)."""
+    e = -d / d_norm
+    return m - rowdot(m, e) * (torch.sin(t) * u + (1 - torch.cos(t)) * e)
+
+
+def psi_sgd_rows(w, g, m, *, first, lr, momentum, dampening, nesterov, retraction, transport,
+                 max_grad_norm):
+    """One PSI-SGD step of the groups that are the rows of ``w`` (ALGORITHMS.md section 2).
+
+    ``g`` is the gradient already unscaled (and negated for maximize); ``m`` the momentum buffer
+    rows or None. Returns the new (w, m). Rows with |w| = 0, and rows of length 1, do not move.
+    """
+    n = rownorm(w)
+    frozen = (n == 0) | (w.shape[1] < 2)
+    n_safe = torch.where(frozen, torch.ones_like(n), n)
+    u = w / n_safe
+    q = n_safe * project_tangent(g, u)  # tangent gradient at the unit representative
+    q = clip_rows(q, max_grad_norm)
+    if momentum != 0:
+        buf = q if first else momentum * m + (1 - dampening) * q
+        d = q + momentum * buf if nesterov else buf
+    else:
+        buf, d = None, q
+    if retraction == "none":
+        w_new = w - lr * n_safe * d  # the plain quotient move
+        u_new = w_new / rownorm(w_new)
+        geodesic = torch.zeros_like(n, dtype=torch.bool)
+    else:
+        u_new = retract_normalize(u, d, lr)
+        geodesic = torch.zeros_like(n, dtype=torch.bool)
+        if retraction == "exp":
+            d_norm = rownorm(d)
+            t = lr * d_norm
+            geodesic = t >= EXP_MIN_ANGLE
+            d_safe = torch.where(geodesic, d_norm, torch.ones_like(d_norm))
+            u_new = torch.where(geodesic, retract_exp(u, d, t, d_safe), u_new)
+        w_new = n_safe * u_new
+    if buf is not None:
+        m_new = transport_project(buf, u_new)
+        if transport == "parallel":
+            m_new = torch.where(geodesic, transport_parallel(buf, u, d, t, d_safe), m_new)
+    else:
+        m_new = None
+    # Rows that cannot move, or whose retraction degenerates, keep their old values.
+    keep = frozen | ~(rownorm(u_new) > 0)  # also catches u - lr d = 0 (0/0 = nan)
+    w_new = torch.where(keep, w, w_new)
+    if m_new is not None:
+        m_new = torch.where(keep, m, m_new)
+    return w_new, m_new
+
+
+def euclidean_sgd(w, g, m, *, first, lr, momentum, dampening, nesterov, weight_decay):
+    """One torch.optim.SGD step (g already unscaled and negated for maximize)."""
+    if weight_decay != 0:
+        g = g + weight_decay * w
+    if momentum != 0:
+        buf = g.clone() if first else momentum * m + (1 - dampening) * g
+        d = g + momentum * buf if nesterov else buf
+    else:
+        buf, d = None, g
+    return w - lr * d, buf
+
+
+@torch.no_grad()
+def psi_sgd_(params, grads, momentum_buffers, state_steps, *, lr, momentum=0.0, dampening=0.0,
+             nesterov=False, weight_decay=0.0, maximize=False, manifold="channel",
+             retraction="normalize", transport="project", max_grad_norm=None, grad_scale=None,
+             found_inf=None):
+    """Reference of ``psi_cuda.ops.psi_sgd_`` (same arguments, same in-place effects)."""
+    if found_inf is not None and found_inf.item() != 0:
+        return
+    for i, (p, grad) in enumerate(zip(params, grads)):
+        step = state_steps[i]
+        first = step.item() == 0
+        dt = opmath_dtype(p.dtype)
+        w = p.detach().to(dt)
+        g = grad.to(dt)
+        if grad_scale is not None:
+            g = g / grad_scale.to(dt)
+        if maximize:
+            g = -g
+        m = momentum_buffers[i] if momentum != 0 else None
+        if p.numel() == 0:
+            step.add_(1)
+            continue
+        if manifold in (None, "euclidean"):
+            w_new, m_new = euclidean_sgd(w, g, m, first=first, lr=lr, momentum=momentum,
+                                         dampening=dampening, nesterov=nesterov,
+                                         weight_decay=weight_decay)
+        else:
+            rows = p.size(0) if manifold == "channel" else 1
+            as_rows = lambda t: t.reshape(rows, -1)  # noqa: E731
+            w_rows, m_rows = psi_sgd_rows(
+                as_rows(w), as_rows(g), as_rows(m) if m is not None else None, first=first,
+                lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                retraction=retraction, transport=transport, max_grad_norm=max_grad_norm)
+            w_new = w_rows.reshape(p.shape)
+            m_new = m_rows.reshape(p.shape) if m_rows is not None else None
+        p.copy_(w_new)
+        if m_new is not None:
+            m.copy_(m_new)
+        step.add_(1)

@@ -1,0 +1,55 @@
+"""Build of psi_cuda's C++/CUDA extension (psi_cuda._C).
+
+A CUDAExtension is built when torch has CUDA and nvcc is found, a CppExtension otherwise.
+Environment:
+  PSI_CUDA_BUILD_CUDA=0/1   force the CPU-only or the CUDA build
+  TORCH_CUDA_ARCH_LIST      GPU architectures to compile for (default: the visible GPU's, or a
+                            list of common datacenter and consumer architectures without one)
+  CUDA_HOME                 the toolkit folder holding bin/nvcc
+  PSI_CUDA_DEBUG=1          build with -O0 -g
+"""
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+# Without a visible GPU torch would guess; these cover Volta through Blackwell plus PTX.
+DEFAULT_CUDA_ARCHS = "7.0;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
+
+
+def want_cuda() -> bool:
+    flag = os.environ.get("PSI_CUDA_BUILD_CUDA")
+    if flag is not None:
+        return flag == "1"
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
+    return torch.version.cuda is not None and bool(nvcc) and os.path.exists(nvcc)
+
+
+def extension():
+    here = os.path.dirname(os.path.abspath(__file__))
+    debug = os.environ.get("PSI_CUDA_DEBUG") == "1"
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx += ["-DPSI_CUDA_PYTHON_MODULE"]
+    include_dirs = [os.path.join(here, "csrc", "include")]
+    if not want_cuda():
+        return CppExtension("psi_cuda._C", sources, include_dirs=include_dirs,
+                            extra_compile_args={"cxx": cxx}, py_limited_api=False)
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    nvcc = ["-O0", "-g", "-G"] if debug else ["-O3"]
+    nvcc += ["--expt-relaxed-constexpr", "-lineinfo"]
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    return CUDAExtension("psi_cuda._C", sources, include_dirs=include_dirs,
+                         extra_compile_args={"cxx": cxx + ["-DPSI_CUDA_WITH_CUDA"], "nvcc": nvcc},
+                         py_limited_api=False)
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

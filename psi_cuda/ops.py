@@ -43,6 +43,8 @@ def psi_sgd_(
     Updates ``params``, ``momentum_buffers`` (empty when ``momentum == 0``) and ``state_steps``
     in place. All params must share one device and dtype.
     """
+    _check_dispatchable("psi_sgd_", params, grads=grads, momentum_buffers=momentum_buffers,
+                        state_steps=state_steps)
     torch.ops.psi_cuda.psi_sgd_(
         params,
         grads,
@@ -61,6 +63,21 @@ def psi_sgd_(
         grad_scale=grad_scale,
         found_inf=found_inf,
     )
+
+
+def _check_dispatchable(op: str, params: list[Tensor], **lists: list[Tensor]) -> None:
+    """Checks what the dispatcher acts on before any kernel runs: sparse tensors and tensors on
+    another device than params[0] would otherwise be routed to a wrong kernel or a vague error.
+    The kernels check everything else."""
+    device = params[0].device if params else None
+    for name, tensors in (("params", params), *lists.items()):
+        for i, t in enumerate(tensors):
+            if t.layout != torch.strided:
+                raise RuntimeError(f"{op}: {name}[{i}] is sparse ({t.layout}); "
+                                   "dense tensors are needed")
+            if t.device != device:
+                raise RuntimeError(f"{op}: {name}[{i}] is on {t.device} but params[0] is on "
+                                   f"{device}; all tensors of one call must share a device")
 
 
 def _code(table: dict, value, name: str) -> int:

@@ -45,6 +45,13 @@ constexpr int kItems = 8;                              // elements per thread of
 constexpr int64_t kShortGroup = kThreads * kItems;     // longest group held in registers
 constexpr int64_t kChunk = 8192;                       // elements per block of a chunked pass
 constexpr int64_t kMaxGrid = int64_t{1} << 20;         // larger launches loop (grid-stride)
+// Resident blocks per SM the short-group kernel is compiled for. 4 caps its registers at 64: the
+// solve, run by one thread per group, then spills to local memory instead of lowering the
+// occupancy of the whole kernel. Double elements need more registers: 2 (128 registers).
+template <typename scalar_t>
+constexpr int short_blocks_per_sm() {
+  return sizeof(at::opmath_type<scalar_t>) == sizeof(double) ? 2 : 4;
+}
 
 // One row of the metadata table. Only int64 fields: the host fills it as a block of int64.
 struct TensorMeta {
@@ -126,7 +133,7 @@ struct Writer {
       : pw(static_cast<opmath_t>(up.param.w)), pg(static_cast<opmath_t>(up.param.g)),
         pm(static_cast<opmath_t>(up.param.m)), bw(static_cast<opmath_t>(up.buf.w)),
         bg(static_cast<opmath_t>(up.buf.g)), bm(static_cast<opmath_t>(up.buf.m)) {}
-  // w <- P.w w + P.g g + P.m m and m <- B.w w + B.g g + B.m m (same fma order as the CPU).
+  // w <- P.w w + P.g g + P.m m and m <- B.w w + B.g g + B.m m (the CPU kernel's order of operations).
   __device__ __forceinline__ void write(scalar_t* w, opmath_t* m, int64_t i, opmath_t wi,
                                         opmath_t gi, opmath_t mi) const {
     opmath_t nw = fmadd(pg, gi, pw * wi);
@@ -173,10 +180,19 @@ __device__ void thread_apply(const Ptrs<scalar_t>& p, int64_t n, const Update& u
   }
 }
 
+// The step of one group from its Gram matrix, called by one thread of a block. Not inlined: the
+// double-precision solve then does not add its registers to those that hold the group's elements
+// (the values live across the call are saved on that one thread's stack instead).
+__device__ __noinline__ Update solve_psi_group(const Gram& G, const SgdOptions& o,
+                                               const float* grad_scale, const float* step,
+                                               int64_t len) {
+  return psi_sgd_update(G, o, grad_factor(o.maximize, grad_scale), *step == 0.0f, len);
+}
+
 // ---- short groups: one block per group, the group in registers -------------------------------
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, short_blocks_per_sm<scalar_t>())
     psi_short_groups_kernel(const TensorMeta* metas, int64_t num_tensors, int64_t num_groups,
                             SgdOptions o, const float* grad_scale, const float* found_inf) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -202,8 +218,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     const Gram G = BlockGramReduce(temp).Reduce(acc.to_double(), GramSum());  // thread 0 only
     if (threadIdx.x == 0) {
-      const bool first = *reinterpret_cast<const float*>(a.step) == 0.0f;
-      shared_up = psi_sgd_update(G, o, grad_factor(o.maximize, grad_scale), first, len);
+      shared_up = solve_psi_group(G, o, grad_scale, reinterpret_cast<const float*>(a.step), len);
     }
     __syncthreads();
     const Update up = shared_up;
@@ -263,8 +278,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t c = threadIdx.x; c < a.chunks; c += kThreads) sum = GramSum()(sum, part[c]);
     const Gram G = BlockGramReduce(temp).Reduce(sum, GramSum());
     if (threadIdx.x == 0) {
-      const bool first = *reinterpret_cast<const float*>(a.step) == 0.0f;
-      updates[j] = psi_sgd_update(G, o, grad_factor(o.maximize, grad_scale), first, a.group);
+      updates[j] = solve_psi_group(G, o, grad_scale, reinterpret_cast<const float*>(a.step),
+                                   a.group);
     }
     __syncthreads();  // temp is reused by the next group
   }

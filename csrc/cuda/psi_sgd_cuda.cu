@@ -21,6 +21,8 @@
 //
 // Every kernel first reads found_inf and returns when it is set: then nothing at all changes.
 // Nothing here waits for the device: found_inf, grad_scale and the steps are read by kernels.
+// Limits: none on sizes (64-bit indices; launches of more than kMaxGrid units loop). Not safe to
+// capture in a CUDA graph: the table is copied from a pinned host buffer that is reused later.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

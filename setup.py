@@ -17,8 +17,9 @@ from setuptools import setup
 import torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-# Without a visible GPU torch would guess; these cover Volta through Blackwell plus PTX.
-DEFAULT_CUDA_ARCHS = "7.0;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
+# Without a visible GPU torch would guess; these cover Turing through Blackwell plus PTX
+# (CUDA 13 dropped Volta, sm_70).
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
 
 
 def want_cuda() -> bool:

@@ -35,7 +35,7 @@ def extension():
     debug = os.environ.get("PSI_CUDA_DEBUG") == "1"
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-DPSI_CUDA_PYTHON_MODULE"]
+    cxx += ["-fopenmp-simd", "-DPSI_CUDA_PYTHON_MODULE"]
     include_dirs = [os.path.join(here, "csrc", "include")]
     if not want_cuda():
         return CppExtension("psi_cuda._C", sources, include_dirs=include_dirs,

@@ -7,7 +7,9 @@
 //                        invariants of section 7 (norm kept, buffer tangent, equivariance).
 //   test_psi_math op     psi_cuda::psi_sgd_ called through the dispatcher on CPU tensors against
 //                        the same slow computation, and bad calls that must throw and change nothing.
-//   test_psi_math        both.
+//   test_psi_math cuda   the same op cases on CUDA tensors (the CUDA kernel); exit status 77
+//                        (ctest: skipped) when there is no GPU or no CUDA kernel.
+//   test_psi_math        math and op.
 //
 // No framework: EXPECT* (c10 already defines CHECK) count passes and print failing values; the
 // last line is "N passed, M failed" and the exit status is 1 when anything failed.
@@ -518,6 +520,8 @@ void run_math() {
 // ---------------------------------------------------------------------------------------------
 // Part "op": psi_cuda::psi_sgd_ through the dispatcher
 
+at::Device g_device = at::kCPU;  // where the op tests put their tensors
+
 using PsiSgdSig = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, double,
                        double, double, bool, double, bool, int64_t, int64_t, int64_t, double,
                        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
@@ -556,7 +560,7 @@ void call(State& s, const psi::SgdOptions& o, const std::optional<at::Tensor>& g
 }
 
 Vec to_vec(const at::Tensor& t) {
-  const at::Tensor d = t.to(at::kDouble).contiguous();
+  const at::Tensor d = t.to(at::Device(at::kCPU), at::kDouble).contiguous();
   return Vec(d.data_ptr<double>(), d.data_ptr<double>() + d.numel());
 }
 
@@ -612,18 +616,18 @@ State make_state(const std::vector<std::vector<int64_t>>& shapes, at::ScalarType
   State s;
   const at::ScalarType state_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
   for (const auto& shape : shapes) {
-    at::Tensor p = at::randn(shape, at::kDouble).to(dtype);
+    at::Tensor p = at::randn(shape, at::kDouble).to(g_device, dtype);
     if (channels_last && shape.size() == 4) p = p.contiguous(at::MemoryFormat::ChannelsLast);
     s.params.push_back(p);
-    s.grads.push_back(at::randn(shape, at::kDouble).to(dtype));  // contiguous: other layout
+    s.grads.push_back(at::randn(shape, at::kDouble).to(g_device, dtype));  // other layout
     if (momentum) s.bufs.push_back(at::zeros_like(p, state_dtype));
-    s.steps.push_back(at::zeros({}, at::kFloat));
+    s.steps.push_back(at::zeros({}, at::TensorOptions(at::kFloat).device(g_device)));
   }
   return s;
 }
 
 void new_grads(State& s) {
-  for (auto& g : s.grads) g.copy_(at::randn(g.sizes(), at::kDouble));
+  for (auto& g : s.grads) g.copy_(at::randn(g.sizes(), at::kDouble));  // copy_ moves it over
 }
 
 void test_op_registered() {
@@ -634,7 +638,8 @@ void test_op_registered() {
     std::fprintf(stderr, "psi_cuda::psi_sgd_ is not registered: libpsi_cuda_ops was not loaded\n");
     return;
   }
-  EXPECT(handle->hasKernelForDispatchKey(c10::DispatchKey::CPU));
+  EXPECT(handle->hasKernelForDispatchKey(g_device.is_cuda() ? c10::DispatchKey::CUDA
+                                                            : c10::DispatchKey::CPU));
   std::ostringstream schema;
   schema << handle->schema();
   std::printf("op: %s\n", schema.str().c_str());
@@ -657,7 +662,7 @@ void test_op_channel() {
   g_case = "op channel float: untouched groups";
   EXPECT(at::equal(s.params[2], len1));
   EXPECT(at::equal(s.params[3][1], zero_row));
-  EXPECT(at::equal(s.bufs[3][1], at::zeros({5})));
+  EXPECT(at::equal(s.bufs[3][1].cpu(), at::zeros({5})));
 }
 
 void test_op_tensor_double() {
@@ -716,19 +721,20 @@ void test_op_amp() {
   const psi::SgdOptions o = options(psi::kNormalize, psi::kProject, 0.1, 0.9, 0.0, false, 0.0);
   State s = make_state({{5, 4}, {7, 3}}, at::kFloat, true);
   g_case = "op grad_scale";
-  const at::Tensor scale = at::full({}, 1024.0f);
+  const auto on_device = at::TensorOptions(at::kFloat).device(g_device);
+  const at::Tensor scale = at::full({}, 1024.0f, on_device);
   for (auto& g : s.grads) g.mul_(1024.0f);
   step_and_compare(s, o, 2e-6, scale);
 
   g_case = "op found_inf=1 changes nothing";
   const State before = clone(s);
-  call(s, o, scale, at::ones({}, at::kFloat));
+  call(s, o, scale, at::ones({}, on_device));
   EXPECT(equal(s.params, before.params));
   EXPECT(equal(s.bufs, before.bufs));
   EXPECT(equal(s.steps, before.steps));
 
   g_case = "op found_inf=0 steps";
-  call(s, o, scale, at::zeros({}, at::kFloat));
+  call(s, o, scale, at::zeros({}, on_device));
   EXPECT(!equal(s.params, before.params));
   EXPECT(s.steps[0].item<float>() == before.steps[0].item<float>() + 1.0f);
 }
@@ -765,7 +771,7 @@ void test_op_bad_calls() {
   call(s, o);  // a first step, so the buffers hold something
 
   State bad_grad = clone(s);
-  bad_grad.grads[1] = at::randn({2, 5});
+  bad_grad.grads[1] = at::randn({2, 5}).to(g_device);
   expect_rejected("grads[1] of shape [2, 5] for params[1] of shape [5, 2]", bad_grad, o,
                   "grads[1]");
 
@@ -782,6 +788,26 @@ void test_op_bad_calls() {
                   "transport=parallel");
   expect_rejected("nesterov with dampening", clone(s),
                   options(psi::kNormalize, psi::kProject, 0.1, 0.9, 0.5, true, 0.0), "nesterov");
+
+  if (g_device.is_cuda()) {
+    State cpu_grad = clone(s);
+    cpu_grad.grads[2] = cpu_grad.grads[2].cpu();
+    expect_rejected("grads[2] on the CPU for CUDA params", cpu_grad, o, "grads[2]");
+  }
+}
+
+// The same inputs give the same bits (sums are combined in a fixed order).
+void test_op_repeatable() {
+  at::manual_seed(8);
+  const psi::SgdOptions o = options(psi::kExp, psi::kParallel, 0.1, 0.9, 0.0, false, 0.2,
+                                    psi::kTensor);
+  State a = make_state({{400, 300}, {64, 64}, {7}}, at::kFloat, true);
+  State b = clone(a);
+  g_case = "op repeatable";
+  call(a, o);
+  call(b, o);
+  EXPECT(equal(a.params, b.params));
+  EXPECT(equal(a.bufs, b.bufs));
 }
 
 // The sums of a group are combined in a fixed order: same bits with 1 and 2 threads.
@@ -812,20 +838,28 @@ void run_op() {
   test_op_channels_last_and_half();
   test_op_amp();
   test_op_bad_calls();
-  test_op_thread_count();
+  test_op_repeatable();
+  if (!g_device.is_cuda()) test_op_thread_count();
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   const std::string part = argc > 1 ? argv[1] : "all";
-  if (part != "all" && part != "math" && part != "op") {
-    std::fprintf(stderr, "usage: %s [math|op|all]\n", argv[0]);
+  if (part != "all" && part != "math" && part != "op" && part != "cuda") {
+    std::fprintf(stderr, "usage: %s [math|op|cuda|all]\n", argv[0]);
     return 2;
+  }
+  if (part == "cuda") {
+    if (!at::hasCUDA()) {
+      std::printf("no CUDA device (or a CPU-only torch): skipped\n");
+      return 77;
+    }
+    g_device = at::Device(at::kCUDA, 0);
   }
   try {
     if (part == "all" || part == "math") run_math();
-    if (part == "all" || part == "op") run_op();
+    if (part == "all" || part == "op" || part == "cuda") run_op();
   } catch (const std::exception& e) {
     ++g_failed;
     std::fprintf(stderr, "FAIL: exception in case [%s]: %s\n", g_case.c_str(), e.what());

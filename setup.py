@@ -35,11 +35,15 @@ def extension():
     debug = os.environ.get("PSI_CUDA_DEBUG") == "1"
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-fopenmp-simd", "-DPSI_CUDA_PYTHON_MODULE"]
+    # -fopenmp: at::parallel_for is an OpenMP loop in torch's (OpenMP) builds and runs on one
+    # thread in code compiled without it; libgomp.so.1 is the one torch already loaded.
+    cxx += ["-fopenmp", "-DPSI_CUDA_PYTHON_MODULE"]
+    link = ["-fopenmp"]
     include_dirs = [os.path.join(here, "csrc", "include")]
     if not want_cuda():
         return CppExtension("psi_cuda._C", sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx}, py_limited_api=False)
+                            extra_compile_args={"cxx": cxx}, extra_link_args=link,
+                            py_limited_api=False)
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
     nvcc = ["-O0", "-g", "-G"] if debug else ["-O3"]
@@ -47,7 +51,7 @@ def extension():
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     return CUDAExtension("psi_cuda._C", sources, include_dirs=include_dirs,
                          extra_compile_args={"cxx": cxx + ["-DPSI_CUDA_WITH_CUDA"], "nvcc": nvcc},
-                         py_limited_api=False)
+                         extra_link_args=link, py_limited_api=False)
 
 
 setup(

@@ -3,7 +3,8 @@
     python benchmarks/bench_step.py                      # ResNet-50 list, CPU
     python benchmarks/bench_step.py --models resnet50 vit_b16 --steps 20 --device cuda
 
-For every method: the median (and quartiles) of --steps timed steps after --warmup steps,
+For every method: the median (and quartiles) of --steps timed steps after --warmup steps, the
+methods taking turns step by step (round-robin) so that noise on the machine hits all alike;
 effective GB/s = bytes a momentum-SGD step must move (read w, g, m; write w, m) / time, and the
 fraction of the machine's copy bandwidth measured in the same run. Results go to
 benchmarks/results/<name>.json with the machine description.
@@ -163,19 +164,25 @@ def main(argv=None) -> dict:
         nbytes = n * (3 * elt + 2 * 4)
         print(f"\n{model}: {len(shapes)} tensors, {n / 1e6:.2f}M parameters, "
               f"{nbytes / 1e9:.3f} GB moved per step")
+        # All methods are built first and timed round-robin, one step each per round, so that
+        # a slow spell of the machine hits every method alike.
+        steps_of = {name: make() for name, make in methods(shapes, args.device, dtype).items()
+                    if not args.only or any(s in name for s in args.only)}
+        for step in steps_of.values():
+            time_steps(step, args.device, args.warmup, 0)
+        times = {name: [] for name in steps_of}
+        for _ in range(args.steps):
+            for name, step in steps_of.items():
+                times[name] += time_steps(step, args.device, 0, 1)
+        del steps_of
         rows = {}
-        for name, make in methods(shapes, args.device, dtype).items():
-            if args.only and not any(s in name for s in args.only):
-                continue
-            step = make()
-            times = time_steps(step, args.device, args.warmup, args.steps)
-            del step
-            med = statistics.median(times)
-            q = statistics.quantiles(times, n=4) if len(times) > 1 else [med, med, med]
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [med, med, med]
             rows[name] = {"median_ms": med * 1e3, "q1_ms": q[0] * 1e3, "q3_ms": q[2] * 1e3,
                           "gbs": nbytes / med / 1e9, "frac_copy_bw": nbytes / med / 1e9 / bw}
-            print(f"  {name:40s} {med * 1e3:9.2f} ms  {nbytes / med / 1e9:7.2f} GB/s  "
-                  f"{100 * nbytes / med / 1e9 / bw:5.1f}% of copy")
+            print(f"  {name:40s} {med * 1e3:9.2f} ms  [{q[0] * 1e3:.2f}, {q[2] * 1e3:.2f}]  "
+                  f"{nbytes / med / 1e9:7.2f} GB/s  {100 * nbytes / med / 1e9 / bw:5.1f}% of copy")
         floor = rows.get("torch SGD (fused)", {}).get("median_ms")
         fused = rows.get("psi_cuda PSISGD (fused)", {}).get("median_ms")
         if floor and fused:

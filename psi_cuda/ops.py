@@ -37,14 +37,17 @@ def psi_sgd_(
     max_grad_norm: float | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    check: bool = True,
 ) -> None:
     """One fused PSI-SGD step (or torch.optim.SGD step with ``manifold=None``) over a tensor list.
 
     Updates ``params``, ``momentum_buffers`` (empty when ``momentum == 0``) and ``state_steps``
-    in place. All params must share one device and dtype.
+    in place. All params must share one device and dtype. ``check=False`` skips the Python-side
+    layout/device check (for callers that made it already); the kernels check everything else.
     """
-    _check_dispatchable("psi_sgd_", params, grads=grads, momentum_buffers=momentum_buffers,
-                        state_steps=state_steps)
+    if check:
+        _check_dispatchable("psi_sgd_", params, grads=grads, momentum_buffers=momentum_buffers,
+                            state_steps=state_steps)
     torch.ops.psi_cuda.psi_sgd_(
         params,
         grads,

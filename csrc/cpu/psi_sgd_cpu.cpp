@@ -6,7 +6,8 @@
 //            partial Gram matrix is stored, the group is solved once all its chunks are reduced,
 //            then a second parallel pass writes it;
 //   plain  - a piece of a Euclidean tensor: elementwise, no reduction.
-// One at::parallel_for runs every item; a second one runs the write pass of the chunks.
+// One at::parallel_for runs every item; a second one runs the write pass of the chunks. Each
+// thread gets an equal share of the elements.
 // Sums of a group are combined in a fixed order, so results do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -14,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "psi/ops.h"
@@ -31,10 +33,20 @@ constexpr int64_t kFlush = 1 << 10;      // opmath partial sums are moved to dou
 // where at::vec::Vectorized falls back to its generic array code: that ran 2.5x slower than
 // torch's fused SGD on this loop, the plain loop runs at the same speed (benchmarks/).
 
+// On x86-64 the loops are compiled twice and picked at load time (an ifunc): baseline SSE2
+// vectors do 4 lanes without FMA, and the reductions then cost as much as the memory traffic;
+// the AVX2+FMA (haswell) build does not. An AVX-512 build measured slower on 2 threads here.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define PSI_CPU_CLONES \
+  __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define PSI_CPU_CLONES
+#endif
+
 // Gram matrix of (w, g, m) over n elements; m may be null (no momentum). Sums run in opmath_t
 // over blocks of kFlush elements and are added up in double.
 template <typename scalar_t, typename opmath_t>
-Gram reduce_gram(const scalar_t* __restrict__ w, const scalar_t* __restrict__ g,
+PSI_CPU_CLONES Gram reduce_gram(const scalar_t* __restrict__ w, const scalar_t* __restrict__ g,
                  const opmath_t* __restrict__ m, int64_t n) {
   Gram G{0, 0, 0, 0, 0, 0};
   for (int64_t b = 0; b < n; b += kFlush) {
@@ -64,7 +76,7 @@ Gram reduce_gram(const scalar_t* __restrict__ w, const scalar_t* __restrict__ g,
 
 // w <- P.w w + P.g g + P.m m and m <- B.w w + B.g g + B.m m over n elements.
 template <typename scalar_t, typename opmath_t>
-void apply_update(scalar_t* __restrict__ w, const scalar_t* __restrict__ g,
+PSI_CPU_CLONES void apply_update(scalar_t* __restrict__ w, const scalar_t* __restrict__ g,
                   opmath_t* __restrict__ m, int64_t n, const Update& up) {
   if (up.skip) return;
   const opmath_t pw = up.param.w, pg = up.param.g, pm = up.param.m;
@@ -86,6 +98,44 @@ void apply_update(scalar_t* __restrict__ w, const scalar_t* __restrict__ g,
       w[i] = static_cast<scalar_t>(pw * wi + pg * gi);
     }
   }
+}
+
+// The rows of a channel tensor are pipelined: one loop writes row r-1 (its step is known and its
+// data is still in cache) while it reduces row r (read from memory), so memory sees one stream
+// of reads and writes, as in a plain SGD step, rather than a read pass then a write pass per row.
+// Returns the Gram matrix of (w1, g1, m1); the first row's write uses apply_update.
+template <typename scalar_t, typename opmath_t>
+PSI_CPU_CLONES Gram apply_then_reduce(scalar_t* __restrict__ w0, const scalar_t* __restrict__ g0,
+                                      opmath_t* __restrict__ m0, const Update& up,
+                                      const scalar_t* __restrict__ w1,
+                                      const scalar_t* __restrict__ g1,
+                                      const opmath_t* __restrict__ m1, int64_t n) {
+  if (up.skip || m0 == nullptr) {  // the plain two loops: nothing to fuse, or no momentum
+    apply_update(w0, g0, m0, n, up);
+    return reduce_gram(w1, g1, m1, n);
+  }
+  const opmath_t pw = up.param.w, pg = up.param.g, pm = up.param.m;
+  const opmath_t bw = up.buf.w, bg = up.buf.g, bm = up.buf.m;
+  Gram G{0, 0, 0, 0, 0, 0};
+  for (int64_t b = 0; b < n; b += kFlush) {
+    const int64_t e = std::min(n, b + kFlush);
+    opmath_t ww = 0, wg = 0, gg = 0, wm = 0, gm = 0, mm = 0;
+#pragma omp simd reduction(+ : ww, wg, gg, wm, gm, mm)
+    for (int64_t i = b; i < e; ++i) {
+      const opmath_t a = static_cast<opmath_t>(w0[i]);
+      const opmath_t c = static_cast<opmath_t>(g0[i]);
+      const opmath_t d = m0[i];
+      w0[i] = static_cast<scalar_t>(pw * a + pg * c + pm * d);
+      m0[i] = bw * a + bg * c + bm * d;
+      const opmath_t wi = static_cast<opmath_t>(w1[i]);
+      const opmath_t gi = static_cast<opmath_t>(g1[i]);
+      const opmath_t mi = m1[i];
+      ww += wi * wi; wg += wi * gi; gg += gi * gi;
+      wm += wi * mi; gm += gi * mi; mm += mi * mi;
+    }
+    G.ww += ww; G.wg += wg; G.gg += gg; G.wm += wm; G.gm += gm; G.mm += mm;
+  }
+  return G;
 }
 
 struct TensorArgs {
@@ -146,24 +196,41 @@ void psi_sgd_cpu_impl(const std::vector<TensorArgs>& ts, const SgdOptions& o, do
                            a.m ? static_cast<opmath_t*>(a.m) + off : nullptr);
   };
 
+  // Threads get equal shares of elements, not of items (items of small tensors are small): an
+  // item belongs to the share that holds its first element.
+  std::vector<int64_t> starts(items.size() + 1, 0);
+  for (size_t k = 0; k < items.size(); ++k) {
+    const Item& it = items[k];
+    const int64_t elems = it.kind == kRows ? (it.end - it.begin) * ts[it.tensor].group
+                                           : it.end - it.begin;
+    starts[k + 1] = starts[k] + elems;
+  }
+  auto for_items = [&](const auto& body) {
+    at::parallel_for(0, starts.back(), kItemElems, [&](int64_t lo, int64_t hi) {
+      auto k = std::lower_bound(starts.begin(), starts.end() - 1, lo) - starts.begin();
+      for (; k < static_cast<int64_t>(items.size()) && starts[k] < hi; ++k) body(items[k]);
+    });
+  };
+
   std::vector<Gram> partial(slots);
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t k = lo; k < hi; ++k) {
-      const Item& it = items[k];
-      const TensorArgs& a = ts[it.tensor];
-      if (it.kind == kPlain) {
-        auto [w, g, m] = ptrs(a, it.begin);
-        apply_update(w, g, m, it.end - it.begin, euclidean_sgd_update(o, f, a.first));
-      } else if (it.kind == kRows) {
-        for (int64_t r = it.begin; r < it.end; ++r) {
-          auto [w, g, m] = ptrs(a, r * a.group);
-          const Gram G = reduce_gram(w, g, m, a.group);
-          apply_update(w, g, m, a.group, psi_sgd_update(G, o, f, a.first, a.group));
-        }
-      } else {
-        auto [w, g, m] = ptrs(a, it.begin);
-        partial[it.slot] = reduce_gram(w, g, m, it.end - it.begin);
+  for_items([&](const Item& it) {
+    const TensorArgs& a = ts[it.tensor];
+    if (it.kind == kPlain) {
+      auto [w, g, m] = ptrs(a, it.begin);
+      apply_update(w, g, m, it.end - it.begin, euclidean_sgd_update(o, f, a.first));
+    } else if (it.kind == kRows) {
+      auto [w0, g0, m0] = ptrs(a, it.begin * a.group);
+      Update up = psi_sgd_update(reduce_gram(w0, g0, m0, a.group), o, f, a.first, a.group);
+      for (int64_t r = it.begin + 1; r < it.end; ++r) {
+        auto [w1, g1, m1] = ptrs(a, r * a.group);
+        const Gram G = apply_then_reduce(w0, g0, m0, up, w1, g1, m1, a.group);
+        up = psi_sgd_update(G, o, f, a.first, a.group);
+        w0 = w1; g0 = g1; m0 = m1;
       }
+      apply_update(w0, g0, m0, a.group, up);
+    } else {
+      auto [w, g, m] = ptrs(a, it.begin);
+      partial[it.slot] = reduce_gram(w, g, m, it.end - it.begin);
     }
   });
   if (longs.empty()) return;
@@ -179,13 +246,10 @@ void psi_sgd_cpu_impl(const std::vector<TensorArgs>& ts, const SgdOptions& o, do
     const TensorArgs& a = ts[lg.tensor];
     updates[j] = psi_sgd_update(G, o, f, a.first, a.group);
   }
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t k = lo; k < hi; ++k) {
-      const Item& it = items[k];
-      if (it.kind != kChunk) continue;
-      auto [w, g, m] = ptrs(ts[it.tensor], it.begin);
-      apply_update(w, g, m, it.end - it.begin, updates[it.long_group]);
-    }
+  for_items([&](const Item& it) {
+    if (it.kind != kChunk) return;
+    auto [w, g, m] = ptrs(ts[it.tensor], it.begin);
+    apply_update(w, g, m, it.end - it.begin, updates[it.long_group]);
   });
 }
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
+from functools import partial
 from itertools import chain
 
 import torch
@@ -111,7 +112,9 @@ class PSISGD(Optimizer):
                 if group["momentum"] != 0:
                     bufs.append(state["momentum_buffer"])
             for (device, _), (params, grads, bufs, steps) in buckets.items():
-                fn = ops.psi_sgd_ if self._use_fused(device) else reference.psi_sgd_
+                # _check_grad made the fused op's Python-side check: skip it.
+                fn = (partial(ops.psi_sgd_, check=False) if self._use_fused(device)
+                      else reference.psi_sgd_)
                 fn(params, grads, bufs, steps, lr=group["lr"], momentum=group["momentum"],
                    dampening=group["dampening"], nesterov=group["nesterov"],
                    weight_decay=group["weight_decay"] if manifold is None else 0.0,

@@ -134,4 +134,16 @@ void check_psi_sgd_args(at::TensorList params, at::TensorList grads, at::TensorL
   check_scalar_arg(found_inf, "found_inf", device);
 }
 
+SgdOptions checked_sgd_options(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                               at::TensorList steps, double lr, double momentum, double dampening,
+                               bool nesterov, double weight_decay, bool maximize,
+                               int64_t manifold, int64_t retraction, int64_t transport,
+                               double max_grad_norm, const std::optional<at::Tensor>& grad_scale,
+                               const std::optional<at::Tensor>& found_inf) {
+  const SgdOptions o = make_sgd_options(lr, momentum, dampening, nesterov, weight_decay, maximize,
+                                        manifold, retraction, transport, max_grad_norm);
+  check_psi_sgd_args(params, grads, bufs, steps, o, grad_scale, found_inf);
+  return o;
+}
+
 }  // namespace psi

@@ -259,9 +259,10 @@ void psi_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mom
                  int64_t retraction, int64_t transport, double max_grad_norm,
                  const std::optional<at::Tensor>& grad_scale,
                  const std::optional<at::Tensor>& found_inf) {
-  const SgdOptions o = make_sgd_options(lr, momentum, dampening, nesterov, weight_decay, maximize,
-                                        manifold, retraction, transport, max_grad_norm);
-  check_psi_sgd_args(params, grads, momentum_buffers, state_steps, o, grad_scale, found_inf);
+  const SgdOptions o = checked_sgd_options(params, grads, momentum_buffers, state_steps, lr,
+                                           momentum, dampening, nesterov, weight_decay, maximize,
+                                           manifold, retraction, transport, max_grad_norm,
+                                           grad_scale, found_inf);
   if (params.empty()) return;
   if (found_inf.has_value() && *found_inf->data_ptr<float>() != 0.0f) return;  // CPU memory
   const double f = grad_factor(maximize, grad_scale ? grad_scale->data_ptr<float>() : nullptr);

@@ -425,9 +425,10 @@ void psi_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList mo
                   int64_t retraction, int64_t transport, double max_grad_norm,
                   const std::optional<at::Tensor>& grad_scale,
                   const std::optional<at::Tensor>& found_inf) {
-  const SgdOptions o = make_sgd_options(lr, momentum, dampening, nesterov, weight_decay, maximize,
-                                        manifold, retraction, transport, max_grad_norm);
-  check_psi_sgd_args(params, grads, momentum_buffers, state_steps, o, grad_scale, found_inf);
+  const SgdOptions o = checked_sgd_options(params, grads, momentum_buffers, state_steps, lr,
+                                           momentum, dampening, nesterov, weight_decay, maximize,
+                                           manifold, retraction, transport, max_grad_norm,
+                                           grad_scale, found_inf);
   if (params.empty()) return;
   const at::Device device = params[0].device();
   TORCH_CHECK(device.is_cuda(), "psi_sgd_: the CUDA kernel got params on ", device);

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "psi/math.h"
+#include "psi/ops.h"
 
 namespace {
 
@@ -144,18 +145,8 @@ psi::SgdOptions options(int64_t retraction, int64_t transport, double lr, double
                         double dampening, bool nesterov, double max_grad_norm,
                         int64_t manifold = psi::kChannel, double weight_decay = 0.0,
                         bool maximize = false) {
-  psi::SgdOptions o;
-  o.lr = lr;
-  o.momentum = momentum;
-  o.dampening = dampening;
-  o.nesterov = nesterov;
-  o.weight_decay = weight_decay;
-  o.maximize = maximize;
-  o.manifold = manifold;
-  o.retraction = retraction;
-  o.transport = transport;
-  o.max_grad_norm = max_grad_norm;
-  return o;
+  return psi::make_sgd_options(lr, momentum, dampening, nesterov, weight_decay, maximize, manifold,
+                               retraction, transport, max_grad_norm);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -24,6 +24,15 @@ SgdOptions make_sgd_options(double lr, double momentum, double dampening, bool n
                             double weight_decay, bool maximize, int64_t manifold,
                             int64_t retraction, int64_t transport, double max_grad_norm);
 
+// The options of a psi_sgd_ call, after check_psi_sgd_args passed: the first line of every
+// psi_sgd_ kernel (CPU and CUDA), which take the op's arguments in schema order.
+SgdOptions checked_sgd_options(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                               at::TensorList steps, double lr, double momentum, double dampening,
+                               bool nesterov, double weight_decay, bool maximize,
+                               int64_t manifold, int64_t retraction, int64_t transport,
+                               double max_grad_norm, const std::optional<at::Tensor>& grad_scale,
+                               const std::optional<at::Tensor>& found_inf);
+
 // Length of one group of `p` in memory: a row of p.view(p.size(0), -1) for the channel manifold,
 // the whole tensor otherwise. Groups are contiguous blocks of memory in every layout the checks
 // admit (contiguous, channels-last, any dense layout whose outermost dimension is dim 0).

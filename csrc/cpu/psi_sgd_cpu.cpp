@@ -24,6 +24,8 @@ namespace psi {
 namespace {
 
 constexpr int64_t kItemElems = 1 << 15;  // elements per work item
+// Rows items are longer: each starts and ends its row pipeline with an unfused pass.
+constexpr int64_t kRowItemElems = 1 << 17;
 constexpr int64_t kLongGroup = 1 << 16;  // longer groups are reduced in chunks, in parallel
 constexpr int64_t kFlush = 1 << 10;      // opmath partial sums are moved to double this often
 
@@ -176,7 +178,7 @@ void psi_sgd_cpu_impl(const std::vector<TensorArgs>& ts, const SgdOptions& o, do
         items.push_back({kPlain, t, b, std::min(a.numel, b + kItemElems), -1, -1});
     } else if (a.group <= kLongGroup) {
       const int64_t rows = a.numel / a.group;
-      const int64_t per_item = std::max<int64_t>(1, kItemElems / a.group);
+      const int64_t per_item = std::max<int64_t>(1, kRowItemElems / a.group);
       for (int64_t r = 0; r < rows; r += per_item)
         items.push_back({kRows, t, r, std::min(rows, r + per_item), -1, -1});
     } else {

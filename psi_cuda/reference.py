@@ -128,6 +128,12 @@ def psi_sgd_(params, grads, momentum_buffers, state_steps, *, lr, momentum=0.0, 
              retraction="normalize", transport="project", max_grad_norm=None, grad_scale=None,
              found_inf=None):
     """Reference of ``psi_cuda.ops.psi_sgd_`` (same arguments, same in-place effects)."""
+    if manifold not in (None, "euclidean", "channel", "tensor"):
+        raise ValueError(f"manifold must be 'channel', 'tensor' or None; got {manifold!r}")
+    if retraction not in ("normalize", "exp", "none") or transport not in ("project", "parallel"):
+        raise ValueError(f"unknown retraction {retraction!r} or transport {transport!r}")
+    if transport == "parallel" and retraction != "exp":
+        raise ValueError("transport='parallel' needs retraction='exp'")
     if found_inf is not None and found_inf.item() != 0:
         return
     for i, (p, grad) in enumerate(zip(params, grads)):

@@ -1,6 +1,7 @@
 """The only module that touches ``torch.ops.psi_cuda``: typed wrappers and fake implementations.
 
-Integer codes of the string options are defined here once (they match ``csrc/include/psi/math.h``).
+String options map to the integer codes of ``csrc/include/psi/math.h``; their names are listed
+once, in code order, in ``reference.py``.
 """
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loading the library registers the ops)
+from . import reference
 
-MANIFOLDS = {None: 0, "euclidean": 0, "channel": 1, "tensor": 2}
-RETRACTIONS = {"normalize": 0, "exp": 1, "none": 2}
-TRANSPORTS = {"project": 0, "parallel": 1}
+MANIFOLDS = {None: 0, **{name: code for code, name in enumerate(reference.MANIFOLDS)}}
+RETRACTIONS = {name: code for code, name in enumerate(reference.RETRACTIONS)}
+TRANSPORTS = {name: code for code, name in enumerate(reference.TRANSPORTS)}
 
 
 def has_cuda_kernels() -> bool:

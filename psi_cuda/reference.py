@@ -12,6 +12,11 @@ from torch import Tensor
 
 EXP_MIN_ANGLE = 1e-7  # below this the exponential map falls back to "normalize"
 
+# Option names, in the order of their integer codes in csrc/include/psi/math.h (ops.py maps them).
+MANIFOLDS = ("euclidean", "channel", "tensor")  # None also means "euclidean"
+RETRACTIONS = ("normalize", "exp", "none")
+TRANSPORTS = ("project", "parallel")
+
 
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype of the math and of the optimizer state for a parameter dtype."""
@@ -128,9 +133,9 @@ def psi_sgd_(params, grads, momentum_buffers, state_steps, *, lr, momentum=0.0, 
              retraction="normalize", transport="project", max_grad_norm=None, grad_scale=None,
              found_inf=None):
     """Reference of ``psi_cuda.ops.psi_sgd_`` (same arguments, same in-place effects)."""
-    if manifold not in (None, "euclidean", "channel", "tensor"):
+    if manifold not in (None,) + MANIFOLDS:
         raise ValueError(f"manifold must be 'channel', 'tensor' or None; got {manifold!r}")
-    if retraction not in ("normalize", "exp", "none") or transport not in ("project", "parallel"):
+    if retraction not in RETRACTIONS or transport not in TRANSPORTS:
         raise ValueError(f"unknown retraction {retraction!r} or transport {transport!r}")
     if transport == "parallel" and retraction != "exp":
         raise ValueError("transport='parallel' needs retraction='exp'")

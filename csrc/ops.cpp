@@ -25,4 +25,26 @@ TORCH_LIBRARY(psi_cuda, m) {
       "Tensor(c!)[] state_steps, *, float lr, float momentum, float dampening, bool nesterov, "
       "float weight_decay, bool maximize, int manifold, int retraction, int transport, "
       "float max_grad_norm, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+
+  // BNP (psi/bnp.h). Statistics of one layer input: per channel (dim channel_dim) batch mean and
+  // mean of squares in one pass, folded into the bias-corrected moving averages mean/sqmean
+  // (float32 or float64), step += 1. An empty batch changes nothing.
+  m.def(
+      "bnp_update_stats_(Tensor input, Tensor(a!) mean, Tensor(b!) sqmean, Tensor(c!) step, *, "
+      "int channel_dim, float momentum) -> ()");
+  // Rewrites weight and bias gradients with the BNP formula. bias_grads is empty (no-bias
+  // variant for all layers of the call) or one per weight gradient; groups: conv groups.
+  m.def(
+      "bnp_precondition_(Tensor(a!)[] weight_grads, Tensor(b!)[] bias_grads, Tensor[] means, "
+      "Tensor[] sqmeans, *, int[] groups, float eps) -> ()");
+  // BNP preconditioning fused with one torch.optim.SGD step of every weight and bias (the
+  // gradients themselves are not modified). One state step per layer; buffers empty when
+  // momentum == 0.
+  m.def(
+      "bnp_sgd_(Tensor(a!)[] weights, Tensor(b!)[] biases, Tensor[] weight_grads, "
+      "Tensor[] bias_grads, Tensor(c!)[] weight_momentum_buffers, "
+      "Tensor(d!)[] bias_momentum_buffers, Tensor(e!)[] state_steps, Tensor[] means, "
+      "Tensor[] sqmeans, *, int[] groups, float eps, float lr, float momentum, float dampening, "
+      "bool nesterov, float weight_decay, bool maximize, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
 }

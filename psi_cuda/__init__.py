@@ -1,7 +1,8 @@
 """psi_cuda: fused PSI-manifold optimizers and Batch Normalization Preconditioning for PyTorch."""
 from . import ops, reference
+from .bnp import BNP
 from .groups import param_groups
-from .optim import PSISGD
+from .optim import BNPSGD, PSISGD
 
-__all__ = ["PSISGD", "ops", "param_groups", "reference"]
+__all__ = ["BNP", "BNPSGD", "PSISGD", "ops", "param_groups", "reference"]
 __version__ = "0.1.0"

@@ -101,3 +101,71 @@ def _psi_sgd_fake(params, grads, momentum_buffers, state_steps, *, lr, momentum,
     torch._check(len(state_steps) == len(params),
                  lambda: "psi_sgd_: params and state_steps differ in length")
     return None
+
+
+# --- BNP ----------------------------------------------------------------------------------------
+
+
+def bnp_update_stats_(input: Tensor, mean: Tensor, sqmean: Tensor, step: Tensor, *,
+                      channel_dim: int, momentum: float) -> None:
+    """Folds the per-channel batch mean and mean of squares of ``input`` (channels on
+    ``channel_dim``) into the bias-corrected moving averages ``mean``/``sqmean``; ``step += 1``.
+    One pass over ``input``; contiguous and channels-last inputs are read in place."""
+    _check_dispatchable("bnp_update_stats_", [input], mean=[mean], sqmean=[sqmean], step=[step])
+    torch.ops.psi_cuda.bnp_update_stats_(input, mean, sqmean, step, channel_dim=channel_dim,
+                                         momentum=momentum)
+
+
+def bnp_precondition_(weight_grads: list[Tensor], bias_grads: list[Tensor], means: list[Tensor],
+                      sqmeans: list[Tensor], *, groups: list[int], eps: float) -> None:
+    """Rewrites weight (and bias) gradients in place with the BNP formula. ``bias_grads`` is
+    empty (the uncentered no-bias variant for every layer) or one per weight gradient."""
+    _check_dispatchable("bnp_precondition_", weight_grads, bias_grads=bias_grads, means=means,
+                        sqmeans=sqmeans)
+    torch.ops.psi_cuda.bnp_precondition_(weight_grads, bias_grads, means, sqmeans,
+                                         groups=list(groups), eps=eps)
+
+
+def bnp_sgd_(weights: list[Tensor], biases: list[Tensor], weight_grads: list[Tensor],
+             bias_grads: list[Tensor], weight_momentum_buffers: list[Tensor],
+             bias_momentum_buffers: list[Tensor], state_steps: list[Tensor], means: list[Tensor],
+             sqmeans: list[Tensor], *, groups: list[int], eps: float, lr: float,
+             momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
+             weight_decay: float = 0.0, maximize: bool = False,
+             grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+             check: bool = True) -> None:
+    """BNP preconditioning fused with one ``torch.optim.SGD`` step of every weight and bias."""
+    if check:
+        _check_dispatchable("bnp_sgd_", weights, biases=biases, weight_grads=weight_grads,
+                            bias_grads=bias_grads,
+                            weight_momentum_buffers=weight_momentum_buffers,
+                            bias_momentum_buffers=bias_momentum_buffers,
+                            state_steps=state_steps, means=means, sqmeans=sqmeans)
+    torch.ops.psi_cuda.bnp_sgd_(weights, biases, weight_grads, bias_grads,
+                                weight_momentum_buffers, bias_momentum_buffers, state_steps,
+                                means, sqmeans, groups=list(groups), eps=eps, lr=lr,
+                                momentum=momentum, dampening=dampening, nesterov=nesterov,
+                                weight_decay=weight_decay, maximize=maximize,
+                                grad_scale=grad_scale, found_inf=found_inf)
+
+
+@torch.library.register_fake("psi_cuda::bnp_update_stats_")
+def _bnp_update_stats_fake(input, mean, sqmean, step, *, channel_dim, momentum):
+    return None
+
+
+@torch.library.register_fake("psi_cuda::bnp_precondition_")
+def _bnp_precondition_fake(weight_grads, bias_grads, means, sqmeans, *, groups, eps):
+    torch._check(len(means) == len(weight_grads),
+                 lambda: "bnp_precondition_: weight_grads and means differ in length")
+    return None
+
+
+@torch.library.register_fake("psi_cuda::bnp_sgd_")
+def _bnp_sgd_fake(weights, biases, weight_grads, bias_grads, weight_momentum_buffers,
+                  bias_momentum_buffers, state_steps, means, sqmeans, *, groups, eps, lr,
+                  momentum, dampening, nesterov, weight_decay, maximize, grad_scale=None,
+                  found_inf=None):
+    torch._check(len(weight_grads) == len(weights),
+                 lambda: "bnp_sgd_: weights and weight_grads differ in length")
+    return None

@@ -172,3 +172,110 @@ def psi_sgd_(params, grads, momentum_buffers, state_steps, *, lr, momentum=0.0, 
         if m_new is not None:
             m.copy_(m_new)
         step.add_(1)
+
+
+# --- Batch Normalization Preconditioning (ALGORITHMS.md section 4) ---------------------------
+
+
+def bnp_batch_weight(momentum: float, step: float) -> float:
+    """Weight of the batch in the bias-corrected moving average at its ``step + 1``-th update.
+
+    The statistics are stored bias-corrected: with ``c_t = 1 - (1 - rho)^t`` the corrected EMA
+    obeys ``x_t = (1 - a_t) x_{t-1} + a_t batch_t`` with ``a_t = rho / c_t``, so ``a_1 = 1``: after
+    the first forward the statistics are exactly that batch's.
+    """
+    t = step + 1.0
+    if t <= 1.0 or momentum >= 1.0:
+        return 1.0
+    return momentum / (1.0 - (1.0 - momentum) ** t)
+
+
+def stats_dims(x: Tensor, channel_dim: int) -> list[int]:
+    """Dimensions of ``x`` that the statistics average over (all but the channel dimension)."""
+    cd = channel_dim % x.dim()
+    return [d for d in range(x.dim()) if d != cd]
+
+
+@torch.no_grad()
+def bnp_update_stats_(x: Tensor, mean: Tensor, sqmean: Tensor, step: Tensor, *,
+                      channel_dim: int, momentum: float) -> None:
+    """Reference of ``ops.bnp_update_stats_``: per-channel batch mean and mean of squares of the
+    layer input ``x``, folded into the bias-corrected moving averages ``mean`` and ``sqmean``
+    (state dtype: float32, or float64). ``step`` (float32 scalar) counts the updates.
+    An empty batch changes nothing."""
+    if x.numel() == 0:
+        return
+    xf = x.detach().to(torch.float64)
+    dims = stats_dims(x, channel_dim)
+    batch_mean = xf.mean(dims) if dims else xf
+    batch_sqmean = (xf * xf).mean(dims) if dims else xf * xf
+    a = bnp_batch_weight(momentum, step.item())
+    mean.copy_((1 - a) * mean.double() + a * batch_mean)
+    sqmean.copy_((1 - a) * sqmean.double() + a * batch_sqmean)
+    step.add_(1)
+
+
+def bnp_channel_coefs(mean: Tensor, sqmean: Tensor, eps: float, centered: bool):
+    """Per input channel ``(shift, inv)`` with ``G' = (G - g_b shift) inv``: with a bias,
+    ``shift = mu`` and ``inv = 1 / (max(s - mu^2, 0) + eps)``; without one (no centering),
+    ``shift = 0`` and ``inv = 1 / (s + eps)``."""
+    mu, s = mean.double(), sqmean.double()
+    if centered:
+        return mu, 1.0 / ((s - mu * mu).clamp_min(0) + eps)
+    return torch.zeros_like(mu), 1.0 / (s + eps)
+
+
+def bnp_precondition_rows(G: Tensor, gb: Tensor | None, shift: Tensor, inv: Tensor,
+                          groups: int):
+    """BNP formula on a weight gradient ``G`` (out, in/groups, *kernel) and bias gradient ``gb``
+    (out,) or None; ``shift``/``inv`` are per input channel (in,). Returns (G', g_b')."""
+    out, cin_g = G.shape[0], G.shape[1]
+    per_group = out // groups
+    # Input channel of each (output channel, channel-in-group) pair: group o // per_group.
+    sh = shift.view(groups, cin_g).repeat_interleave(per_group, 0).view(out, cin_g, 1)
+    iv = inv.view(groups, cin_g).repeat_interleave(per_group, 0).view(out, cin_g, 1)
+    G3 = G.reshape(out, cin_g, -1)
+    if gb is None:
+        return (G3 * iv).view(G.shape), None
+    Gp = (G3 - gb.view(out, 1, 1) * sh) * iv
+    gbp = gb - (Gp * sh).sum(dim=(1, 2))
+    return Gp.view(G.shape), gbp
+
+
+@torch.no_grad()
+def bnp_precondition_(weight_grads, bias_grads, means, sqmeans, *, groups, eps) -> None:
+    """Reference of ``ops.bnp_precondition_``: rewrites the gradients in place. ``bias_grads`` is
+    empty (the no-bias variant for every layer) or one per weight gradient."""
+    for i, gw in enumerate(weight_grads):
+        gb = bias_grads[i] if bias_grads else None
+        dt = torch.float64
+        shift, inv = bnp_channel_coefs(means[i], sqmeans[i], eps, gb is not None)
+        Gp, gbp = bnp_precondition_rows(gw.to(dt), None if gb is None else gb.to(dt), shift, inv,
+                                        groups[i])
+        gw.copy_(Gp)
+        if gb is not None:
+            gb.copy_(gbp)
+
+
+@torch.no_grad()
+def bnp_sgd_(weights, biases, weight_grads, bias_grads, weight_momentum_buffers,
+             bias_momentum_buffers, state_steps, means, sqmeans, *, groups, eps, lr,
+             momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False,
+             grad_scale=None, found_inf=None) -> None:
+    """Reference of ``ops.bnp_sgd_``: BNP-precondition copies of the gradients, then one
+    ``torch.optim.SGD`` step of every weight and bias (the gradients are not modified)."""
+    if found_inf is not None and found_inf.item() != 0:
+        return
+    wg = [g.clone() for g in weight_grads]
+    bg = [g.clone() for g in bias_grads]
+    bnp_precondition_(wg, bg, means, sqmeans, groups=groups, eps=eps)
+    params = list(weights) + list(biases)
+    grads = wg + bg
+    bufs = list(weight_momentum_buffers) + list(bias_momentum_buffers)
+    # One step counter per layer serves its weight and its bias.
+    first = [s.clone() for s in state_steps] * (2 if biases else 1)
+    psi_sgd_(params, grads, bufs, first, lr=lr, momentum=momentum, dampening=dampening,
+             nesterov=nesterov, weight_decay=weight_decay, maximize=maximize, manifold=None,
+             grad_scale=grad_scale, found_inf=None)
+    for s in state_steps:
+        s.add_(1)

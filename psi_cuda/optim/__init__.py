@@ -1,4 +1,5 @@
 """Optimizers: thin torch.optim.Optimizer classes over the fused ops."""
+from .bnp_sgd import BNPSGD
 from .psi_sgd import PSISGD
 
-__all__ = ["PSISGD"]
+__all__ = ["BNPSGD", "PSISGD"]

@@ -45,4 +45,44 @@ at::Tensor grad_like_param(const at::Tensor& g, const at::Tensor& p);
 // float/half/bfloat16, double for double.
 c10::ScalarType opmath_dtype(c10::ScalarType param_dtype);
 
+// --- BNP (psi/bnp.h) ---
+
+// Memory view of a layer input for the statistics: [outer, channels, inner] in memory order
+// (Linear input and channels-last conv input: inner == 1). `x` is the input itself, or a
+// contiguous copy when its layout is neither contiguous nor channels-last.
+struct StatsLayout {
+  at::Tensor x;
+  int64_t outer, channels, inner;
+};
+
+// Checks the arguments of bnp_update_stats_ (errors name the argument) and returns the layout.
+StatsLayout checked_stats_layout(const at::Tensor& input, const at::Tensor& mean,
+                                 const at::Tensor& sqmean, const at::Tensor& step,
+                                 int64_t channel_dim, double momentum);
+
+// Memory view of one output channel (row) of a weight (out, in/groups, *kernel): `outer` blocks
+// of `inner` elements; the input channel is the block index (contiguous conv weights) or the
+// index inside a block (Linear weights and channels-last conv weights: chan_inner).
+struct RowLayout {
+  int64_t rows, row_len, outer, inner, cin_g;
+  bool chan_inner;
+};
+
+// The row layout of `w`, or nullopt when it has neither of the two layouts above.
+std::optional<RowLayout> row_layout(const at::Tensor& w);
+
+// Checks bnp_precondition_ / bnp_sgd_ arguments shared by both (errors start with `op`): the
+// weight gradients (or weights), bias list (empty or one per layer, shape (out,)), statistics
+// (one float32/float64 vector of in_channels per layer), groups and eps.
+void check_bnp_layers(const char* op, at::TensorList weights, at::TensorList biases,
+                      at::TensorList means, at::TensorList sqmeans, at::IntArrayRef groups,
+                      double eps);
+
+// Checks everything else of bnp_sgd_ (after check_bnp_layers): grads, buffers, steps, options.
+void check_bnp_sgd_args(at::TensorList weights, at::TensorList biases, at::TensorList wgrads,
+                        at::TensorList bgrads, at::TensorList wbufs, at::TensorList bbufs,
+                        at::TensorList steps, const SgdOptions& o,
+                        const std::optional<at::Tensor>& grad_scale,
+                        const std::optional<at::Tensor>& found_inf);
+
 }  // namespace psi

@@ -1,0 +1,376 @@
+// CPU implementation of the BNP ops (math: psi/bnp.h).
+//
+// bnp_update_stats_: the input, seen as [outer, channels, inner] in memory order, is cut into
+// items of about kStatsItem elements (row blocks when inner == 1, (channel, outer block) pairs
+// otherwise); each item writes its per-channel double sums to its own slot and the slots are
+// added in a fixed order, so the result does not depend on the thread count.
+// bnp_precondition_ / bnp_sgd_: work items are blocks of output channels (rows); a row is
+// preconditioned, summed for the bias and (bnp_sgd_) stepped in one pass.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "psi/bnp.h"
+#include "psi/ops.h"
+
+namespace psi {
+namespace {
+
+constexpr int64_t kStatsItem = 1 << 15;  // elements per statistics work item
+constexpr int64_t kRowsItem = 1 << 15;   // elements per row-block work item
+
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define PSI_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define PSI_CPU_CLONES
+#endif
+
+// ---------------------------------------------------------------- statistics
+
+// sum[c] += x[r, c], sq[c] += x[r, c]^2 over rows [r0, r1) of a [rows, C] block.
+template <typename scalar_t>
+PSI_CPU_CLONES void sum_rows(const scalar_t* __restrict__ x, int64_t r0, int64_t r1, int64_t C,
+                             double* __restrict__ sum, double* __restrict__ sq) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* __restrict__ xr = x + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const double v = static_cast<double>(xr[c]);
+      sum[c] += v;
+      sq[c] += v * v;
+    }
+  }
+}
+
+// Sum and sum of squares of n contiguous elements.
+template <typename scalar_t>
+PSI_CPU_CLONES void sum_run(const scalar_t* __restrict__ x, int64_t n, double* sum, double* sq) {
+  double s = 0, q = 0;
+#pragma omp simd reduction(+ : s, q)
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = static_cast<double>(x[i]);
+    s += v;
+    q += v * v;
+  }
+  *sum += s;
+  *sq += q;
+}
+
+// Per-channel sums of a [outer, C, inner] input into sum/sq (length C), deterministically.
+template <typename scalar_t>
+void channel_sums(const scalar_t* x, int64_t outer, int64_t C, int64_t inner, double* sum,
+                  double* sq) {
+  if (inner == 1) {
+    const int64_t rows_per_item = std::max<int64_t>(1, kStatsItem / std::max<int64_t>(C, 1));
+    const int64_t items = (outer + rows_per_item - 1) / rows_per_item;
+    std::vector<double> part(static_cast<size_t>(items * 2 * C), 0.0);
+    at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t it = i0; it < i1; ++it) {
+        double* ps = part.data() + it * 2 * C;
+        sum_rows(x, it * rows_per_item, std::min(outer, (it + 1) * rows_per_item), C, ps,
+                 ps + C);
+      }
+    });
+    for (int64_t it = 0; it < items; ++it) {
+      const double* ps = part.data() + it * 2 * C;
+      for (int64_t c = 0; c < C; ++c) {
+        sum[c] += ps[c];
+        sq[c] += ps[C + c];
+      }
+    }
+    return;
+  }
+  const int64_t outer_per_item = std::max<int64_t>(1, kStatsItem / inner);
+  const int64_t blocks = (outer + outer_per_item - 1) / outer_per_item;
+  std::vector<double> part(static_cast<size_t>(blocks * C * 2), 0.0);
+  at::parallel_for(0, blocks * C, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t c = it / blocks, b = it % blocks;
+      double s = 0, q = 0;
+      for (int64_t o = b * outer_per_item; o < std::min(outer, (b + 1) * outer_per_item); ++o) {
+        sum_run(x + (o * C + c) * inner, inner, &s, &q);
+      }
+      part[2 * it] = s;
+      part[2 * it + 1] = q;
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      sum[c] += part[2 * (c * blocks + b)];
+      sq[c] += part[2 * (c * blocks + b) + 1];
+    }
+  }
+}
+
+void bnp_update_stats_cpu(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& sqmean,
+                          const at::Tensor& step, int64_t channel_dim, double momentum) {
+  const StatsLayout L = checked_stats_layout(input, mean, sqmean, step, channel_dim, momentum);
+  const int64_t count = L.outer * L.inner;
+  if (L.x.numel() == 0 || count == 0) return;
+  const int64_t C = L.channels;
+  std::vector<double> sum(C, 0.0), sq(C, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, L.x.scalar_type(), "bnp_stats", [&] {
+    channel_sums(L.x.const_data_ptr<scalar_t>(), L.outer, C, L.inner, sum.data(), sq.data());
+  });
+  float* t = step.data_ptr<float>();
+  const double a = bnp_batch_weight(momentum, static_cast<double>(*t));
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bnp_stats_blend", [&] {
+    scalar_t* mu = mean.data_ptr<scalar_t>();
+    scalar_t* s = sqmean.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      mu[c] = static_cast<scalar_t>(bnp_blend(mu[c], sum[c] / count, a));
+      s[c] = static_cast<scalar_t>(bnp_blend(s[c], sq[c] / count, a));
+    }
+  });
+  *t += 1.0f;
+}
+
+// ---------------------------------------------------------------- preconditioning
+
+// Per input channel (shift, inv) of one layer, in opmath_t.
+template <typename opmath_t>
+std::vector<opmath_t> channel_table(const at::Tensor& mean, const at::Tensor& sqmean, double eps,
+                                    bool centered) {
+  const int64_t C = mean.numel();
+  std::vector<opmath_t> tab(static_cast<size_t>(2 * C));
+  const at::Tensor mu = mean.to(at::kDouble), s = sqmean.to(at::kDouble);
+  const double* pm = mu.const_data_ptr<double>();
+  const double* ps = s.const_data_ptr<double>();
+  for (int64_t c = 0; c < C; ++c) {
+    const BnpChannel ch = bnp_channel(pm[c], ps[c], eps, centered);
+    tab[c] = static_cast<opmath_t>(ch.shift);
+    tab[C + c] = static_cast<opmath_t>(ch.inv);
+  }
+  return tab;
+}
+
+// One row of a layer. Pointers are at the row's start; sh/iv at its group's input channels.
+// With w == nullptr the preconditioned gradient is written back to g (bnp_precondition_);
+// otherwise w (and m) take one SGD step with it (bnp_sgd_) and g is only read.
+// Returns sum_j G'[j] shift[c(j)] (the bias correction).
+template <typename scalar_t, typename opmath_t>
+PSI_CPU_CLONES double bnp_row(scalar_t* __restrict__ g, scalar_t* __restrict__ w,
+                              opmath_t* __restrict__ m, const RowLayout& L,
+                              const opmath_t* __restrict__ sh, const opmath_t* __restrict__ iv,
+                              opmath_t f, opmath_t gb, const Update& up) {
+  const opmath_t pw = up.param.w, pg = up.param.g, pm = up.param.m;
+  const opmath_t bw = up.buf.w, bg = up.buf.g, bm = up.buf.m;
+  double acc = 0;
+  for (int64_t a = 0; a < L.outer; ++a) {
+    const int64_t off = a * L.inner;
+    scalar_t* __restrict__ ga = g + off;
+    opmath_t s = 0;
+    if (L.chan_inner) {
+      if (w == nullptr) {
+#pragma omp simd reduction(+ : s)
+        for (int64_t c = 0; c < L.inner; ++c) {
+          const opmath_t gp = bnp_grad<opmath_t>(f * static_cast<opmath_t>(ga[c]), gb, sh[c], iv[c]);
+          ga[c] = static_cast<scalar_t>(gp);
+          s += gp * sh[c];
+        }
+      } else if (m == nullptr) {
+        scalar_t* __restrict__ wa = w + off;
+#pragma omp simd reduction(+ : s)
+        for (int64_t c = 0; c < L.inner; ++c) {
+          const opmath_t gp = bnp_grad<opmath_t>(f * static_cast<opmath_t>(ga[c]), gb, sh[c], iv[c]);
+          s += gp * sh[c];
+          wa[c] = static_cast<scalar_t>(pw * static_cast<opmath_t>(wa[c]) + pg * gp);
+        }
+      } else {
+        scalar_t* __restrict__ wa = w + off;
+        opmath_t* __restrict__ ma = m + off;
+#pragma omp simd reduction(+ : s)
+        for (int64_t c = 0; c < L.inner; ++c) {
+          const opmath_t gp = bnp_grad<opmath_t>(f * static_cast<opmath_t>(ga[c]), gb, sh[c], iv[c]);
+          s += gp * sh[c];
+          const opmath_t wi = static_cast<opmath_t>(wa[c]), mi = ma[c];
+          wa[c] = static_cast<scalar_t>(pw * wi + pg * gp + pm * mi);
+          ma[c] = bw * wi + bg * gp + bm * mi;
+        }
+      }
+      acc += s;
+    } else {
+      const opmath_t shc = sh[a], ivc = iv[a];
+      if (w == nullptr) {
+#pragma omp simd reduction(+ : s)
+        for (int64_t k = 0; k < L.inner; ++k) {
+          const opmath_t gp = bnp_grad<opmath_t>(f * static_cast<opmath_t>(ga[k]), gb, shc, ivc);
+          ga[k] = static_cast<scalar_t>(gp);
+          s += gp;
+        }
+      } else if (m == nullptr) {
+        scalar_t* __restrict__ wa = w + off;
+#pragma omp simd reduction(+ : s)
+        for (int64_t k = 0; k < L.inner; ++k) {
+          const opmath_t gp = bnp_grad<opmath_t>(f * static_cast<opmath_t>(ga[k]), gb, shc, ivc);
+          s += gp;
+          wa[k] = static_cast<scalar_t>(pw * static_cast<opmath_t>(wa[k]) + pg * gp);
+        }
+      } else {
+        scalar_t* __restrict__ wa = w + off;
+        opmath_t* __restrict__ ma = m + off;
+#pragma omp simd reduction(+ : s)
+        for (int64_t k = 0; k < L.inner; ++k) {
+          const opmath_t gp = bnp_grad<opmath_t>(f * static_cast<opmath_t>(ga[k]), gb, shc, ivc);
+          s += gp;
+          const opmath_t wi = static_cast<opmath_t>(wa[k]), mi = ma[k];
+          wa[k] = static_cast<scalar_t>(pw * wi + pg * gp + pm * mi);
+          ma[k] = bw * wi + bg * gp + bm * mi;
+        }
+      }
+      acc += static_cast<double>(s) * static_cast<double>(shc);
+    }
+  }
+  return acc;
+}
+
+// A layer of one call, prepared for the row loop.
+template <typename scalar_t, typename opmath_t>
+struct Layer {
+  RowLayout L;
+  scalar_t *g, *w, *b, *gb;  // w, b: nullptr for bnp_precondition_; b, gb: nullptr without bias
+  const scalar_t* gb_in;     // bias gradient read by bnp_sgd_
+  opmath_t *m, *mb;          // momentum buffers or nullptr
+  std::vector<opmath_t> tab; // shift[C], inv[C]
+  int64_t per_group;
+};
+
+// Runs every row of every layer: one at::parallel_for over blocks of rows.
+template <typename scalar_t, typename opmath_t>
+void run_rows(std::vector<Layer<scalar_t, opmath_t>>& layers, opmath_t f, const Update& up) {
+  struct Item { size_t layer; int64_t r0, r1; };
+  std::vector<Item> items;
+  for (size_t li = 0; li < layers.size(); ++li) {
+    const RowLayout& L = layers[li].L;
+    const int64_t rows_per_item = std::max<int64_t>(1, kRowsItem / std::max<int64_t>(L.row_len, 1));
+    for (int64_t r = 0; r < L.rows; r += rows_per_item) {
+      items.push_back({li, r, std::min(L.rows, r + rows_per_item)});
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      Layer<scalar_t, opmath_t>& Y = layers[items[it].layer];
+      const RowLayout& L = Y.L;
+      const int64_t C = static_cast<int64_t>(Y.tab.size() / 2);
+      for (int64_t r = items[it].r0; r < items[it].r1; ++r) {
+        const int64_t c0 = (r / Y.per_group) * L.cin_g;
+        const opmath_t* sh = Y.tab.data() + c0;
+        const opmath_t* iv = Y.tab.data() + C + c0;
+        const int64_t off = r * L.row_len;
+        const bool has_bias = Y.gb != nullptr || Y.gb_in != nullptr;
+        const opmath_t gb = has_bias
+            ? f * static_cast<opmath_t>(Y.w == nullptr ? Y.gb[r] : Y.gb_in[r]) : opmath_t(0);
+        const double acc = bnp_row<scalar_t, opmath_t>(Y.g + off, Y.w ? Y.w + off : nullptr,
+                                                       Y.m ? Y.m + off : nullptr, L, sh, iv, f,
+                                                       gb, up);
+        if (!has_bias) continue;
+        const double gbp = bnp_bias_grad(static_cast<double>(gb), acc);
+        if (Y.w == nullptr) {
+          Y.gb[r] = static_cast<scalar_t>(gbp);
+        } else {
+          const double bi = static_cast<double>(Y.b[r]);
+          const double mi = Y.mb ? static_cast<double>(Y.mb[r]) : 0.0;
+          Y.b[r] = static_cast<scalar_t>(up.param.w * bi + up.param.g * gbp + up.param.m * mi);
+          if (Y.mb) Y.mb[r] = static_cast<opmath_t>(up.buf.w * bi + up.buf.g * gbp + up.buf.m * mi);
+        }
+      }
+    }
+  });
+}
+
+void bnp_precondition_cpu(at::TensorList weight_grads, at::TensorList bias_grads,
+                          at::TensorList means, at::TensorList sqmeans, at::IntArrayRef groups,
+                          double eps) {
+  check_bnp_layers("bnp_precondition_", weight_grads, bias_grads, means, sqmeans, groups, eps);
+  if (weight_grads.empty()) return;
+  const bool centered = !bias_grads.empty();
+  // Gradients in another layout are preconditioned in a contiguous copy and copied back.
+  std::vector<at::Tensor> work(weight_grads.begin(), weight_grads.end());
+  std::vector<at::Tensor> bias_work(bias_grads.begin(), bias_grads.end());
+  for (auto& t : work) if (!row_layout(t)) t = t.contiguous();
+  for (auto& t : bias_work) if (!t.is_contiguous()) t = t.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, work[0].scalar_type(), "bnp_precondition", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    std::vector<Layer<scalar_t, opmath_t>> layers;
+    for (size_t i = 0; i < work.size(); ++i) {
+      Layer<scalar_t, opmath_t> Y{};
+      Y.L = *row_layout(work[i]);
+      Y.g = work[i].data_ptr<scalar_t>();
+      Y.gb = centered ? bias_work[i].data_ptr<scalar_t>() : nullptr;
+      Y.tab = channel_table<opmath_t>(means[i], sqmeans[i], eps, centered);
+      Y.per_group = std::max<int64_t>(1, Y.L.rows / groups[i]);
+      layers.push_back(std::move(Y));
+    }
+    run_rows(layers, opmath_t(1), unchanged());
+  });
+  for (size_t i = 0; i < work.size(); ++i) {
+    if (!work[i].is_same(weight_grads[i])) weight_grads[i].copy_(work[i]);
+  }
+  for (size_t i = 0; i < bias_work.size(); ++i) {
+    if (!bias_work[i].is_same(bias_grads[i])) bias_grads[i].copy_(bias_work[i]);
+  }
+}
+
+void bnp_sgd_cpu(at::TensorList weights, at::TensorList biases, at::TensorList weight_grads,
+                 at::TensorList bias_grads, at::TensorList weight_bufs, at::TensorList bias_bufs,
+                 at::TensorList state_steps, at::TensorList means, at::TensorList sqmeans,
+                 at::IntArrayRef groups, double eps, double lr, double momentum,
+                 double dampening, bool nesterov, double weight_decay, bool maximize,
+                 const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf) {
+  check_bnp_layers("bnp_sgd_", weights, biases, means, sqmeans, groups, eps);
+  const SgdOptions o = make_sgd_options(lr, momentum, dampening, nesterov, weight_decay,
+                                        maximize, kEuclidean, kNormalize, kProject, 0.0);
+  check_bnp_sgd_args(weights, biases, weight_grads, bias_grads, weight_bufs, bias_bufs,
+                     state_steps, o, grad_scale, found_inf);
+  if (weights.empty()) return;
+  if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;
+  const double f = grad_factor(maximize, grad_scale ? grad_scale->const_data_ptr<float>() : nullptr);
+  const bool centered = !biases.empty();
+  const bool has_momentum = momentum != 0.0;
+  // Layers are grouped by whether their buffers are fresh: the update coefficients differ.
+  for (const bool first : {true, false}) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[0].scalar_type(), "bnp_sgd", [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
+      std::vector<Layer<scalar_t, opmath_t>> layers;
+      std::vector<at::Tensor> keep;  // gradient copies in the parameter layout
+      for (size_t i = 0; i < weights.size(); ++i) {
+        if ((state_steps[i].item<float>() == 0.0f) != first) continue;
+        Layer<scalar_t, opmath_t> Y{};
+        Y.L = *row_layout(weights[i]);
+        keep.push_back(grad_like_param(weight_grads[i], weights[i]));
+        Y.g = keep.back().data_ptr<scalar_t>();
+        Y.w = weights[i].data_ptr<scalar_t>();
+        Y.m = has_momentum ? weight_bufs[i].data_ptr<opmath_t>() : nullptr;
+        if (centered) {
+          keep.push_back(bias_grads[i].contiguous());
+          Y.gb_in = keep.back().const_data_ptr<scalar_t>();
+          Y.b = biases[i].data_ptr<scalar_t>();
+          Y.mb = has_momentum ? bias_bufs[i].data_ptr<opmath_t>() : nullptr;
+        }
+        Y.tab = channel_table<opmath_t>(means[i], sqmeans[i], eps, centered);
+        Y.per_group = std::max<int64_t>(1, Y.L.rows / groups[i]);
+        layers.push_back(std::move(Y));
+      }
+      if (!layers.empty()) {
+        run_rows(layers, static_cast<opmath_t>(f), bnp_sgd_update(o, first));
+      }
+    });
+  }
+  for (const at::Tensor& s : state_steps) s.add_(1);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(psi_cuda, CPU, m) {
+  m.impl("bnp_update_stats_", &bnp_update_stats_cpu);
+  m.impl("bnp_precondition_", &bnp_precondition_cpu);
+  m.impl("bnp_sgd_", &bnp_sgd_cpu);
+}
+
+}  // namespace psi

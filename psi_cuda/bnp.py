@@ -1,0 +1,215 @@
+"""Batch Normalization Preconditioning (ALGORITHMS.md section 4) for any torch optimizer.
+
+``BNP(model)`` attaches a forward pre-hook to every Linear/Conv layer: in training mode it folds
+the per-channel mean and mean of squares of the layer's input into moving averages (one pass over
+the input, fused). ``precondition_()`` then rewrites the layers' ``.grad`` with the BNP formula, so
+the following step of any optimizer is a step in the input-normalized coordinates of each layer,
+without a BatchNorm layer and at any batch size (1 included).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor, nn
+
+from . import ops, reference
+
+BACKENDS = ("auto", "fused", "reference")
+LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class BNPLayer:
+    """One preconditioned layer: its module and its input statistics (per input channel)."""
+
+    def __init__(self, name: str, module: nn.Module):
+        self.name = name
+        self.module = module
+        w = module.weight
+        self.spatial_dims = 0 if isinstance(module, nn.Linear) else w.dim() - 2
+        self.groups = getattr(module, "groups", 1)
+        self.in_channels = w.size(1) * self.groups
+        dtype = reference.opmath_dtype(w.dtype)
+        # The identity preconditioner until the first training forward: mean 0, mean square 1.
+        self.mean = torch.zeros(self.in_channels, dtype=dtype, device=w.device)
+        self.sqmean = torch.ones(self.in_channels, dtype=dtype, device=w.device)
+        self.step = torch.zeros((), dtype=torch.float32, device=w.device)
+
+    def channel_dim(self, x: Tensor) -> int:
+        return x.dim() - 1 if self.spatial_dims == 0 else x.dim() - self.spatial_dims - 1
+
+    def to(self, device: torch.device) -> None:
+        self.mean, self.sqmean, self.step = (t.to(device) for t in
+                                             (self.mean, self.sqmean, self.step))
+
+    def has_bias_grad(self) -> bool:
+        b = self.module.bias
+        return b is not None and b.grad is not None
+
+
+class BNP:
+    r"""Batch Normalization Preconditioning of the Linear/Conv layers of ``model``.
+
+    Args:
+        model: the network (without BatchNorm in front of the preconditioned layers).
+        momentum: weight ``rho`` of a new batch in the moving averages (bias-corrected, so the
+            first forward sets the statistics to that batch's).
+        eps: added to the variance (to the mean square for layers without bias).
+        layers: the modules to precondition (default: every ``nn.Linear`` and ``nn.Conv1d/2d/3d``
+            of ``model``); each must be one of those types and belong to ``model``.
+        backend: ``"fused"`` (C++/CUDA kernels), ``"reference"`` (pure PyTorch) or ``"auto"``.
+
+    Statistics update only in training mode (``model.train()``). Then call ``precondition_()``
+    after ``backward()`` and before any optimizer's ``step()``; or use
+    ``psi_cuda.optim.BNPSGD``, which fuses both.
+    """
+
+    def __init__(self, model: nn.Module, momentum: float = 0.1, eps: float = 1e-5,
+                 layers=None, backend: str = "auto"):
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"BNP: momentum must be in (0, 1]; got {momentum}")
+        if not eps > 0.0:
+            raise ValueError(f"BNP: eps must be > 0; got {eps}")
+        if backend not in BACKENDS:
+            raise ValueError(f"BNP: backend must be one of {BACKENDS}; got {backend!r}")
+        self.momentum = float(momentum)
+        self.eps = float(eps)
+        self.backend = backend
+        names = {id(m): n for n, m in model.named_modules()}
+        if layers is None:
+            modules = [m for m in model.modules() if isinstance(m, LAYER_TYPES)]
+        else:
+            modules = list(layers)
+            for i, m in enumerate(modules):
+                if not isinstance(m, LAYER_TYPES):
+                    raise TypeError(f"BNP: layers[{i}] is a {type(m).__name__}; only nn.Linear "
+                                    "and nn.Conv1d/2d/3d can be preconditioned")
+                if id(m) not in names:
+                    raise ValueError(f"BNP: layers[{i}] ({type(m).__name__}) is not a module "
+                                     "of model")
+        seen = set()
+        self.layers: list[BNPLayer] = []
+        for m in modules:
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            self.layers.append(BNPLayer(names[id(m)], m))
+        self._handles = [layer.module.register_forward_pre_hook(self._hook(layer))
+                         for layer in self.layers]
+
+    # -------------------------------------------------------------------- statistics
+
+    def _use_fused(self, device: torch.device) -> bool:
+        if self.backend == "reference":
+            return False
+        available = device.type == "cpu" or (device.type == "cuda" and ops.has_cuda_kernels())
+        if self.backend == "fused" and not available:
+            raise RuntimeError(f"BNP(backend='fused'): no fused kernel for device {device} in "
+                               "this build of psi_cuda")
+        return available
+
+    def _hook(self, layer: BNPLayer):
+        def hook(module, args):
+            if not module.training or not args:
+                return None
+            x = args[0]
+            if not torch.is_tensor(x):
+                return None
+            if layer.mean.device != x.device:
+                layer.to(x.device)
+            fn = ops.bnp_update_stats_ if self._use_fused(x.device) else \
+                reference.bnp_update_stats_
+            with torch.no_grad():
+                fn(x.detach(), layer.mean, layer.sqmean, layer.step,
+                   channel_dim=layer.channel_dim(x), momentum=self.momentum)
+            return None
+        return hook
+
+    def remove(self) -> None:
+        """Detaches the hooks; the statistics stay readable."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # -------------------------------------------------------------------- preconditioning
+
+    def buckets(self, layers=None):
+        """Layers with a weight gradient, grouped by what one op call can take:
+        (device, dtype, has bias gradient) -> list of layers."""
+        out = defaultdict(list)
+        for layer in (self.layers if layers is None else layers):
+            g = layer.module.weight.grad
+            if g is None:
+                continue
+            out[(g.device, g.dtype, layer.has_bias_grad())].append(layer)
+        return out
+
+    @torch.no_grad()
+    def precondition_(self) -> None:
+        """Rewrites ``.grad`` of every preconditioned layer's weight (and bias) in place."""
+        buckets = self.buckets()
+        for layers in buckets.values():  # every check before the first write
+            for layer in layers:
+                _check_layer_grads(layer)
+        for (device, _, has_bias), layers in buckets.items():
+            for layer in layers:
+                if layer.mean.device != device:
+                    layer.to(device)
+            fn = ops.bnp_precondition_ if self._use_fused(device) else \
+                reference.bnp_precondition_
+            fn([l.module.weight.grad for l in layers],
+               [l.module.bias.grad for l in layers] if has_bias else [],
+               [l.mean for l in layers], [l.sqmean for l in layers],
+               groups=[l.groups for l in layers], eps=self.eps)
+
+    # -------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict:
+        """Options and the statistics of every layer (by module name)."""
+        return {
+            "momentum": self.momentum,
+            "eps": self.eps,
+            "layers": {l.name: {"mean": l.mean.clone(), "sqmean": l.sqmean.clone(),
+                                "step": l.step.clone()} for l in self.layers},
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restores statistics saved by ``state_dict()`` (bit for bit, in place)."""
+        saved = state_dict["layers"]
+        mine = {l.name for l in self.layers}
+        if set(saved) != mine:
+            missing, extra = sorted(mine - set(saved)), sorted(set(saved) - mine)
+            raise ValueError(f"BNP.load_state_dict: layers differ; missing {missing}, "
+                             f"unexpected {extra}")
+        for l in self.layers:
+            s = saved[l.name]
+            if s["mean"].shape != l.mean.shape:
+                raise ValueError(f"BNP.load_state_dict: layer {l.name!r} has "
+                                 f"{l.mean.numel()} input channels, the saved state "
+                                 f"{s['mean'].numel()}")
+        for l in self.layers:
+            s = saved[l.name]
+            l.mean.copy_(s["mean"])
+            l.sqmean.copy_(s["sqmean"])
+            l.step.copy_(s["step"])
+        self.momentum = float(state_dict["momentum"])
+        self.eps = float(state_dict["eps"])
+
+    def __repr__(self) -> str:
+        names = ", ".join(l.name or "<model>" for l in self.layers)
+        return f"BNP(momentum={self.momentum}, eps={self.eps}, layers=[{names}])"
+
+
+def _check_layer_grads(layer: BNPLayer) -> None:
+    for what in ("weight", "bias"):
+        p = getattr(layer.module, what)
+        if p is None or p.grad is None:
+            continue
+        g = p.grad
+        if g.layout != torch.strided:
+            raise RuntimeError(f"BNP: {layer.name}.{what} has a sparse gradient; dense needed")
+        w = layer.module.weight
+        if g.shape != p.shape or g.dtype != w.grad.dtype or g.device != w.grad.device:
+            raise RuntimeError(f"BNP: {layer.name}.{what}.grad is {g.dtype} {tuple(g.shape)} "
+                               f"on {g.device}; expected {w.grad.dtype} {tuple(p.shape)} on "
+                               f"{w.grad.device}")

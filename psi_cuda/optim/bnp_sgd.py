@@ -1,0 +1,141 @@
+"""BNPSGD: SGD with Batch Normalization Preconditioning fused into the step."""
+from __future__ import annotations
+
+from collections import defaultdict
+from functools import partial
+
+import torch
+from torch import nn
+
+from .. import ops, reference
+from ..bnp import BNP
+from .psi_sgd import PSISGD, _check_grad, _on
+
+
+class BNPSGD(PSISGD):
+    r"""SGD whose step on the BNP-preconditioned layers of ``model`` uses the BNP gradient
+    (ALGORITHMS.md section 4), fused with the momentum update in one pass over each layer.
+
+    Equivalent to ``bnp.precondition_()`` followed by ``torch.optim.SGD`` with the same options
+    (weight decay is added to the preconditioned gradient, as torch's SGD would), but the
+    gradients are left as they are. The other parameters of ``model`` take plain
+    ``torch.optim.SGD`` steps.
+
+    Args:
+        model: the network; its parameters are the optimizer's.
+        lr, momentum, dampening, nesterov, weight_decay, maximize: as in ``torch.optim.SGD``.
+        bnp: a ``psi_cuda.BNP`` attached to ``model`` (default: ``BNP(model)``, every
+            Linear/Conv layer, ``momentum=0.1``, ``eps=1e-5``).
+        backend: ``"fused"``, ``"reference"`` or ``"auto"`` (fused where available).
+
+    ``state_dict()`` holds the BNP statistics too, so one checkpoint resumes training bit for
+    bit. Works with ``torch.amp.GradScaler`` (unscaling and the inf/NaN skip are in the kernel).
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-2, momentum: float = 0.0,
+                 dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+                 maximize: bool = False, bnp: BNP | None = None, backend: str = "auto"):
+        if not isinstance(model, nn.Module):
+            raise TypeError("BNPSGD: the first argument must be the model (an nn.Module), got "
+                            f"{type(model).__name__}")
+        super().__init__([{"params": list(model.parameters()), "manifold": None}], lr=lr,
+                         momentum=momentum, dampening=dampening, nesterov=nesterov,
+                         weight_decay=weight_decay, maximize=maximize, backend=backend)
+        self.bnp = bnp if bnp is not None else BNP(model, backend=backend)
+        self._layers = {id(l.module.weight): l for l in self.bnp.layers}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Performs one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    _check_grad(p, gi, pi, "BNPSGD")
+        for group in self.param_groups:
+            in_group = {id(p) for p in group["params"]}
+            fused = defaultdict(list)  # (device, dtype, has bias) -> layers
+            taken = set()
+            for p in group["params"]:
+                layer = self._layers.get(id(p))
+                if layer is None or p.grad is None:
+                    continue
+                b = layer.module.bias
+                has_bias = b is not None and b.grad is not None and id(b) in in_group
+                fused[(p.device, p.dtype, has_bias)].append(layer)
+                taken.add(id(p))
+                if has_bias:
+                    taken.add(id(b))
+            for (device, _, has_bias), layers in fused.items():
+                self._fused_step(group, layers, has_bias, device, grad_scale, found_inf)
+            plain = defaultdict(lambda: ([], [], [], []))
+            for p in group["params"]:
+                if p.grad is None or id(p) in taken:
+                    continue
+                state = self._init_state(p, group)
+                params, grads, bufs, steps = plain[(p.device, p.dtype)]
+                params.append(p)
+                grads.append(p.grad)
+                steps.append(state["step"])
+                if group["momentum"] != 0:
+                    bufs.append(state["momentum_buffer"])
+            for (device, _), (params, grads, bufs, steps) in plain.items():
+                fn = (partial(ops.psi_sgd_, check=False) if self._use_fused(device)
+                      else reference.psi_sgd_)
+                fn(params, grads, bufs, steps, lr=group["lr"], momentum=group["momentum"],
+                   dampening=group["dampening"], nesterov=group["nesterov"],
+                   weight_decay=group["weight_decay"], maximize=group["maximize"],
+                   manifold=None, grad_scale=_on(grad_scale, device),
+                   found_inf=_on(found_inf, device))
+        return loss
+
+    def _fused_step(self, group, layers, has_bias, device, grad_scale, found_inf):
+        momentum = group["momentum"]
+        weights, biases, wbufs, bbufs, steps = [], [], [], [], []
+        for layer in layers:
+            if layer.mean.device != device:
+                layer.to(device)
+            w = layer.module.weight
+            state = self._init_state(w, group)
+            weights.append(w)
+            steps.append(state["step"])
+            if momentum != 0:
+                wbufs.append(state["momentum_buffer"])
+            if has_bias:
+                b = layer.module.bias
+                biases.append(b)
+                if momentum != 0:
+                    bbufs.append(self._bias_buffer(b))
+        fn = (partial(ops.bnp_sgd_, check=False) if self._use_fused(device)
+              else reference.bnp_sgd_)
+        fn(weights, biases, [w.grad for w in weights], [b.grad for b in biases], wbufs, bbufs,
+           steps, [l.mean for l in layers], [l.sqmean for l in layers],
+           groups=[l.groups for l in layers], eps=self.bnp.eps, lr=group["lr"],
+           momentum=momentum, dampening=group["dampening"], nesterov=group["nesterov"],
+           weight_decay=group["weight_decay"], maximize=group["maximize"],
+           grad_scale=_on(grad_scale, device), found_inf=_on(found_inf, device))
+
+    def _bias_buffer(self, b):
+        """A fused layer's bias shares its weight's step counter; it keeps only a buffer."""
+        state = self.state[b]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(b, dtype=reference.opmath_dtype(b.dtype))
+        return state["momentum_buffer"]
+
+    def state_dict(self) -> dict:
+        """The optimizer state plus the BNP statistics (key ``"bnp"``)."""
+        sd = super().state_dict()
+        sd["bnp"] = self.bnp.state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        bnp_state = state_dict.pop("bnp", None)
+        super().load_state_dict(state_dict)
+        if bnp_state is not None:
+            self.bnp.load_state_dict(bnp_state)

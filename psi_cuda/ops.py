@@ -48,8 +48,8 @@ def psi_sgd_(
     layout/device check (for callers that made it already); the kernels check everything else.
     """
     if check:
-        _check_dispatchable("psi_sgd_", params, grads=grads, momentum_buffers=momentum_buffers,
-                            state_steps=state_steps)
+        _check_dispatchable("psi_sgd_", params=params, grads=grads,
+                            momentum_buffers=momentum_buffers, state_steps=state_steps)
     torch.ops.psi_cuda.psi_sgd_(
         params,
         grads,
@@ -70,18 +70,19 @@ def psi_sgd_(
     )
 
 
-def _check_dispatchable(op: str, params: list[Tensor], **lists: list[Tensor]) -> None:
+def _check_dispatchable(op: str, **lists: list[Tensor]) -> None:
     """Checks what the dispatcher acts on before any kernel runs: sparse tensors and tensors on
-    another device than params[0] would otherwise be routed to a wrong kernel or a vague error.
-    The kernels check everything else."""
-    device = params[0].device if params else None
-    for name, tensors in (("params", params), *lists.items()):
+    another device than the first tensor would otherwise be routed to a wrong kernel or a vague
+    error. The kernels check everything else."""
+    first = next(iter(lists))
+    device = lists[first][0].device if lists[first] else None
+    for name, tensors in lists.items():
         for i, t in enumerate(tensors):
             if t.layout != torch.strided:
                 raise RuntimeError(f"{op}: {name}[{i}] is sparse ({t.layout}); "
                                    "dense tensors are needed")
             if t.device != device:
-                raise RuntimeError(f"{op}: {name}[{i}] is on {t.device} but params[0] is on "
+                raise RuntimeError(f"{op}: {name}[{i}] is on {t.device} but {first}[0] is on "
                                    f"{device}; all tensors of one call must share a device")
 
 
@@ -111,7 +112,8 @@ def bnp_update_stats_(input: Tensor, mean: Tensor, sqmean: Tensor, step: Tensor,
     """Folds the per-channel batch mean and mean of squares of ``input`` (channels on
     ``channel_dim``) into the bias-corrected moving averages ``mean``/``sqmean``; ``step += 1``.
     One pass over ``input``; contiguous and channels-last inputs are read in place."""
-    _check_dispatchable("bnp_update_stats_", [input], mean=[mean], sqmean=[sqmean], step=[step])
+    _check_dispatchable("bnp_update_stats_", input=[input], mean=[mean], sqmean=[sqmean],
+                        step=[step])
     torch.ops.psi_cuda.bnp_update_stats_(input, mean, sqmean, step, channel_dim=channel_dim,
                                          momentum=momentum)
 
@@ -120,8 +122,8 @@ def bnp_precondition_(weight_grads: list[Tensor], bias_grads: list[Tensor], mean
                       sqmeans: list[Tensor], *, groups: list[int], eps: float) -> None:
     """Rewrites weight (and bias) gradients in place with the BNP formula. ``bias_grads`` is
     empty (the uncentered no-bias variant for every layer) or one per weight gradient."""
-    _check_dispatchable("bnp_precondition_", weight_grads, bias_grads=bias_grads, means=means,
-                        sqmeans=sqmeans)
+    _check_dispatchable("bnp_precondition_", weight_grads=weight_grads, bias_grads=bias_grads,
+                        means=means, sqmeans=sqmeans)
     torch.ops.psi_cuda.bnp_precondition_(weight_grads, bias_grads, means, sqmeans,
                                          groups=list(groups), eps=eps)
 
@@ -136,7 +138,8 @@ def bnp_sgd_(weights: list[Tensor], biases: list[Tensor], weight_grads: list[Ten
              check: bool = True) -> None:
     """BNP preconditioning fused with one ``torch.optim.SGD`` step of every weight and bias."""
     if check:
-        _check_dispatchable("bnp_sgd_", weights, biases=biases, weight_grads=weight_grads,
+        _check_dispatchable("bnp_sgd_", weights=weights, biases=biases,
+                            weight_grads=weight_grads,
                             bias_grads=bias_grads,
                             weight_momentum_buffers=weight_momentum_buffers,
                             bias_momentum_buffers=bias_momentum_buffers,

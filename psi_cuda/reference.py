@@ -234,7 +234,7 @@ def bnp_precondition_rows(G: Tensor, gb: Tensor | None, shift: Tensor, inv: Tens
     # Input channel of each (output channel, channel-in-group) pair: group o // per_group.
     sh = shift.view(groups, cin_g).repeat_interleave(per_group, 0).view(out, cin_g, 1)
     iv = inv.view(groups, cin_g).repeat_interleave(per_group, 0).view(out, cin_g, 1)
-    G3 = G.reshape(out, cin_g, -1)
+    G3 = G.reshape(out, cin_g, G[0, 0].numel() if G.numel() else 1)
     if gb is None:
         return (G3 * iv).view(G.shape), None
     Gp = (G3 - gb.view(out, 1, 1) * sh) * iv
@@ -273,7 +273,7 @@ def bnp_sgd_(weights, biases, weight_grads, bias_grads, weight_momentum_buffers,
     grads = wg + bg
     bufs = list(weight_momentum_buffers) + list(bias_momentum_buffers)
     # One step counter per layer serves its weight and its bias.
-    first = [s.clone() for s in state_steps] * (2 if biases else 1)
+    first = [s.clone() for s in state_steps] + ([s.clone() for s in state_steps] if biases else [])
     psi_sgd_(params, grads, bufs, first, lr=lr, momentum=momentum, dampening=dampening,
              nesterov=nesterov, weight_decay=weight_decay, maximize=maximize, manifold=None,
              grad_scale=grad_scale, found_inf=None)

@@ -117,11 +117,12 @@ class BNP:
                 return None
             if layer.mean.device != x.device:
                 layer.to(x.device)
-            fn = ops.bnp_update_stats_ if self._use_fused(x.device) else \
+            # The op itself (its C++ checks name every bad argument): this runs every forward,
+            # so it skips the Python-side wrapper.
+            fn = torch.ops.psi_cuda.bnp_update_stats_ if self._use_fused(x.device) else \
                 reference.bnp_update_stats_
-            with torch.no_grad():
-                fn(x.detach(), layer.mean, layer.sqmean, layer.step,
-                   channel_dim=layer.channel_dim(x), momentum=self.momentum)
+            fn(x.detach(), layer.mean, layer.sqmean, layer.step,
+               channel_dim=layer.channel_dim(x), momentum=self.momentum)
             return None
         return hook
 

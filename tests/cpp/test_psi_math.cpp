@@ -11,8 +11,8 @@
 //                        (ctest: skipped) when there is no GPU or no CUDA kernel.
 //   test_psi_math        math and op.
 //
-// No framework: EXPECT* (c10 already defines CHECK) count passes and print failing values; the
-// last line is "N passed, M failed" and the exit status is 1 when anything failed.
+// No framework: the EXPECT* macros of check.h count passes and print failing values; the last
+// line is "N passed, M failed" and the exit status is 1 when anything failed.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -27,47 +27,11 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "psi/math.h"
 #include "psi/ops.h"
 
 namespace {
-
-// ---------------------------------------------------------------------------------------------
-// Checks
-
-int g_passed = 0;
-int g_failed = 0;
-std::string g_case;  // the case under test, printed with each failure
-
-void record(bool ok, const char* file, int line, const std::string& what) {
-  if (ok) {
-    ++g_passed;
-    return;
-  }
-  ++g_failed;
-  if (g_failed <= 40) {
-    std::fprintf(stderr, "FAIL %s:%d\n  case: %s\n  %s\n", file, line, g_case.c_str(),
-                 what.c_str());
-  } else if (g_failed == 41) {
-    std::fprintf(stderr, "(further failures not printed)\n");
-  }
-}
-
-std::string fmt(double x) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.17g", x);
-  return buf;
-}
-
-#define EXPECT(cond) record((cond), __FILE__, __LINE__, "EXPECT(" #cond ")")
-
-#define EXPECT_NEAR(a, b, tol)                                                                   \
-  do {                                                                                         \
-    const double a_ = (a), b_ = (b), tol_ = (tol);                                             \
-    record(std::fabs(a_ - b_) <= tol_, __FILE__, __LINE__,                                     \
-           "EXPECT_NEAR(" #a ", " #b "): " + fmt(a_) + " vs " + fmt(b_) + ", diff " +           \
-               fmt(std::fabs(a_ - b_)) + " > tol " + fmt(tol_));                               \
-  } while (0)
 
 using Vec = std::vector<double>;
 

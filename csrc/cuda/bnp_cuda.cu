@@ -1,0 +1,625 @@
+// CUDA implementation of the BNP ops psi_cuda::bnp_update_stats_, bnp_precondition_ and bnp_sgd_
+// (math: psi/bnp.h; semantics: the CPU kernels in csrc/cpu/bnp_cpu.cpp, which this file follows:
+// same checks, same layouts, same order of the formulas). Only sums and element loops are here.
+//
+// bnp_update_stats_ (input seen as [outer, C, inner] in memory order), three launches:
+//   stats_rows_kernel     inner == 1 (Linear input, channels-last conv input): a block is a tile
+//                         of tx channels (threads along channels, coalesced) x ty threads along
+//                         rows, over one chunk of rows; it writes the tile's per-channel sum and
+//                         sum of squares for its chunk to its own slot of a scratch tensor.
+//   stats_planes_kernel   inner > 1 (NCHW-like): a block is (channel, chunk of kStatsChunk of the
+//                         channel's outer * inner elements), reduced over the block.
+//   stats_finalize_kernel one warp per channel adds the chunk partials in a fixed order (in
+//                         double), reads the step on the device, a = bnp_batch_weight(momentum,
+//                         step), blends mean/sqmean with bnp_blend.
+//   increment_step_kernel step += 1 (after the finalize kernel, which read it: stream order).
+// Partial sums are accumulated in float (double for float64 input) per thread and per block,
+// without atomics: the result does not depend on timing.
+//
+// bnp_precondition_ / bnp_sgd_: one multi-tensor launch per phase. The host builds a table with
+// one LayerMeta per layer that has rows (device addresses, row layout, the index of its first
+// row among all rows), copies it to the device through pinned memory without waiting, and a
+// block finds the layer of its row by binary search (as in psi_sgd_cuda.cu).
+//   channel_table_kernel  one block per layer: per input channel (shift, inv) = bnp_channel(mean,
+//                         sqmean) into a scratch table (opmath precision).
+//   bnp_rows_kernel       one block per output channel (row): G' = bnp_grad(f g, f g_b, shift,
+//                         inv) for every element, written back to the gradient (precondition)
+//                         or used for the SGD step of the weight and its buffer (sgd; the
+//                         gradient is only read); then the row sum of G' shift is block-reduced
+//                         and thread 0 writes the bias gradient (precondition) or steps the bias
+//                         and its buffer (sgd). For bnp_sgd_ each block reads its layer's step on
+//                         the device: first = (step == 0) selects bnp_sgd_update(o, first); f
+//                         (maximize sign, 1 / grad_scale) is also read on the device.
+//   increment_steps_kernel (bnp_sgd_) every state step += 1, after the rows (stream order).
+// bnp_sgd_ kernels read found_inf first and return when it is set: then nothing changes.
+// Nothing here waits for the device.
+//
+// Limits: a row is handled by a single block (256 threads), so a layer with few, very long rows
+// (e.g. one output channel of a million inputs) runs on few SMs; the statistics of an input with
+// a huge inner size run on (channel, chunk) blocks and have no such limit. Layouts other than
+// those of row_layout/checked_stats_layout go through contiguous copies (as on the CPU). Not safe
+// to capture in a CUDA graph: the layer table is copied from a pinned host buffer reused later.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/warp/warp_reduce.cuh>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "psi/bnp.h"
+#include "psi/ops.h"
+
+namespace psi {
+namespace {
+
+constexpr int kThreads = 256;                   // threads per block, every kernel
+constexpr int kWarpSize = 32;
+constexpr int kWarps = kThreads / kWarpSize;    // warps per block
+constexpr int64_t kMaxGrid = int64_t{1} << 20;  // larger 1-D launches loop (grid-stride)
+constexpr int64_t kStatsChunk = 16384;          // stats, inner > 1: elements per block
+constexpr int64_t kMinRowsPerThread = 8;        // stats, inner == 1: rows per thread at least
+constexpr int64_t kStatsTargetBlocks = 2048;    // stats, inner == 1: blocks aimed at (chunks cap)
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+unsigned grid_for(int64_t units) { return static_cast<unsigned>(min64(units, kMaxGrid)); }
+
+int64_t address(const void* p) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(p)); }
+
+__device__ __forceinline__ bool skip_step(const float* found_inf) {
+  return found_inf != nullptr && *found_inf != 0.0f;
+}
+
+// Sum and sum of squares, reduced together.
+template <typename T>
+struct SumSq {
+  T s, q;
+};
+
+struct SumSqOp {
+  template <typename T>
+  __device__ __forceinline__ SumSq<T> operator()(const SumSq<T>& a, const SumSq<T>& b) const {
+    return SumSq<T>{a.s + b.s, a.q + b.q};
+  }
+};
+
+// Accumulator of the statistics: float, double for float64 input.
+template <typename scalar_t>
+using stats_acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// ================================================================ bnp_update_stats_
+
+// inner == 1: x is [rows, C]. blockDim = (tx, ty), tx * ty == kThreads, ty a power of 2;
+// blockIdx.x: tile of tx channels, blockIdx.y: chunk of rows_per_chunk rows. Partials of chunk k,
+// channel c at psum/psq[k * C + c].
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    stats_rows_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t C,
+                      int64_t rows_per_chunk, stats_acc_t<scalar_t>* __restrict__ psum,
+                      stats_acc_t<scalar_t>* __restrict__ psq) {
+  using acc_t = stats_acc_t<scalar_t>;
+  __shared__ acc_t ssum[kThreads];
+  __shared__ acc_t ssq[kThreads];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t chunk = blockIdx.y;
+  const int64_t r0 = chunk * rows_per_chunk;
+  const int64_t r1 = min64(rows, r0 + rows_per_chunk);
+  acc_t s = 0, q = 0;
+  if (c < C) {
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += blockDim.y) {
+      const acc_t v = static_cast<acc_t>(x[r * C + c]);
+      s += v;
+      q += v * v;
+    }
+  }
+  const unsigned tid = threadIdx.y * blockDim.x + threadIdx.x;
+  ssum[tid] = s;
+  ssq[tid] = q;
+  __syncthreads();
+  for (unsigned h = blockDim.y / 2; h > 0; h /= 2) {  // fixed tree over threadIdx.y
+    if (threadIdx.y < h) {
+      ssum[tid] += ssum[tid + h * blockDim.x];
+      ssq[tid] += ssq[tid + h * blockDim.x];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.y == 0 && c < C) {
+    psum[chunk * C + c] = ssum[threadIdx.x];
+    psq[chunk * C + c] = ssq[threadIdx.x];
+  }
+}
+
+// inner > 1: x is [outer, C, inner]; channel c has n = outer * inner elements, cut into chunks of
+// kStatsChunk. Unit u = c * chunks + k (grid-stride); partials at psum/psq[u].
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    stats_planes_kernel(const scalar_t* __restrict__ x, int64_t outer, int64_t C, int64_t inner,
+                        int64_t chunks, stats_acc_t<scalar_t>* __restrict__ psum,
+                        stats_acc_t<scalar_t>* __restrict__ psq) {
+  using acc_t = stats_acc_t<scalar_t>;
+  using BlockReduce = cub::BlockReduce<SumSq<acc_t>, kThreads>;
+  __shared__ typename BlockReduce::TempStorage temp;
+  const int64_t n = outer * inner;
+  // A thread steps kThreads elements: kThreads / inner blocks and kThreads % inner inside one.
+  const int64_t step_o = kThreads / inner, step_i = kThreads % inner;
+  for (int64_t unit = blockIdx.x; unit < C * chunks; unit += gridDim.x) {
+    const int64_t c = unit / chunks;
+    const int64_t j0 = (unit % chunks) * kStatsChunk;
+    const int64_t j1 = min64(n, j0 + kStatsChunk);
+    acc_t s = 0, q = 0;
+    int64_t j = j0 + threadIdx.x;
+    if (j < j1) {
+      int64_t o = j / inner, i = j % inner;
+      for (; j < j1; j += kThreads) {
+        const acc_t v = static_cast<acc_t>(x[(o * C + c) * inner + i]);
+        s += v;
+        q += v * v;
+        o += step_o;
+        i += step_i;
+        if (i >= inner) {
+          i -= inner;
+          ++o;
+        }
+      }
+    }
+    const SumSq<acc_t> t = BlockReduce(temp).Reduce(SumSq<acc_t>{s, q}, SumSqOp());
+    if (threadIdx.x == 0) {
+      psum[unit] = t.s;
+      psq[unit] = t.q;
+    }
+    __syncthreads();  // temp is reused by the next unit
+  }
+}
+
+// One warp per channel c: the partials of c are at p[c * c_stride + k * k_stride], k < chunks;
+// they are added in double (fixed order), divided by count and blended into mean/sqmean with the
+// batch weight of the step read here.
+template <typename acc_t, typename stat_t>
+__global__ void __launch_bounds__(kThreads)
+    stats_finalize_kernel(const acc_t* __restrict__ psum, const acc_t* __restrict__ psq,
+                          int64_t C, int64_t chunks, int64_t c_stride, int64_t k_stride,
+                          double count, stat_t* __restrict__ mean, stat_t* __restrict__ sqmean,
+                          const float* step, double momentum) {
+  using WarpReduce = cub::WarpReduce<SumSq<double>>;
+  __shared__ typename WarpReduce::TempStorage temp[kWarps];
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kWarps + warp; c < C; c += stride) {
+    double s = 0, q = 0;
+    for (int64_t k = lane; k < chunks; k += kWarpSize) {
+      s += static_cast<double>(psum[c * c_stride + k * k_stride]);
+      q += static_cast<double>(psq[c * c_stride + k * k_stride]);
+    }
+    const SumSq<double> t = WarpReduce(temp[warp]).Reduce(SumSq<double>{s, q}, SumSqOp());
+    if (lane == 0) {  // the reduction is valid in lane 0
+      const double a = bnp_batch_weight(momentum, static_cast<double>(*step));
+      mean[c] = static_cast<stat_t>(bnp_blend(static_cast<double>(mean[c]), t.s / count, a));
+      sqmean[c] = static_cast<stat_t>(bnp_blend(static_cast<double>(sqmean[c]), t.q / count, a));
+    }
+    __syncwarp();  // temp[warp] is reused by the warp's next channel
+  }
+}
+
+__global__ void increment_step_kernel(float* step) { *step += 1.0f; }
+
+void bnp_update_stats_cuda(const at::Tensor& input, const at::Tensor& mean,
+                           const at::Tensor& sqmean, const at::Tensor& step, int64_t channel_dim,
+                           double momentum) {
+  const StatsLayout L = checked_stats_layout(input, mean, sqmean, step, channel_dim, momentum);
+  const int64_t count = L.outer * L.inner;
+  if (L.x.numel() == 0 || count == 0) return;
+  TORCH_CHECK(input.is_cuda(), "bnp_update_stats_: the CUDA kernel got an input on ",
+              input.device());
+  const c10::cuda::CUDAGuard guard(input.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
+  const int64_t C = L.channels;
+  const bool is_double = L.x.scalar_type() == at::kDouble;
+
+  // Work split; partials of (chunk k, channel c) at [c * c_stride + k * k_stride].
+  int64_t chunks = 0, c_stride = 0, k_stride = 0;
+  int64_t rows_per_chunk = 0;
+  unsigned tx = 1, tiles = 1;
+  if (L.inner == 1) {
+    while (tx < 32 && tx < C) tx *= 2;
+    tiles = static_cast<unsigned>(ceil_div(C, tx));
+    const int64_t ty = kThreads / tx;
+    const int64_t max_chunks = std::max<int64_t>(1, kStatsTargetBlocks / tiles);
+    chunks = std::min(ceil_div(L.outer, ty * kMinRowsPerThread), max_chunks);
+    rows_per_chunk = ceil_div(L.outer, chunks);
+    chunks = ceil_div(L.outer, rows_per_chunk);
+    c_stride = 1;
+    k_stride = C;
+  } else {
+    chunks = ceil_div(L.outer * L.inner, kStatsChunk);
+    c_stride = chunks;
+    k_stride = 1;
+  }
+  const at::Tensor partials = at::empty(
+      {2 * C * chunks},
+      at::TensorOptions().dtype(is_double ? at::kDouble : at::kFloat).device(input.device()));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, L.x.scalar_type(),
+                                  "bnp_update_stats_cuda", [&] {
+    using acc_t = stats_acc_t<scalar_t>;
+    acc_t* psum = partials.data_ptr<acc_t>();
+    acc_t* psq = psum + C * chunks;
+    const scalar_t* x = L.x.const_data_ptr<scalar_t>();
+    if (L.inner == 1) {
+      const dim3 block(tx, static_cast<unsigned>(kThreads / tx));
+      const dim3 grid(tiles, static_cast<unsigned>(chunks));
+      stats_rows_kernel<scalar_t><<<grid, block, 0, stream>>>(x, L.outer, C, rows_per_chunk,
+                                                               psum, psq);
+    } else {
+      stats_planes_kernel<scalar_t><<<grid_for(C * chunks), kThreads, 0, stream>>>(
+          x, L.outer, C, L.inner, chunks, psum, psq);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bnp_update_stats_cuda_blend", [&] {
+    const auto launch = [&](auto acc_zero) {
+      using acc_t = decltype(acc_zero);
+      const acc_t* psum = partials.const_data_ptr<acc_t>();
+      const unsigned grid = grid_for(ceil_div(C, kWarps));
+      stats_finalize_kernel<acc_t, scalar_t><<<grid, kThreads, 0, stream>>>(
+          psum, psum + C * chunks, C, chunks, c_stride, k_stride, static_cast<double>(count),
+          mean.data_ptr<scalar_t>(), sqmean.data_ptr<scalar_t>(), step.const_data_ptr<float>(),
+          momentum);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (is_double) {
+      launch(0.0);
+    } else {
+      launch(0.0f);
+    }
+  });
+
+  increment_step_kernel<<<1, 1, 0, stream>>>(step.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ================================================================ rows: precondition and sgd
+
+// One row of the layer table. Only int64 fields: the host fills it as a block of int64.
+struct LayerMeta {
+  int64_t g, gb;              // weight / bias gradient (gb 0 without bias): read, and written
+                              // back by bnp_precondition_
+  int64_t w, m, b, mb, step;  // bnp_sgd_: weight, its buffer, bias, its buffer (0: none), step
+  int64_t mean, sqmean;       // statistics vectors
+  int64_t mean_f64, sqmean_f64;  // 1 when that vector is float64, 0 when float32
+  int64_t channels;           // input channels (cin_g * groups)
+  int64_t tab;                // offset of this layer's shift[channels], inv[channels] in the table
+  int64_t row_len, inner, cin_g, chan_inner, per_group;  // RowLayout (outer = row_len / inner)
+  int64_t first_row;          // index of the layer's first row among all rows of the launch
+};
+constexpr int64_t kMetaWords = sizeof(LayerMeta) / sizeof(int64_t);
+static_assert(sizeof(LayerMeta) == kMetaWords * sizeof(int64_t), "LayerMeta must be int64s");
+
+// The layer whose rows [first_row, next layer's first_row) contain `unit`. first_row starts at 0
+// and strictly increases (every layer in a table has at least one row).
+__device__ __forceinline__ const LayerMeta& find_layer(const LayerMeta* metas, int64_t n,
+                                                       int64_t unit) {
+  int64_t lo = 0, hi = n - 1;  // invariant: metas[lo].first_row <= unit, the answer in [lo, hi]
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo + 1) / 2;
+    if (metas[mid].first_row <= unit) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return metas[lo];
+}
+
+__device__ __forceinline__ double load_stat(int64_t addr, int64_t is_f64, int64_t i) {
+  return is_f64 ? reinterpret_cast<const double*>(addr)[i]
+                : static_cast<double>(reinterpret_cast<const float*>(addr)[i]);
+}
+
+// One block per layer: tab[a.tab + c] = shift, tab[a.tab + channels + c] = inv.
+template <typename opmath_t>
+__global__ void __launch_bounds__(kThreads)
+    channel_table_kernel(const LayerMeta* metas, int64_t num_layers, opmath_t* tab, double eps,
+                         bool centered, const float* found_inf) {
+  if (skip_step(found_inf)) return;
+  for (int64_t l = blockIdx.x; l < num_layers; l += gridDim.x) {
+    const LayerMeta& a = metas[l];
+    for (int64_t c = threadIdx.x; c < a.channels; c += kThreads) {
+      const BnpChannel ch = bnp_channel(load_stat(a.mean, a.mean_f64, c),
+                                        load_stat(a.sqmean, a.sqmean_f64, c), eps, centered);
+      tab[a.tab + c] = static_cast<opmath_t>(ch.shift);
+      tab[a.tab + a.channels + c] = static_cast<opmath_t>(ch.inv);
+    }
+  }
+}
+
+// One block per row (grid-stride over all rows of all layers). kSgd: bnp_sgd_ (w, m, b, mb
+// stepped, gradients only read); otherwise bnp_precondition_ (gradients rewritten in place).
+template <typename scalar_t, bool kSgd>
+__global__ void __launch_bounds__(kThreads)
+    bnp_rows_kernel(const LayerMeta* metas, int64_t num_layers, int64_t num_rows,
+                    const at::opmath_type<scalar_t>* tab, SgdOptions o, const float* grad_scale,
+                    const float* found_inf) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using BlockReduce = cub::BlockReduce<double, kThreads>;
+  if (skip_step(found_inf)) return;
+  __shared__ typename BlockReduce::TempStorage temp;
+  const opmath_t f = kSgd ? static_cast<opmath_t>(grad_factor(o.maximize, grad_scale))
+                          : opmath_t(1);
+  for (int64_t unit = blockIdx.x; unit < num_rows; unit += gridDim.x) {
+    const LayerMeta a = find_layer(metas, num_layers, unit);  // a copy: the writes below
+                                                              // cannot alias it
+    const int64_t r = unit - a.first_row;
+    const int64_t c0 = (r / a.per_group) * a.cin_g;  // first input channel of the row's group
+    const opmath_t* sh = tab + a.tab + c0;
+    const opmath_t* iv = tab + a.tab + a.channels + c0;
+    const int64_t off = r * a.row_len;
+    scalar_t* g = reinterpret_cast<scalar_t*>(a.g) + off;
+    scalar_t* gb_ptr = reinterpret_cast<scalar_t*>(a.gb);  // null without bias
+    const bool has_bias = gb_ptr != nullptr;
+    const opmath_t gb = has_bias ? f * static_cast<opmath_t>(gb_ptr[r]) : opmath_t(0);
+    // bnp_sgd_: the step of this layer's buffers, chosen on the device by its step counter.
+    const Update up = kSgd ? bnp_sgd_update(o, *reinterpret_cast<const float*>(a.step) == 0.0f)
+                           : unchanged();
+    const opmath_t pw = static_cast<opmath_t>(up.param.w), pg = static_cast<opmath_t>(up.param.g),
+                   pm = static_cast<opmath_t>(up.param.m);
+    const opmath_t bw = static_cast<opmath_t>(up.buf.w), bg = static_cast<opmath_t>(up.buf.g),
+                   bm = static_cast<opmath_t>(up.buf.m);
+    scalar_t* w = kSgd ? reinterpret_cast<scalar_t*>(a.w) + off : nullptr;
+    opmath_t* m = kSgd && a.m != 0 ? reinterpret_cast<opmath_t*>(a.m) + off : nullptr;
+
+    // Element j of the row is (block jo, index ji) of `outer` blocks of `inner` elements; its
+    // input channel is ji (chan_inner) or jo. A thread steps kThreads elements at a time.
+    opmath_t s = 0;  // this thread's part of sum_j G'[j] shift[channel(j)]
+    int64_t j = threadIdx.x;
+    if (j < a.row_len) {
+      const int64_t step_o = kThreads / a.inner, step_i = kThreads % a.inner;
+      int64_t jo = j / a.inner, ji = j % a.inner;
+      for (; j < a.row_len; j += kThreads) {
+        const int64_t c = a.chan_inner ? ji : jo;
+        const opmath_t shc = sh[c];
+        const opmath_t gp = bnp_grad<opmath_t>(f * static_cast<opmath_t>(g[j]), gb, shc, iv[c]);
+        s += gp * shc;
+        if constexpr (kSgd) {
+          const opmath_t wi = static_cast<opmath_t>(w[j]);
+          if (m != nullptr) {
+            const opmath_t mi = m[j];
+            w[j] = static_cast<scalar_t>(pw * wi + pg * gp + pm * mi);
+            m[j] = bw * wi + bg * gp + bm * mi;
+          } else {
+            w[j] = static_cast<scalar_t>(pw * wi + pg * gp);
+          }
+        } else {
+          g[j] = static_cast<scalar_t>(gp);
+        }
+        jo += step_o;
+        ji += step_i;
+        if (ji >= a.inner) {
+          ji -= a.inner;
+          ++jo;
+        }
+      }
+    }
+    if (has_bias) {  // uniform over the block
+      const double acc = BlockReduce(temp).Sum(static_cast<double>(s));  // valid in thread 0
+      if (threadIdx.x == 0) {
+        // Every thread has read gb_ptr[r] before the reduction's barriers: safe to overwrite.
+        const double gbp = bnp_bias_grad(static_cast<double>(gb), acc);
+        if constexpr (kSgd) {
+          scalar_t* b = reinterpret_cast<scalar_t*>(a.b);
+          opmath_t* mb = a.mb != 0 ? reinterpret_cast<opmath_t*>(a.mb) : nullptr;
+          const double bi = static_cast<double>(b[r]);
+          const double mi = mb != nullptr ? static_cast<double>(mb[r]) : 0.0;
+          b[r] = static_cast<scalar_t>(up.param.w * bi + up.param.g * gbp + up.param.m * mi);
+          if (mb != nullptr) {
+            mb[r] = static_cast<opmath_t>(up.buf.w * bi + up.buf.g * gbp + up.buf.m * mi);
+          }
+        } else {
+          gb_ptr[r] = static_cast<scalar_t>(gbp);
+        }
+      }
+      __syncthreads();  // temp is reused by the next row
+    }
+  }
+}
+
+// atomicAdd: a step tensor passed twice is incremented twice, as on the CPU.
+__global__ void increment_steps_kernel(const int64_t* steps, int64_t n, const float* found_inf) {
+  if (skip_step(found_inf)) return;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    atomicAdd(reinterpret_cast<float*>(steps[i]), 1.0f);
+  }
+}
+
+// The layer table of one call (layers without rows left out), the total of rows and of table
+// channels, and every step address (bnp_sgd_; layers without rows included).
+struct RowsPlan {
+  std::vector<LayerMeta> layers;
+  std::vector<int64_t> steps;
+  int64_t rows = 0, channels = 0;
+};
+
+// Adds layer `grad` (already in a row_layout layout) to the plan; w/m/b/mb/step: see LayerMeta.
+void add_layer(RowsPlan& plan, const at::Tensor& grad, const at::Tensor* bias_grad,
+               const at::Tensor& mean, const at::Tensor& sqmean, int64_t groups) {
+  const RowLayout L = *row_layout(grad);
+  if (L.rows == 0) return;
+  LayerMeta a{};
+  a.g = address(grad.data_ptr());
+  a.gb = bias_grad != nullptr ? address(bias_grad->data_ptr()) : 0;
+  a.mean = address(mean.data_ptr());
+  a.sqmean = address(sqmean.data_ptr());
+  a.mean_f64 = mean.scalar_type() == at::kDouble;
+  a.sqmean_f64 = sqmean.scalar_type() == at::kDouble;
+  a.channels = mean.numel();
+  a.tab = 2 * plan.channels;
+  a.row_len = L.row_len;
+  a.inner = L.inner;
+  a.cin_g = L.cin_g;
+  a.chan_inner = L.chan_inner;
+  a.per_group = std::max<int64_t>(1, L.rows / groups);
+  a.first_row = plan.rows;
+  plan.rows += L.rows;
+  plan.channels += a.channels;
+  plan.layers.push_back(a);
+}
+
+// Copies the layer table and the step addresses to the device without waiting. copy_ records
+// the pinned block's use on the stream, so the caching host allocator does not reuse it before
+// the copy has run. Returns the device buffer (layers first, then steps).
+at::Tensor upload(const RowsPlan& plan, const at::Device& device) {
+  const int64_t words = static_cast<int64_t>(plan.layers.size()) * kMetaWords +
+                        static_cast<int64_t>(plan.steps.size());
+  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* h = host.data_ptr<int64_t>();
+  if (!plan.layers.empty()) {
+    std::memcpy(h, plan.layers.data(), plan.layers.size() * sizeof(LayerMeta));
+  }
+  if (!plan.steps.empty()) {
+    std::memcpy(h + plan.layers.size() * kMetaWords, plan.steps.data(),
+                plan.steps.size() * sizeof(int64_t));
+  }
+  at::Tensor dev = at::empty({words}, at::TensorOptions().dtype(at::kLong).device(device));
+  dev.copy_(host, /*non_blocking=*/true);
+  return dev;
+}
+
+// The channel table and the row pass of one call (when the plan has rows).
+template <typename scalar_t, bool kSgd>
+void launch_rows(const RowsPlan& plan, const LayerMeta* metas, double eps, bool centered,
+                 const SgdOptions& o, const float* grad_scale, const float* found_inf,
+                 const at::Device& device, cudaStream_t stream) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if (plan.rows == 0) return;
+  const int64_t n = static_cast<int64_t>(plan.layers.size());
+  const at::Tensor tab = at::empty(
+      {std::max<int64_t>(1, 2 * plan.channels)},
+      at::TensorOptions().dtype(c10::CppTypeToScalarType<opmath_t>::value).device(device));
+  opmath_t* tab_ptr = tab.data_ptr<opmath_t>();
+  channel_table_kernel<opmath_t><<<grid_for(n), kThreads, 0, stream>>>(metas, n, tab_ptr, eps,
+                                                                       centered, found_inf);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  bnp_rows_kernel<scalar_t, kSgd><<<grid_for(plan.rows), kThreads, 0, stream>>>(
+      metas, n, plan.rows, tab_ptr, o, grad_scale, found_inf);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}  // tab goes back to the caching allocator, stream-ordered after these kernels
+
+void bnp_precondition_cuda(at::TensorList weight_grads, at::TensorList bias_grads,
+                           at::TensorList means, at::TensorList sqmeans, at::IntArrayRef groups,
+                           double eps) {
+  check_bnp_layers("bnp_precondition_", weight_grads, bias_grads, means, sqmeans, groups, eps);
+  if (weight_grads.empty()) return;
+  const at::Device device = weight_grads[0].device();
+  TORCH_CHECK(device.is_cuda(), "bnp_precondition_: the CUDA kernel got weight_grads on ",
+              device);
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const bool centered = !bias_grads.empty();
+  // Gradients in another layout are preconditioned in a contiguous copy and copied back.
+  std::vector<at::Tensor> work(weight_grads.begin(), weight_grads.end());
+  std::vector<at::Tensor> bias_work(bias_grads.begin(), bias_grads.end());
+  for (auto& t : work) if (!row_layout(t)) t = t.contiguous();
+  for (auto& t : bias_work) if (!t.is_contiguous()) t = t.contiguous();
+
+  RowsPlan plan;
+  for (size_t i = 0; i < work.size(); ++i) {
+    add_layer(plan, work[i], centered ? &bias_work[i] : nullptr, means[i], sqmeans[i], groups[i]);
+  }
+  if (plan.rows > 0) {
+    const at::Tensor table = upload(plan, device);
+    const LayerMeta* metas = reinterpret_cast<const LayerMeta*>(table.data_ptr<int64_t>());
+    const SgdOptions none{};
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, work[0].scalar_type(),
+                                    "bnp_precondition_cuda", [&] {
+      launch_rows<scalar_t, false>(plan, metas, eps, centered, none, nullptr, nullptr, device,
+                                   stream);
+    });
+  }
+  for (size_t i = 0; i < work.size(); ++i) {
+    if (!work[i].is_same(weight_grads[i])) weight_grads[i].copy_(work[i]);
+  }
+  for (size_t i = 0; i < bias_work.size(); ++i) {
+    if (!bias_work[i].is_same(bias_grads[i])) bias_grads[i].copy_(bias_work[i]);
+  }
+}
+
+void bnp_sgd_cuda(at::TensorList weights, at::TensorList biases, at::TensorList weight_grads,
+                  at::TensorList bias_grads, at::TensorList weight_bufs, at::TensorList bias_bufs,
+                  at::TensorList state_steps, at::TensorList means, at::TensorList sqmeans,
+                  at::IntArrayRef groups, double eps, double lr, double momentum,
+                  double dampening, bool nesterov, double weight_decay, bool maximize,
+                  const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf) {
+  check_bnp_layers("bnp_sgd_", weights, biases, means, sqmeans, groups, eps);
+  const SgdOptions o = make_sgd_options(lr, momentum, dampening, nesterov, weight_decay,
+                                        maximize, kEuclidean, kNormalize, kProject, 0.0);
+  check_bnp_sgd_args(weights, biases, weight_grads, bias_grads, weight_bufs, bias_bufs,
+                     state_steps, o, grad_scale, found_inf);
+  if (weights.empty()) return;
+  const at::Device device = weights[0].device();
+  TORCH_CHECK(device.is_cuda(), "bnp_sgd_: the CUDA kernel got weights on ", device);
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const bool centered = !biases.empty();
+  const bool has_momentum = momentum != 0.0;
+
+  std::vector<at::Tensor> keep;  // gradient copies in the parameter layout, alive until launched
+  keep.reserve(2 * weights.size());
+  RowsPlan plan;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    plan.steps.push_back(address(state_steps[i].data_ptr<float>()));
+    keep.push_back(grad_like_param(weight_grads[i], weights[i]));
+    const at::Tensor& wg = keep.back();
+    const at::Tensor* bg = nullptr;
+    if (centered) {
+      keep.push_back(bias_grads[i].contiguous());
+      bg = &keep.back();
+    }
+    const size_t before = plan.layers.size();
+    add_layer(plan, wg, bg, means[i], sqmeans[i], groups[i]);
+    if (plan.layers.size() == before) continue;  // no rows
+    LayerMeta& a = plan.layers.back();
+    a.w = address(weights[i].data_ptr());
+    a.m = has_momentum ? address(weight_bufs[i].data_ptr()) : 0;
+    a.b = centered ? address(biases[i].data_ptr()) : 0;
+    a.mb = centered && has_momentum ? address(bias_bufs[i].data_ptr()) : 0;
+    a.step = address(state_steps[i].data_ptr<float>());
+  }
+
+  const at::Tensor table = upload(plan, device);
+  const LayerMeta* metas = reinterpret_cast<const LayerMeta*>(table.data_ptr<int64_t>());
+  const int64_t* steps = table.data_ptr<int64_t>() + plan.layers.size() * kMetaWords;
+  const float* scale = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
+  const float* inf = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[0].scalar_type(),
+                                  "bnp_sgd_cuda", [&] {
+    launch_rows<scalar_t, true>(plan, metas, eps, centered, o, scale, inf, device, stream);
+  });
+  const int64_t num_steps = static_cast<int64_t>(plan.steps.size());
+  increment_steps_kernel<<<grid_for(ceil_div(num_steps, kThreads)), kThreads, 0, stream>>>(
+      steps, num_steps, inf);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+}  // namespace psi
+
+TORCH_LIBRARY_IMPL(psi_cuda, CUDA, m) {
+  m.impl("bnp_update_stats_", &psi::bnp_update_stats_cuda);
+  m.impl("bnp_precondition_", &psi::bnp_precondition_cuda);
+  m.impl("bnp_sgd_", &psi::bnp_sgd_cuda);
+}

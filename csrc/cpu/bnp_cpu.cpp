@@ -31,60 +31,130 @@ constexpr int64_t kRowsItem = 1 << 15;   // elements per row-block work item
 #endif
 
 // ---------------------------------------------------------------- statistics
+//
+// Sums run in acc_t (float; double for double input, at::opmath_type) over short blocks and are
+// added up in double (ALGORITHMS.md: accumulate in fp32, fp64 for the per-channel sums).
 
-// sum[c] += x[r, c], sq[c] += x[r, c]^2 over rows [r0, r1) of a [rows, C] block.
-template <typename scalar_t>
-PSI_CPU_CLONES void sum_rows(const scalar_t* __restrict__ x, int64_t r0, int64_t r1, int64_t C,
-                             double* __restrict__ sum, double* __restrict__ sq) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* __restrict__ xr = x + r * C;
+constexpr int64_t kLanes = 32;       // independent accumulators of a contiguous run
+constexpr int64_t kRunFlush = 1024;  // elements summed in acc_t lanes before adding to double
+constexpr int64_t kRowFlush = 64;    // rows summed in acc_t before adding to double
+constexpr int64_t kShortRun = 64;    // runs shorter than this are summed as columns of rows
+
+// Sum and sum of squares of `runs` runs of n contiguous elements, run r at x + r * stride,
+// added to *sum, *sq. The lanes carry over from run to run and are added to double every
+// kRunFlush elements; run tails (n % kLanes) go to double directly.
+template <typename scalar_t, typename acc_t>
+PSI_CPU_CLONES void sum_runs(const scalar_t* __restrict__ x, int64_t stride, int64_t runs,
+                             int64_t n, double* sum, double* sq) {
+  double ts = 0, tq = 0;
+  acc_t s[kLanes] = {}, q[kLanes] = {};
+  const int64_t body = n - n % kLanes;
+  int64_t pending = 0;
+  for (int64_t r = 0; r < runs; ++r) {
+    const scalar_t* __restrict__ xr = x + r * stride;
+    for (int64_t i = 0; i < body; i += kLanes) {
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const double v = static_cast<double>(xr[c]);
-      sum[c] += v;
-      sq[c] += v * v;
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const acc_t v = static_cast<acc_t>(xr[i + j]);
+        s[j] += v;
+        q[j] += v * v;
+      }
+    }
+    for (int64_t i = body; i < n; ++i) {
+      const double v = static_cast<double>(xr[i]);
+      ts += v;
+      tq += v * v;
+    }
+    pending += body;
+    if (pending >= kRunFlush || r + 1 == runs) {
+      for (int64_t j = 0; j < kLanes; ++j) {
+        ts += s[j];
+        tq += q[j];
+        s[j] = 0;
+        q[j] = 0;
+      }
+      pending = 0;
+    }
+  }
+  *sum += ts;
+  *sq += tq;
+}
+
+// Column sums of rows [r0, r1) of a [rows, W] block, added to sum/sq (length W); ps/pq are
+// acc_t scratch of length W.
+template <typename scalar_t, typename acc_t>
+PSI_CPU_CLONES void sum_columns(const scalar_t* __restrict__ x, int64_t r0, int64_t r1,
+                                int64_t W, double* __restrict__ sum, double* __restrict__ sq,
+                                acc_t* __restrict__ ps, acc_t* __restrict__ pq) {
+  for (int64_t rb = r0; rb < r1; rb += kRowFlush) {
+    std::fill(ps, ps + W, acc_t(0));
+    std::fill(pq, pq + W, acc_t(0));
+    const int64_t re = std::min(r1, rb + kRowFlush);
+    int64_t r = rb;
+    for (; r + 4 <= re; r += 4) {  // four rows per pass over the scratch
+      const scalar_t* __restrict__ x0 = x + r * W;
+      const scalar_t* __restrict__ x1 = x0 + W;
+      const scalar_t* __restrict__ x2 = x1 + W;
+      const scalar_t* __restrict__ x3 = x2 + W;
+#pragma omp simd
+      for (int64_t c = 0; c < W; ++c) {
+        const acc_t v0 = static_cast<acc_t>(x0[c]), v1 = static_cast<acc_t>(x1[c]);
+        const acc_t v2 = static_cast<acc_t>(x2[c]), v3 = static_cast<acc_t>(x3[c]);
+        ps[c] += (v0 + v1) + (v2 + v3);
+        pq[c] += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3);
+      }
+    }
+    for (; r < re; ++r) {
+      const scalar_t* __restrict__ xr = x + r * W;
+#pragma omp simd
+      for (int64_t c = 0; c < W; ++c) {
+        const acc_t v = static_cast<acc_t>(xr[c]);
+        ps[c] += v;
+        pq[c] += v * v;
+      }
+    }
+    for (int64_t c = 0; c < W; ++c) {
+      sum[c] += ps[c];
+      sq[c] += pq[c];
     }
   }
 }
 
-// Sum and sum of squares of n contiguous elements.
-template <typename scalar_t>
-PSI_CPU_CLONES void sum_run(const scalar_t* __restrict__ x, int64_t n, double* sum, double* sq) {
-  double s = 0, q = 0;
-#pragma omp simd reduction(+ : s, q)
-  for (int64_t i = 0; i < n; ++i) {
-    const double v = static_cast<double>(x[i]);
-    s += v;
-    q += v * v;
-  }
-  *sum += s;
-  *sq += q;
-}
-
-// Per-channel sums of a [outer, C, inner] input into sum/sq (length C), deterministically.
+// Per-channel sums of a [outer, C, inner] input into sum/sq (length C), deterministically: the
+// work is cut into items independent of the thread count, and their partial sums are added in
+// item order.
 template <typename scalar_t>
 void channel_sums(const scalar_t* x, int64_t outer, int64_t C, int64_t inner, double* sum,
                   double* sq) {
-  if (inner == 1) {
-    const int64_t rows_per_item = std::max<int64_t>(1, kStatsItem / std::max<int64_t>(C, 1));
+  using acc_t = at::opmath_type<scalar_t>;
+  if (inner < kShortRun) {
+    // Rows of W = C * inner columns (Linear and channels-last inputs: inner == 1); each item
+    // sums a block of rows per column, the columns of a channel are added at the end.
+    const int64_t W = C * inner;
+    const int64_t rows_per_item = std::max<int64_t>(1, kStatsItem / std::max<int64_t>(W, 1));
     const int64_t items = (outer + rows_per_item - 1) / rows_per_item;
-    std::vector<double> part(static_cast<size_t>(items * 2 * C), 0.0);
+    std::vector<double> part(static_cast<size_t>(items * 2 * W), 0.0);
     at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<acc_t> scratch(static_cast<size_t>(2 * W));
       for (int64_t it = i0; it < i1; ++it) {
-        double* ps = part.data() + it * 2 * C;
-        sum_rows(x, it * rows_per_item, std::min(outer, (it + 1) * rows_per_item), C, ps,
-                 ps + C);
+        double* ps = part.data() + it * 2 * W;
+        sum_columns<scalar_t, acc_t>(x, it * rows_per_item,
+                                     std::min(outer, (it + 1) * rows_per_item), W, ps, ps + W,
+                                     scratch.data(), scratch.data() + W);
       }
     });
     for (int64_t it = 0; it < items; ++it) {
-      const double* ps = part.data() + it * 2 * C;
+      const double* ps = part.data() + it * 2 * W;
       for (int64_t c = 0; c < C; ++c) {
-        sum[c] += ps[c];
-        sq[c] += ps[C + c];
+        for (int64_t k = 0; k < inner; ++k) {
+          sum[c] += ps[c * inner + k];
+          sq[c] += ps[W + c * inner + k];
+        }
       }
     }
     return;
   }
+  // Long runs (NCHW-like): items are (channel, block of outer indices).
   const int64_t outer_per_item = std::max<int64_t>(1, kStatsItem / inner);
   const int64_t blocks = (outer + outer_per_item - 1) / outer_per_item;
   std::vector<double> part(static_cast<size_t>(blocks * C * 2), 0.0);
@@ -92,9 +162,8 @@ void channel_sums(const scalar_t* x, int64_t outer, int64_t C, int64_t inner, do
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t c = it / blocks, b = it % blocks;
       double s = 0, q = 0;
-      for (int64_t o = b * outer_per_item; o < std::min(outer, (b + 1) * outer_per_item); ++o) {
-        sum_run(x + (o * C + c) * inner, inner, &s, &q);
-      }
+      const int64_t o0 = b * outer_per_item, o1 = std::min(outer, o0 + outer_per_item);
+      sum_runs<scalar_t, acc_t>(x + (o0 * C + c) * inner, C * inner, o1 - o0, inner, &s, &q);
       part[2 * it] = s;
       part[2 * it + 1] = q;
     }

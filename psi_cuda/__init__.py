@@ -1,7 +1,7 @@
 """psi_cuda: fused PSI-manifold optimizers and Batch Normalization Preconditioning for PyTorch."""
 from . import ops, reference
 from .groups import param_groups
-from .optim import PSISGD
+from .optim import PSIAdam, PSISGD
 
-__all__ = ["PSISGD", "ops", "param_groups", "reference"]
+__all__ = ["PSIAdam", "PSISGD", "ops", "param_groups", "reference"]
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
 """Optimizers: thin torch.optim.Optimizer classes over the fused ops."""
+from .psi_adam import PSIAdam
 from .psi_sgd import PSISGD
 
-__all__ = ["PSISGD"]
+__all__ = ["PSIAdam", "PSISGD"]

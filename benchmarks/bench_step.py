@@ -6,7 +6,9 @@
 For every method: the median (and quartiles) of --steps timed steps after --warmup steps, the
 methods taking turns step by step (round-robin) so that noise on the machine hits all alike;
 effective GB/s = bytes a momentum-SGD step must move (read w, g, m; write w, m) / time, and the
-fraction of the machine's copy bandwidth measured in the same run. Results go to
+fraction of the machine's copy bandwidth measured in the same run (Adam methods also move their
+second moments: per element for AdamW, one scalar per group for PSIAdam's channel groups, so
+their GB/s column understates AdamW's traffic; compare Adam methods with each other by time). Results go to
 benchmarks/results/<name>.json with the machine description.
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from shapes import MODELS, numel  # noqa: E402
 
-from psi_cuda.optim import PSISGD  # noqa: E402
+from psi_cuda.optim import PSIAdam, PSISGD  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -82,6 +84,17 @@ def methods(shapes, device, dtype, lr=0.01, momentum=0.9):
                           backend=backend).step
         return make
 
+    def psiadam(backend):
+        def make():
+            params = make_params(shapes, device, dtype)
+            return PSIAdam(psi_groups(shapes, params), lr=lr, backend=backend).step
+        return make
+
+    def torch_adamw(**flags):
+        def make():
+            return torch.optim.AdamW(make_params(shapes, device, dtype), lr=lr, **flags).step
+        return make
+
     def torch_sgd(**flags):
         def make():
             return torch.optim.SGD(make_params(shapes, device, dtype), lr=lr, momentum=momentum,
@@ -120,6 +133,10 @@ def methods(shapes, device, dtype, lr=0.01, momentum=0.9):
         "torch SGD (for-loop)": torch_sgd(foreach=False),
         "geoopt RiemannianSGD": geoopt_sgd(),
         "adamp SGDP": adamp_sgdp(),
+        "psi_cuda PSIAdam (fused)": psiadam("fused"),
+        "psi_cuda PSIAdam (reference, for-loop)": psiadam("reference"),
+        "torch AdamW (fused)": torch_adamw(fused=True),
+        "torch AdamW (foreach)": torch_adamw(foreach=True),
     }
 
 
@@ -183,13 +200,16 @@ def main(argv=None) -> dict:
                           "gbs": nbytes / med / 1e9, "frac_copy_bw": nbytes / med / 1e9 / bw}
             print(f"  {name:40s} {med * 1e3:9.2f} ms  [{q[0] * 1e3:.2f}, {q[2] * 1e3:.2f}]  "
                   f"{nbytes / med / 1e9:7.2f} GB/s  {100 * nbytes / med / 1e9 / bw:5.1f}% of copy")
-        floor = rows.get("torch SGD (fused)", {}).get("median_ms")
-        fused = rows.get("psi_cuda PSISGD (fused)", {}).get("median_ms")
-        if floor and fused:
-            print(f"  fused PSISGD / torch fused SGD = {fused / floor:.2f}x")
-            for name, r in rows.items():
-                if "reference" in name:
-                    print(f"  {name} / fused PSISGD = {r['median_ms'] / fused:.1f}x")
+        for kind, floor_name in (("PSISGD", "torch SGD (fused)"),
+                                 ("PSIAdam", "torch AdamW (fused)")):
+            floor = rows.get(floor_name, {}).get("median_ms")
+            fused = rows.get(f"psi_cuda {kind} (fused)", {}).get("median_ms")
+            if floor and fused:
+                print(f"  fused {kind} / {floor_name} = {fused / floor:.2f}x")
+            if fused:
+                for name, r in rows.items():
+                    if "reference" in name and kind in name:
+                        print(f"  {name} / fused {kind} = {r['median_ms'] / fused:.1f}x")
         report["models"][model] = {"tensors": len(shapes), "params": n, "bytes_per_step": nbytes,
                                    "methods": rows}
     out = Path(args.out)

@@ -47,4 +47,15 @@ TORCH_LIBRARY(psi_cuda, m) {
       "Tensor[] sqmeans, *, int[] groups, float eps, float lr, float momentum, float dampening, "
       "bool nesterov, float weight_decay, bool maximize, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
+  // One PSI-Adam (or, with manifold=0, torch.optim.AdamW) step over a list of same-device,
+  // same-dtype tensors (ALGORITHMS.md section 3). exp_avgs have the params' shapes; exp_avg_sqs
+  // hold one scalar per group (shape (rows,) for channel, () or (1,) for tensor), per element
+  // for euclidean. state_steps are float32 scalars: step t = state_step + 1 sets the bias
+  // corrections; incremented unless found_inf is set, in which case nothing changes at all.
+  m.def(
+      "psi_adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] state_steps, *, float lr, float beta1, "
+      "float beta2, float eps, float weight_decay, bool maximize, int manifold, int retraction, "
+      "int transport, float max_grad_norm, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
 }

@@ -70,6 +70,58 @@ def psi_sgd_(
     )
 
 
+def psi_adam_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    manifold: str | None = "channel",
+    retraction: str = "normalize",
+    transport: str = "project",
+    max_grad_norm: float | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    check: bool = True,
+) -> None:
+    """One fused PSI-Adam step (or torch.optim.AdamW step with ``manifold=None``) over a list.
+
+    Updates ``params``, ``exp_avgs`` (shaped like params), ``exp_avg_sqs`` (one scalar per group:
+    shape ``(rows,)`` for ``"channel"``, ``()`` for ``"tensor"``; shaped like params for
+    ``None``) and ``state_steps`` in place. ``weight_decay`` is decoupled (AdamW) and applies to
+    Euclidean tensors only.
+    """
+    if check:
+        _check_dispatchable("psi_adam_", params=params, grads=grads, exp_avgs=exp_avgs,
+                            exp_avg_sqs=exp_avg_sqs, state_steps=state_steps)
+    torch.ops.psi_cuda.psi_adam_(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        state_steps,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        maximize=maximize,
+        manifold=_code(MANIFOLDS, manifold, "manifold"),
+        retraction=_code(RETRACTIONS, retraction, "retraction"),
+        transport=_code(TRANSPORTS, transport, "transport"),
+        max_grad_norm=float(max_grad_norm or 0.0),
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
+
+
 def _check_dispatchable(op: str, **lists: list[Tensor]) -> None:
     """Checks what the dispatcher acts on before any kernel runs: sparse tensors and tensors on
     another device than the first tensor would otherwise be routed to a wrong kernel or a vague
@@ -171,4 +223,15 @@ def _bnp_sgd_fake(weights, biases, weight_grads, bias_grads, weight_momentum_buf
                   found_inf=None):
     torch._check(len(weight_grads) == len(weights),
                  lambda: "bnp_sgd_: weights and weight_grads differ in length")
+    return None
+
+
+@torch.library.register_fake("psi_cuda::psi_adam_")
+def _psi_adam_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps,
+                   weight_decay, maximize, manifold, retraction, transport, max_grad_norm,
+                   grad_scale=None, found_inf=None):
+    for name, lst in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
+                      ("state_steps", state_steps)):
+        torch._check(len(lst) == len(params),
+                     lambda name=name: f"psi_adam_: params and {name} differ in length")
     return None

@@ -279,3 +279,103 @@ def bnp_sgd_(weights, biases, weight_grads, bias_grads, weight_momentum_buffers,
              grad_scale=grad_scale, found_inf=None)
     for s in state_steps:
         s.add_(1)
+
+
+def psi_adam_rows(w, g, m, v, *, step, lr, beta1, beta2, eps, retraction, transport,
+                  max_grad_norm):
+    """One PSI-Adam step of the groups that are the rows of ``w`` (ALGORITHMS.md section 3).
+
+    ``g`` is the gradient already unscaled (and negated for maximize), ``m`` the first-moment
+    rows, ``v`` the second moments, shape (rows, 1), ``step`` the number of this step (1 first).
+    Returns the new (w, m, v). Rows with |w| = 0, and rows of length 1, do not move.
+    """
+    n = rownorm(w)
+    frozen = (n == 0) | (w.shape[1] < 2)
+    n_safe = torch.where(frozen, torch.ones_like(n), n)
+    u = w / n_safe
+    q = n_safe * project_tangent(g, u)  # tangent gradient at the unit representative
+    q = clip_rows(q, max_grad_norm)
+    m_new = beta1 * m + (1 - beta1) * q
+    v_new = beta2 * v + (1 - beta2) * rowdot(q, q)
+    bc1 = 1 - beta1**step
+    bc2 = 1 - beta2**step
+    denom = torch.sqrt(v_new / bc2) + eps
+    d = torch.where(denom > 0, m_new / (bc1 * denom), torch.zeros_like(m_new))
+    if retraction == "none":
+        w_new = w - lr * n_safe * d  # the plain quotient move
+        u_new = w_new / rownorm(w_new)
+        geodesic = torch.zeros_like(n, dtype=torch.bool)
+    else:
+        u_new = retract_normalize(u, d, lr)
+        geodesic = torch.zeros_like(n, dtype=torch.bool)
+        if retraction == "exp":
+            d_norm = rownorm(d)
+            t = lr * d_norm
+            geodesic = t >= EXP_MIN_ANGLE
+            d_safe = torch.where(geodesic, d_norm, torch.ones_like(d_norm))
+            u_new = torch.where(geodesic, retract_exp(u, d, t, d_safe), u_new)
+        w_new = n_safe * u_new
+    m_moved = transport_project(m_new, u_new)
+    if transport == "parallel":
+        m_moved = torch.where(geodesic, transport_parallel(m_new, u, d, t, d_safe), m_moved)
+    # Rows that cannot move, or whose retraction degenerates, keep their old values.
+    keep = frozen | ~(rownorm(u_new) > 0)  # also catches u - lr d = 0 (0/0 = nan)
+    return (torch.where(keep, w, w_new), torch.where(keep, m, m_moved),
+            torch.where(keep, v, v_new))
+
+
+def euclidean_adamw(w, g, m, v, *, step, lr, beta1, beta2, eps, weight_decay):
+    """One torch.optim.AdamW step (g already unscaled and negated for maximize)."""
+    w = w * (1 - lr * weight_decay)
+    m_new = m + (1 - beta1) * (g - m)
+    v_new = beta2 * v + (1 - beta2) * g * g
+    bc1 = 1 - beta1**step
+    bc2_sqrt = (1 - beta2**step) ** 0.5
+    return w - (lr / bc1) * m_new / (v_new.sqrt() / bc2_sqrt + eps), m_new, v_new
+
+
+@torch.no_grad()
+def psi_adam_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1=0.9, beta2=0.999,
+              eps=1e-8, weight_decay=0.0, maximize=False, manifold="channel",
+              retraction="normalize", transport="project", max_grad_norm=None, grad_scale=None,
+              found_inf=None):
+    """Reference of ``psi_cuda.ops.psi_adam_`` (same arguments, same in-place effects)."""
+    if manifold not in (None,) + MANIFOLDS:
+        raise ValueError(f"manifold must be 'channel', 'tensor' or None; got {manifold!r}")
+    if retraction not in RETRACTIONS or transport not in TRANSPORTS:
+        raise ValueError(f"unknown retraction {retraction!r} or transport {transport!r}")
+    if transport == "parallel" and retraction != "exp":
+        raise ValueError("transport='parallel' needs retraction='exp'")
+    if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+        raise ValueError(f"betas must be in [0, 1); got ({beta1}, {beta2})")
+    if found_inf is not None and found_inf.item() != 0:
+        return
+    for i, (p, grad) in enumerate(zip(params, grads)):
+        step_t = state_steps[i]
+        step = step_t.item() + 1  # the number of this step
+        dt = opmath_dtype(p.dtype)
+        w = p.detach().to(dt)
+        g = grad.to(dt)
+        if grad_scale is not None:
+            g = g / grad_scale.to(dt)
+        if maximize:
+            g = -g
+        m, v = exp_avgs[i], exp_avg_sqs[i]
+        if p.numel() == 0:
+            step_t.add_(1)
+            continue
+        kw = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+        if manifold in (None, "euclidean"):
+            w_new, m_new, v_new = euclidean_adamw(w, g, m, v, weight_decay=weight_decay, **kw)
+        else:
+            rows = p.size(0) if manifold == "channel" else 1
+            as_rows = lambda t: t.reshape(rows, -1)  # noqa: E731
+            w_rows, m_rows, v_rows = psi_adam_rows(
+                as_rows(w), as_rows(g), as_rows(m), v.reshape(rows, 1), retraction=retraction,
+                transport=transport, max_grad_norm=max_grad_norm, **kw)
+            w_new, m_new, v_new = (w_rows.reshape(p.shape), m_rows.reshape(p.shape),
+                                   v_rows.reshape(v.shape))
+        p.copy_(w_new)
+        m.copy_(m_new)
+        v.copy_(v_new)
+        step_t.add_(1)

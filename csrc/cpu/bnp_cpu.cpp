@@ -17,6 +17,7 @@
 
 #include "psi/bnp.h"
 #include "psi/ops.h"
+#include "cpu_clones.h"
 
 namespace psi {
 namespace {
@@ -24,11 +25,6 @@ namespace {
 constexpr int64_t kStatsItem = 1 << 15;  // elements per statistics work item
 constexpr int64_t kRowsItem = 1 << 15;   // elements per row-block work item
 
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define PSI_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define PSI_CPU_CLONES
-#endif
 
 // ---------------------------------------------------------------- statistics
 //

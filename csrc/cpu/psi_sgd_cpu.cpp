@@ -1,258 +1,33 @@
-// Fused CPU implementation of psi_cuda::psi_sgd_ (math: psi/math.h).
-//
-// The tensors of the list are cut into work items of about kItemElems elements:
-//   rows   - whole channel groups (short rows): reduce, solve, write while the rows are in cache;
-//   chunk  - a piece of a long group (a tensor group, or a row longer than kLongGroup): its
-//            partial Gram matrix is stored, the group is solved once all its chunks are reduced,
-//            then a second parallel pass writes it;
-//   plain  - a piece of a Euclidean tensor: elementwise, no reduction.
-// One at::parallel_for runs every item; a second one runs the write pass of the chunks. Each
-// thread gets an equal share of the elements.
-// Sums of a group are combined in a fixed order, so results do not depend on the thread count.
+// Fused CPU implementation of psi_cuda::psi_sgd_ (math: psi/math.h; work items and loops:
+// group_loops.h, shared with psi_adam_).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <vector>
 
+#include "group_loops.h"
 #include "psi/ops.h"
 
 namespace psi {
 namespace {
 
-constexpr int64_t kItemElems = 1 << 15;  // elements per work item
-// Rows items are longer: each starts and ends its row pipeline with an unfused pass.
-constexpr int64_t kRowItemElems = 1 << 17;
-constexpr int64_t kLongGroup = 1 << 16;  // longer groups are reduced in chunks, in parallel
-constexpr int64_t kFlush = 1 << 10;      // opmath partial sums are moved to double this often
-
-// The two loops below are the whole per-element work. They are plain loops over restrict
-// pointers that the compiler vectorizes (`#pragma omp simd`, enabled by -fopenmp-simd, lets it
-// reorder the float reductions). An extension is compiled without torch's CPU-capability flags,
-// where at::vec::Vectorized falls back to its generic array code: that ran 2.5x slower than
-// torch's fused SGD on this loop, the plain loop runs at the same speed (benchmarks/).
-
-// On x86-64 the loops are compiled twice and picked at load time (an ifunc): baseline SSE2
-// vectors do 4 lanes without FMA, and the reductions then cost as much as the memory traffic;
-// the AVX2+FMA (haswell) build does not. An AVX-512 build measured slower on 2 threads here.
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define PSI_CPU_CLONES \
-  __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define PSI_CPU_CLONES
-#endif
-
-// Gram matrix of (w, g, m) over n elements; m may be null (no momentum). Sums run in opmath_t
-// over blocks of kFlush elements and are added up in double.
-template <typename scalar_t, typename opmath_t>
-PSI_CPU_CLONES Gram reduce_gram(const scalar_t* __restrict__ w, const scalar_t* __restrict__ g,
-                 const opmath_t* __restrict__ m, int64_t n) {
-  Gram G{0, 0, 0, 0, 0, 0};
-  for (int64_t b = 0; b < n; b += kFlush) {
-    const int64_t e = std::min(n, b + kFlush);
-    opmath_t ww = 0, wg = 0, gg = 0, wm = 0, gm = 0, mm = 0;
-    if (m != nullptr) {
-#pragma omp simd reduction(+ : ww, wg, gg, wm, gm, mm)
-      for (int64_t i = b; i < e; ++i) {
-        const opmath_t wi = static_cast<opmath_t>(w[i]);
-        const opmath_t gi = static_cast<opmath_t>(g[i]);
-        const opmath_t mi = m[i];
-        ww += wi * wi; wg += wi * gi; gg += gi * gi;
-        wm += wi * mi; gm += gi * mi; mm += mi * mi;
-      }
-    } else {
-#pragma omp simd reduction(+ : ww, wg, gg)
-      for (int64_t i = b; i < e; ++i) {
-        const opmath_t wi = static_cast<opmath_t>(w[i]);
-        const opmath_t gi = static_cast<opmath_t>(g[i]);
-        ww += wi * wi; wg += wi * gi; gg += gi * gi;
-      }
-    }
-    G.ww += ww; G.wg += wg; G.gg += gg; G.wm += wm; G.gm += gm; G.mm += mm;
-  }
-  return G;
-}
-
-// w <- P.w w + P.g g + P.m m and m <- B.w w + B.g g + B.m m over n elements.
-template <typename scalar_t, typename opmath_t>
-PSI_CPU_CLONES void apply_update(scalar_t* __restrict__ w, const scalar_t* __restrict__ g,
-                  opmath_t* __restrict__ m, int64_t n, const Update& up) {
-  if (up.skip) return;
-  const opmath_t pw = up.param.w, pg = up.param.g, pm = up.param.m;
-  const opmath_t bw = up.buf.w, bg = up.buf.g, bm = up.buf.m;
-  if (m != nullptr) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const opmath_t wi = static_cast<opmath_t>(w[i]);
-      const opmath_t gi = static_cast<opmath_t>(g[i]);
-      const opmath_t mi = m[i];
-      w[i] = static_cast<scalar_t>(pw * wi + pg * gi + pm * mi);
-      m[i] = bw * wi + bg * gi + bm * mi;
-    }
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const opmath_t wi = static_cast<opmath_t>(w[i]);
-      const opmath_t gi = static_cast<opmath_t>(g[i]);
-      w[i] = static_cast<scalar_t>(pw * wi + pg * gi);
-    }
-  }
-}
-
-// The rows of a channel tensor are pipelined: one loop writes row r-1 (its step is known and its
-// data is still in cache) while it reduces row r (read from memory), so memory sees one stream
-// of reads and writes, as in a plain SGD step, rather than a read pass then a write pass per row.
-// Returns the Gram matrix of (w1, g1, m1); the first row's write uses apply_update.
-template <typename scalar_t, typename opmath_t>
-PSI_CPU_CLONES Gram apply_then_reduce(scalar_t* __restrict__ w0, const scalar_t* __restrict__ g0,
-                                      opmath_t* __restrict__ m0, const Update& up,
-                                      const scalar_t* __restrict__ w1,
-                                      const scalar_t* __restrict__ g1,
-                                      const opmath_t* __restrict__ m1, int64_t n) {
-  if (up.skip || m0 == nullptr) {  // the plain two loops: nothing to fuse, or no momentum
-    apply_update(w0, g0, m0, n, up);
-    return reduce_gram(w1, g1, m1, n);
-  }
-  const opmath_t pw = up.param.w, pg = up.param.g, pm = up.param.m;
-  const opmath_t bw = up.buf.w, bg = up.buf.g, bm = up.buf.m;
-  Gram G{0, 0, 0, 0, 0, 0};
-  for (int64_t b = 0; b < n; b += kFlush) {
-    const int64_t e = std::min(n, b + kFlush);
-    opmath_t ww = 0, wg = 0, gg = 0, wm = 0, gm = 0, mm = 0;
-#pragma omp simd reduction(+ : ww, wg, gg, wm, gm, mm)
-    for (int64_t i = b; i < e; ++i) {
-      const opmath_t a = static_cast<opmath_t>(w0[i]);
-      const opmath_t c = static_cast<opmath_t>(g0[i]);
-      const opmath_t d = m0[i];
-      w0[i] = static_cast<scalar_t>(pw * a + pg * c + pm * d);
-      m0[i] = bw * a + bg * c + bm * d;
-      const opmath_t wi = static_cast<opmath_t>(w1[i]);
-      const opmath_t gi = static_cast<opmath_t>(g1[i]);
-      const opmath_t mi = m1[i];
-      ww += wi * wi; wg += wi * gi; gg += gi * gi;
-      wm += wi * mi; gm += gi * mi; mm += mi * mi;
-    }
-    G.ww += ww; G.wg += wg; G.gg += gg; G.wm += wm; G.gm += gm; G.mm += mm;
-  }
-  return G;
-}
-
-struct TensorArgs {
-  void* w;
-  const void* g;
-  void* m;  // null without momentum
-  int64_t numel, group;
-  bool first;
-};
-
-enum ItemKind : int { kRows, kChunk, kPlain };
-
-struct Item {
-  int kind;
-  int64_t tensor;
-  int64_t begin, end;  // rows for kRows, elements for kChunk/kPlain
-  int64_t slot;        // kChunk: index of its partial Gram; -1 otherwise
-  int64_t long_group;  // kChunk: index of its long group
-};
-
-struct LongGroup {
-  int64_t tensor, offset, first_slot, num_slots;
-};
-
 template <typename scalar_t>
-void psi_sgd_cpu_impl(const std::vector<TensorArgs>& ts, const SgdOptions& o, double f) {
+void psi_sgd_cpu_impl(const std::vector<GroupTensor>& ts, const std::vector<char>& first,
+                      const SgdOptions& o, double f) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const bool euclidean = o.manifold == kEuclidean;
-
-  std::vector<Item> items;
-  std::vector<LongGroup> longs;
-  int64_t slots = 0;
-  for (int64_t t = 0; t < static_cast<int64_t>(ts.size()); ++t) {
-    const TensorArgs& a = ts[t];
-    if (a.numel == 0) continue;
-    if (euclidean) {
-      for (int64_t b = 0; b < a.numel; b += kItemElems)
-        items.push_back({kPlain, t, b, std::min(a.numel, b + kItemElems), -1, -1});
-    } else if (a.group <= kLongGroup) {
-      const int64_t rows = a.numel / a.group;
-      const int64_t per_item = std::max<int64_t>(1, kRowItemElems / a.group);
-      for (int64_t r = 0; r < rows; r += per_item)
-        items.push_back({kRows, t, r, std::min(rows, r + per_item), -1, -1});
-    } else {
-      for (int64_t off = 0; off < a.numel; off += a.group) {
-        const int64_t first_slot = slots;
-        for (int64_t b = off; b < off + a.group; b += kItemElems)
-          items.push_back({kChunk, t, b, std::min(off + a.group, b + kItemElems), slots++,
-                           static_cast<int64_t>(longs.size())});
-        longs.push_back({t, off, first_slot, slots - first_slot});
-      }
-    }
-  }
-
-  auto ptrs = [&](const TensorArgs& a, int64_t off) {
-    return std::make_tuple(static_cast<scalar_t*>(a.w) + off,
-                           static_cast<const scalar_t*>(a.g) + off,
-                           a.m ? static_cast<opmath_t*>(a.m) + off : nullptr);
+  const auto solve = [&](int64_t t, int64_t /*group*/, const Gram& G) {
+    return psi_sgd_update(G, o, f, first[t] != 0, ts[t].group);
   };
-
-  // Threads get equal shares of elements, not of items (items of small tensors are small): an
-  // item belongs to the share that holds its first element.
-  std::vector<int64_t> starts(items.size() + 1, 0);
-  for (size_t k = 0; k < items.size(); ++k) {
-    const Item& it = items[k];
-    const int64_t elems = it.kind == kRows ? (it.end - it.begin) * ts[it.tensor].group
-                                           : it.end - it.begin;
-    starts[k + 1] = starts[k] + elems;
-  }
-  auto for_items = [&](const auto& body) {
-    at::parallel_for(0, starts.back(), kItemElems, [&](int64_t lo, int64_t hi) {
-      auto k = std::lower_bound(starts.begin(), starts.end() - 1, lo) - starts.begin();
-      for (; k < static_cast<int64_t>(items.size()) && starts[k] < hi; ++k) body(items[k]);
-    });
+  const auto plain = [&](int64_t t, int64_t begin, int64_t end) {
+    const GroupTensor& a = ts[t];
+    apply_update(static_cast<scalar_t*>(a.w) + begin,
+                 static_cast<const scalar_t*>(a.g) + begin,
+                 a.m ? static_cast<opmath_t*>(a.m) + begin : nullptr, end - begin,
+                 euclidean_sgd_update(o, f, first[t] != 0));
   };
-
-  std::vector<Gram> partial(slots);
-  for_items([&](const Item& it) {
-    const TensorArgs& a = ts[it.tensor];
-    if (it.kind == kPlain) {
-      auto [w, g, m] = ptrs(a, it.begin);
-      apply_update(w, g, m, it.end - it.begin, euclidean_sgd_update(o, f, a.first));
-    } else if (it.kind == kRows) {
-      auto [w0, g0, m0] = ptrs(a, it.begin * a.group);
-      Update up = psi_sgd_update(reduce_gram(w0, g0, m0, a.group), o, f, a.first, a.group);
-      for (int64_t r = it.begin + 1; r < it.end; ++r) {
-        auto [w1, g1, m1] = ptrs(a, r * a.group);
-        const Gram G = apply_then_reduce(w0, g0, m0, up, w1, g1, m1, a.group);
-        up = psi_sgd_update(G, o, f, a.first, a.group);
-        w0 = w1; g0 = g1; m0 = m1;
-      }
-      apply_update(w0, g0, m0, a.group, up);
-    } else {
-      auto [w, g, m] = ptrs(a, it.begin);
-      partial[it.slot] = reduce_gram(w, g, m, it.end - it.begin);
-    }
-  });
-  if (longs.empty()) return;
-
-  std::vector<Update> updates(longs.size());
-  for (size_t j = 0; j < longs.size(); ++j) {
-    const LongGroup& lg = longs[j];
-    Gram G{0, 0, 0, 0, 0, 0};
-    for (int64_t s = lg.first_slot; s < lg.first_slot + lg.num_slots; ++s) {
-      const Gram& P = partial[s];
-      G.ww += P.ww; G.wg += P.wg; G.wm += P.wm; G.gg += P.gg; G.gm += P.gm; G.mm += P.mm;
-    }
-    const TensorArgs& a = ts[lg.tensor];
-    updates[j] = psi_sgd_update(G, o, f, a.first, a.group);
-  }
-  for_items([&](const Item& it) {
-    if (it.kind != kChunk) return;
-    auto [w, g, m] = ptrs(ts[it.tensor], it.begin);
-    apply_update(w, g, m, it.end - it.begin, updates[it.long_group]);
-  });
+  run_group_items<scalar_t>(ts, o.manifold == kEuclidean, solve, plain);
 }
 
 void psi_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -272,21 +47,23 @@ void psi_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mom
   const bool has_momentum = momentum != 0.0;
   std::vector<at::Tensor> grads_laid_out;  // keeps copies of differently laid out grads alive
   grads_laid_out.reserve(params.size());
-  std::vector<TensorArgs> ts;
+  std::vector<GroupTensor> ts;
   ts.reserve(params.size());
+  std::vector<char> first;
+  first.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     grads_laid_out.push_back(grad_like_param(grads[i], params[i]));
-    TensorArgs a;
+    GroupTensor a;
     a.w = params[i].data_ptr();
     a.g = grads_laid_out.back().data_ptr();
     a.m = has_momentum ? momentum_buffers[i].data_ptr() : nullptr;
     a.numel = params[i].numel();
     a.group = group_size(params[i], manifold);
-    a.first = *state_steps[i].data_ptr<float>() == 0.0f;
+    first.push_back(*state_steps[i].data_ptr<float>() == 0.0f);
     ts.push_back(a);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "psi_sgd_cpu",
-                                  [&] { psi_sgd_cpu_impl<scalar_t>(ts, o, f); });
+                                  [&] { psi_sgd_cpu_impl<scalar_t>(ts, first, o, f); });
   for (const at::Tensor& s : state_steps) s.add_(1);
 }
 

@@ -204,11 +204,11 @@ def _check_group(group: dict, index: int) -> None:
                           stacklevel=3)
 
 
-def _check_grad(p: Tensor, gi: int, pi: int, who: str = "PSISGD") -> None:
+def _check_grad(p: Tensor, gi: int, pi: int, name: str = "PSISGD") -> None:
     g = p.grad
-    where = f"{who}: param_groups[{gi}]['params'][{pi}]"
+    where = f"{name}: param_groups[{gi}]['params'][{pi}]"
     if g.is_sparse or g.layout != torch.strided:
-        raise RuntimeError(f"{where} has a sparse gradient; {who} needs dense gradients")
+        raise RuntimeError(f"{where} has a sparse gradient; {name} needs dense gradients")
     if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
         raise RuntimeError(f"{where}: gradient is {g.dtype} {tuple(g.shape)} on {g.device}, "
                            f"expected {p.dtype} {tuple(p.shape)} on {p.device}")

@@ -5,6 +5,8 @@
 //                        ALGORITHMS.md section 2 computed the slow obvious way (norm, unit vector,
 //                        projection, momentum, retraction, transport) in double; plus the
 //                        invariants of section 7 (norm kept, buffer tangent, equivariance).
+//                        psi/adam.h the same way: psi_adam_update against PSI-Adam (section 3)
+//                        computed on explicit vectors, euclidean_adam_step against AdamW's formula.
 //   test_psi_math op     psi_cuda::psi_sgd_ called through the dispatcher on CPU tensors against
 //                        the same slow computation, and bad calls that must throw and change nothing.
 //   test_psi_math cuda   the same op cases on CUDA tensors (the CUDA kernel); exit status 77
@@ -28,6 +30,7 @@
 #include <vector>
 
 #include "check.h"
+#include "psi/adam.h"
 #include "psi/math.h"
 #include "psi/ops.h"
 
@@ -463,6 +466,201 @@ void test_helpers() {
   EXPECT(psi::norm(psi::Combo{1.0, -1.0, 0.0}, Gz) == 0.0);
 }
 
+// ---------------------------------------------------------------------------------------------
+// PSI-Adam (psi/adam.h): the slow obvious step of ALGORITHMS.md section 3 on explicit vectors
+
+struct AdamStep {
+  Vec w, m;
+  double v;
+  bool skipped;
+};
+
+psi::AdamOptions adam_options(double lr, double beta1, double beta2, double eps, int64_t retraction,
+                              int64_t transport, double max_grad_norm,
+                              int64_t manifold = psi::kChannel, double weight_decay = 0.0) {
+  psi::AdamOptions o;
+  o.lr = lr;
+  o.beta1 = beta1;
+  o.beta2 = beta2;
+  o.eps = eps;
+  o.weight_decay = weight_decay;
+  o.max_grad_norm = max_grad_norm;
+  o.maximize = false;
+  o.manifold = manifold;
+  o.retraction = retraction;
+  o.transport = transport;
+  return o;
+}
+
+AdamStep slow_psi_adam(const Vec& w, const Vec& g_raw, const Vec& m, double v,
+                       const psi::AdamOptions& o, double f, double t) {
+  const size_t N = w.size();
+  const AdamStep unchanged{w, m, v, true};
+  const Vec g = scaled(f, g_raw);
+  const double n = norm(w);
+  if (!(n > 0.0) || N < 2) return unchanged;
+  const Vec u = scaled(1.0 / n, w);
+  Vec q = scaled(n, axpy(g, -dot(g, w) / (n * n), w));
+  if (o.max_grad_norm > 0.0 && norm(q) > o.max_grad_norm) q = scaled(o.max_grad_norm / norm(q), q);
+  const Vec m1 = axpy(scaled(o.beta1, m), 1.0 - o.beta1, q);
+  const double v1 = o.beta2 * v + (1.0 - o.beta2) * dot(q, q);
+  const double bc1 = 1.0 - std::pow(o.beta1, t), bc2 = 1.0 - std::pow(o.beta2, t);
+  const double denom = std::sqrt(v1 / bc2) + o.eps;
+  const Vec d = denom > 0.0 ? scaled(1.0 / (bc1 * denom), m1) : Vec(N, 0.0);
+  Vec u_new, w_new;
+  bool geodesic = false;
+  double ang = 0.0, dn = 0.0;
+  if (o.retraction == psi::kRetractNone) {
+    w_new = axpy(w, -o.lr * n, d);
+    if (!(norm(w_new) > 0.0)) return unchanged;
+    u_new = scaled(1.0 / norm(w_new), w_new);
+  } else {
+    if (o.retraction == psi::kExp) {
+      dn = norm(d);
+      ang = o.lr * dn;
+      geodesic = ang >= 1e-7;
+    }
+    if (geodesic) {
+      u_new = axpy(scaled(std::cos(ang), u), -std::sin(ang) / dn, d);
+    } else {
+      const Vec x = axpy(u, -o.lr, d);
+      if (!(norm(x) > 0.0)) return unchanged;
+      u_new = scaled(1.0 / norm(x), x);
+    }
+    w_new = scaled(n, u_new);
+  }
+  Vec m_new;
+  if (o.transport == psi::kParallel && geodesic) {
+    const Vec e = scaled(-1.0 / dn, d);
+    m_new = axpy(m1, -dot(m1, e), axpy(scaled(std::sin(ang), u), 1.0 - std::cos(ang), e));
+  } else {
+    m_new = axpy(m1, -dot(m1, u_new), u_new);
+  }
+  return AdamStep{w_new, m_new, v1, false};
+}
+
+AdamStep header_psi_adam(const Vec& w, const Vec& g, const Vec& m, double v,
+                         const psi::AdamOptions& o, double f, double t) {
+  const psi::AdamUpdate r =
+      psi::psi_adam_update(gram(w, g, m), o, f, v, t, static_cast<int64_t>(w.size()));
+  const Step s = header_step(r.up, w, g, m);
+  return AdamStep{s.w, s.m, r.v, s.skipped};
+}
+
+void test_adam_header_against_slow() {
+  std::mt19937_64 rng(4321);
+  const int64_t rt[][2] = {{psi::kNormalize, psi::kProject},
+                           {psi::kExp, psi::kProject},
+                           {psi::kExp, psi::kParallel},
+                           {psi::kRetractNone, psi::kProject}};
+  int cases = 0;
+  for (size_t n : {2u, 3u, 17u}) {
+    for (double scale : {1e-3, 1.0, 1e3}) {
+      for (double lr : {0.05, 1.5, 1e-9}) {
+        for (double clip : {0.0, 0.05}) {
+          for (const auto& r : rt) {
+            for (double f : {1.0, -1.0, 1.0 / 65536.0}) {
+              for (double t : {1.0, 2.0, 37.0}) {
+                const psi::AdamOptions o = adam_options(lr, 0.9, 0.999, 1e-8, r[0], r[1], clip);
+                const Vec w = randn(rng, n, scale);
+                const Vec g = randn(rng, n, 1.0 / (scale * std::fabs(f)));
+                // the first moment of step 1 is zero; later ones are tangent-ish, any is valid
+                const Vec m = t == 1.0 ? Vec(n, 0.0) : randn(rng, n);
+                const double v = t == 1.0 ? 0.0 : 0.5;
+                g_case = "adam n=" + std::to_string(n) + " scale=" + fmt(scale) + " lr=" +
+                         fmt(lr) + " clip=" + fmt(clip) + " retraction=" +
+                         std::to_string(r[0]) + " transport=" + std::to_string(r[1]) +
+                         " f=" + fmt(f) + " t=" + fmt(t);
+                const AdamStep want = slow_psi_adam(w, g, m, v, o, f, t);
+                const AdamStep got = header_psi_adam(w, g, m, v, o, f, t);
+                EXPECT(got.skipped == want.skipped);
+                EXPECT_VEC_NEAR(scaled(1.0 / scale, got.w), scaled(1.0 / scale, want.w), 1e-11);
+                EXPECT_VEC_NEAR(got.m, want.m, 1e-11);
+                EXPECT_NEAR(got.v, want.v, 1e-11 * (1.0 + want.v));
+                ++cases;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  std::printf("math: %d PSI-Adam cases against the slow step\n", cases);
+}
+
+void test_adam_invariants() {
+  std::mt19937_64 rng(99);
+  // First step, exp retraction: d = q / (|q| + eps), so the group turns by lr (radians), and
+  // the scaled copy c*w takes the scaled step (equivariance), v the same for both.
+  for (double c : {0.1, 3.0, 10.0}) {
+    const Vec w = randn(rng, 9), g = randn(rng, 9), zero(9, 0.0);
+    const psi::AdamOptions o = adam_options(0.2, 0.9, 0.999, 0.0, psi::kExp, psi::kParallel, 0.0);
+    g_case = "adam invariants c=" + fmt(c);
+    const AdamStep a = header_psi_adam(w, g, zero, 0.0, o, 1.0, 1.0);
+    const AdamStep b = header_psi_adam(scaled(c, w), scaled(1.0 / c, g), zero, 0.0, o, 1.0, 1.0);
+    EXPECT_NEAR(std::acos(dot(a.w, w) / (norm(a.w) * norm(w))), 0.2, 1e-12);
+    EXPECT_NEAR(norm(a.w), norm(w), 1e-12 * norm(w));
+    EXPECT_VEC_NEAR(scaled(1.0 / c, b.w), a.w, 1e-12);
+    EXPECT_VEC_NEAR(b.m, a.m, 1e-12);
+    EXPECT_NEAR(b.v, a.v, 1e-12 * a.v);
+    EXPECT_NEAR(dot(a.m, a.w) / norm(a.w), 0.0, 1e-12 * norm(a.m));  // transported: tangent
+  }
+  // Zero and length-1 groups: nothing moves, v untouched.
+  const psi::AdamOptions o = adam_options(0.1, 0.9, 0.999, 1e-8, psi::kNormalize, psi::kProject,
+                                          0.0);
+  g_case = "adam zero group";
+  const Vec zero(4, 0.0), g = randn(rng, 4), m = randn(rng, 4);
+  const psi::AdamUpdate z = psi::psi_adam_update(gram(zero, g, m), o, 1.0, 0.25, 3.0, 4);
+  EXPECT(z.up.skip && z.v == 0.25);
+  g_case = "adam length-1 group";
+  const Vec w1{2.0}, g1{0.5}, m1{0.0};
+  const psi::AdamUpdate l = psi::psi_adam_update(gram(w1, g1, m1), o, 1.0, 0.25, 3.0, 1);
+  EXPECT(l.up.skip && l.v == 0.25);
+  // q = 0 with eps = 0 on the first step: no direction, no NaN, the group stays put.
+  g_case = "adam zero gradient, eps=0";
+  const Vec w2 = randn(rng, 5), zero5(5, 0.0);
+  const psi::AdamOptions o0 = adam_options(0.1, 0.9, 0.999, 0.0, psi::kNormalize, psi::kProject,
+                                           0.0);
+  const AdamStep s = header_psi_adam(w2, zero5, zero5, 0.0, o0, 1.0, 1.0);
+  EXPECT_VEC_NEAR(s.w, w2, 1e-15);
+  EXPECT_VEC_NEAR(s.m, zero5, 0.0);
+  EXPECT(s.v == 0.0);
+}
+
+void test_adam_euclidean() {
+  std::mt19937_64 rng(12);
+  int cases = 0;
+  for (double wd : {0.0, 0.01}) {
+    for (double f : {1.0, -1.0, 0.125}) {
+      for (double t : {1.0, 5.0}) {
+        const psi::AdamOptions o = adam_options(0.01, 0.8, 0.95, 1e-6, psi::kNormalize,
+                                                psi::kProject, 0.0, psi::kEuclidean, wd);
+        const Vec w = randn(rng, 7), g = randn(rng, 7), m = randn(rng, 7);
+        Vec v = randn(rng, 7);
+        for (double& x : v) x = x * x;
+        g_case = "adam euclidean wd=" + fmt(wd) + " f=" + fmt(f) + " t=" + fmt(t);
+        const psi::AdamElementwiseT<double> c(psi::euclidean_adam_constants(o, f, t));
+        const double bc1 = 1.0 - std::pow(0.8, t), bc2 = 1.0 - std::pow(0.95, t);
+        for (size_t i = 0; i < w.size(); ++i) {
+          // torch.optim.AdamW: decay, moments, bias-corrected step
+          const double gi = f * g[i];
+          const double mi = 0.8 * m[i] + 0.2 * gi;
+          const double vi = 0.95 * v[i] + 0.05 * gi * gi;
+          const double want = w[i] * (1.0 - 0.01 * wd) -
+                              0.01 * (mi / bc1) / (std::sqrt(vi / bc2) + 1e-6);
+          double m_got = m[i], v_got = v[i];
+          const double got = psi::euclidean_adam_step(w[i], g[i], &m_got, &v_got, c);
+          EXPECT_NEAR(got, want, 1e-14);
+          EXPECT_NEAR(m_got, mi, 1e-15);
+          EXPECT_NEAR(v_got, vi, 1e-15);
+        }
+        ++cases;
+      }
+    }
+  }
+  std::printf("math: %d euclidean cases against torch.optim.AdamW's formula\n", cases);
+}
+
 void run_math() {
   test_helpers();
   test_header_against_slow();
@@ -470,6 +668,9 @@ void run_math() {
   test_invariants();
   test_trajectory();
   test_euclidean();
+  test_adam_header_against_slow();
+  test_adam_invariants();
+  test_adam_euclidean();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -147,6 +147,42 @@ PSI_HD Update fold_grad_factor(Update up, double f) {
   return up;
 }
 
+// The move shared by PSI-SGD and PSI-Adam: from the unit representative u = w/n along -lr d
+// (d tangent at u) with the chosen retraction, then the buffer `buf` transported to the new
+// point (when has_buf). Sets up->param (the new w) and up->buf; returns false when the
+// retraction degenerates (u - lr d = 0): the group must then not change.
+PSI_HD bool move_on_sphere(const Gram& G, double n, Combo d, Combo buf, bool has_buf, double lr,
+                           int64_t retraction, int64_t transport, Update* up) {
+  const Combo u{1.0 / n, 0.0, 0.0};
+  Combo u_new{0.0, 0.0, 0.0};
+  bool geodesic = false;
+  double t = 0.0, d_norm = 0.0;
+  if (retraction == kRetractNone) {
+    // The plain quotient move w' = w - lr n d; its unit representative feeds the transport.
+    up->param = Combo{1.0, 0.0, 0.0} - (lr * n) * d;
+    const double r = norm(up->param, G);
+    if (!(r > 0.0)) return false;
+    u_new = (1.0 / r) * up->param;
+  } else {
+    if (retraction == kExp) {
+      d_norm = norm(d, G);
+      t = lr * d_norm;
+      geodesic = t >= kExpMinAngle;
+    }
+    if (geodesic) {
+      u_new = retract_exp(u, d, t, d_norm);
+    } else if (!retract_normalize(u, d, lr, G, &u_new)) {
+      return false;
+    }
+    up->param = n * u_new;
+  }
+  if (has_buf) {
+    up->buf = (transport == kParallel && geodesic) ? transport_parallel(buf, u, d, t, d_norm, G)
+                                                   : transport_project(buf, u_new, G);
+  }
+  return true;
+}
+
 // One PSI-SGD step of one group (ALGORITHMS.md section 2). `raw` is the Gram matrix with the raw
 // gradient, f = (maximize ? -1 : 1) / grad_scale, numel the group's length, first whether this is
 // the buffer's first step. Weight decay does not apply to PSI groups (the optimizer warns).
@@ -156,7 +192,6 @@ PSI_HD Update psi_sgd_update(const Gram& raw, const SgdOptions& o, double f, boo
   // A zero group has no direction; a group of length 1 is a point of the 0-sphere: neither moves.
   if (!(G.ww > 0.0) || numel < 2) return unchanged();
   const double n = sqrt(G.ww);
-  const Combo u{1.0 / n, 0.0, 0.0};
   const Combo q = clip_norm(project_tangent(G, n), G, o.max_grad_norm);
 
   const bool has_momentum = o.momentum != 0.0;
@@ -168,32 +203,8 @@ PSI_HD Update psi_sgd_update(const Gram& raw, const SgdOptions& o, double f, boo
   }
 
   Update up{Combo{0.0, 0.0, 0.0}, Combo{0.0, 0.0, 1.0}, false};
-  Combo u_new{0.0, 0.0, 0.0};
-  bool geodesic = false;
-  double t = 0.0, d_norm = 0.0;
-  if (o.retraction == kRetractNone) {
-    // The plain quotient move w' = w - lr n d; its unit representative feeds the transport.
-    up.param = Combo{1.0, 0.0, 0.0} - (o.lr * n) * d;
-    const double r = norm(up.param, G);
-    if (!(r > 0.0)) return unchanged();
-    u_new = (1.0 / r) * up.param;
-  } else {
-    if (o.retraction == kExp) {
-      d_norm = norm(d, G);
-      t = o.lr * d_norm;
-      geodesic = t >= kExpMinAngle;
-    }
-    if (geodesic) {
-      u_new = retract_exp(u, d, t, d_norm);
-    } else if (!retract_normalize(u, d, o.lr, G, &u_new)) {
-      return unchanged();
-    }
-    up.param = n * u_new;
-  }
-
-  if (has_momentum) {
-    up.buf = (o.transport == kParallel && geodesic) ? transport_parallel(buf, u, d, t, d_norm, G)
-                                                    : transport_project(buf, u_new, G);
+  if (!move_on_sphere(G, n, d, buf, has_momentum, o.lr, o.retraction, o.transport, &up)) {
+    return unchanged();
   }
   return fold_grad_factor(up, f);
 }

@@ -7,6 +7,7 @@
 
 #include <optional>
 
+#include "psi/adam.h"
 #include "psi/math.h"
 
 namespace psi {
@@ -32,6 +33,26 @@ SgdOptions checked_sgd_options(at::TensorList params, at::TensorList grads, at::
                                int64_t manifold, int64_t retraction, int64_t transport,
                                double max_grad_norm, const std::optional<at::Tensor>& grad_scale,
                                const std::optional<at::Tensor>& found_inf);
+
+// Checks every argument of psi_adam_ (as check_psi_sgd_args; exp_avgs have the params' layout,
+// exp_avg_sqs too for manifold=euclidean, else one contiguous element per group).
+void check_psi_adam_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                         at::TensorList exp_avg_sqs, at::TensorList steps, const AdamOptions& o,
+                         const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf);
+
+// The options of a psi_adam_ call, after check_psi_adam_args passed: the first line of every
+// psi_adam_ kernel.
+AdamOptions checked_adam_options(at::TensorList params, at::TensorList grads,
+                                 at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                 at::TensorList steps, double lr, double beta1, double beta2,
+                                 double eps, double weight_decay, bool maximize, int64_t manifold,
+                                 int64_t retraction, int64_t transport, double max_grad_norm,
+                                 const std::optional<at::Tensor>& grad_scale,
+                                 const std::optional<at::Tensor>& found_inf);
+
+// Number of groups of `p`: rows for channel, 1 for tensor, elements for euclidean.
+int64_t num_groups(const at::Tensor& p, int64_t manifold);
 
 // Length of one group of `p` in memory: a row of p.view(p.size(0), -1) for the channel manifold,
 // the whole tensor otherwise. Groups are contiguous blocks of memory in every layout the checks

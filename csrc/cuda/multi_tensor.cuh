@@ -1,0 +1,297 @@
+// Multi-tensor machinery shared by the fused CUDA kernels of the PSI ops (psi_sgd_cuda.cu,
+// psi_adam_cuda.cu): the metadata table, block-level Gram reductions, the elementwise writer of
+// an Update, the chunked long-group reduce/apply kernels, the step counter kernel and the host
+// plan. See psi_sgd_cuda.cu for the launch scheme.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <cub/block/block_reduce.cuh>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "psi/ops.h"
+
+namespace psi {
+namespace {
+
+constexpr int kThreads = 256;                          // threads per block, every kernel
+constexpr int kItems = 8;                              // elements per thread of a short group
+constexpr int64_t kShortGroup = kThreads * kItems;     // longest group held in registers
+constexpr int64_t kChunk = 8192;                       // elements per block of a chunked pass
+constexpr int64_t kMaxGrid = int64_t{1} << 20;         // larger launches loop (grid-stride)
+// Resident blocks per SM the short-group kernel is compiled for. 4 caps its registers at 64: the
+// solve, run by one thread per group, then spills to local memory instead of lowering the
+// occupancy of the whole kernel. Double elements need more registers: 2 (128 registers).
+template <typename scalar_t>
+constexpr int short_blocks_per_sm() {
+  return sizeof(at::opmath_type<scalar_t>) == sizeof(double) ? 2 : 4;
+}
+
+// One row of the metadata table. Only int64 fields: the host fills it as a block of int64.
+struct TensorMeta {
+  int64_t w, g, m, step;  // device addresses of the param, grad, buffer (0: none) and step
+  int64_t v;              // psi_adam_: device address of the second moments (0: none)
+  int64_t numel;          // elements of the tensor
+  int64_t group;          // elements per group (channel/tensor manifolds)
+  int64_t chunks;         // long groups: chunks per group
+  int64_t first_unit;     // index of the tensor's first work unit (group or chunk) in its launch
+  int64_t first_group;    // long groups: index of the tensor's first group among all long groups
+};
+constexpr int64_t kMetaWords = sizeof(TensorMeta) / sizeof(int64_t);
+static_assert(sizeof(TensorMeta) == kMetaWords * sizeof(int64_t), "TensorMeta must be int64s");
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+unsigned grid_for(int64_t units) {
+  return static_cast<unsigned>(min64(units, kMaxGrid));
+}
+
+// The tensor whose units [key, next tensor's key) contain `unit`. Keys start at 0 and strictly
+// increase (every tensor in a table has at least one unit).
+template <int64_t TensorMeta::*kKey>
+__device__ __forceinline__ const TensorMeta& find_tensor(const TensorMeta* metas, int64_t n,
+                                                         int64_t unit) {
+  int64_t lo = 0, hi = n - 1;  // invariant: metas[lo].*kKey <= unit, the answer is in [lo, hi]
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo + 1) / 2;
+    if (metas[mid].*kKey <= unit) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return metas[lo];
+}
+
+__device__ __forceinline__ bool skip_step(const float* found_inf) {
+  return found_inf != nullptr && *found_inf != 0.0f;
+}
+
+__device__ __forceinline__ float fmadd(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fmadd(double a, double b, double c) { return fma(a, b, c); }
+
+struct GramSum {
+  __device__ __forceinline__ Gram operator()(const Gram& a, const Gram& b) const {
+    return Gram{a.ww + b.ww, a.wg + b.wg, a.wm + b.wm, a.gg + b.gg, a.gm + b.gm, a.mm + b.mm};
+  }
+};
+using BlockGramReduce = cub::BlockReduce<Gram, kThreads>;
+
+// Running sums of one thread in opmath precision (as the CPU kernel's vector lanes), moved to
+// double once per thread and pass (at most kChunk / kThreads elements).
+template <typename opmath_t>
+struct GramAcc {
+  opmath_t ww = 0, wg = 0, wm = 0, gg = 0, gm = 0, mm = 0;
+  __device__ __forceinline__ void add(opmath_t w, opmath_t g, opmath_t m, bool has_m) {
+    ww = fmadd(w, w, ww);
+    wg = fmadd(w, g, wg);
+    gg = fmadd(g, g, gg);
+    if (has_m) {
+      wm = fmadd(w, m, wm);
+      gm = fmadd(g, m, gm);
+      mm = fmadd(m, m, mm);
+    }
+  }
+  __device__ __forceinline__ Gram to_double() const {
+    return Gram{static_cast<double>(ww), static_cast<double>(wg), static_cast<double>(wm),
+                static_cast<double>(gg), static_cast<double>(gm), static_cast<double>(mm)};
+  }
+};
+
+// The coefficients of an Update in opmath precision; writes one element.
+template <typename scalar_t, typename opmath_t>
+struct Writer {
+  opmath_t pw, pg, pm, bw, bg, bm;
+  __device__ __forceinline__ explicit Writer(const Update& up)
+      : pw(static_cast<opmath_t>(up.param.w)), pg(static_cast<opmath_t>(up.param.g)),
+        pm(static_cast<opmath_t>(up.param.m)), bw(static_cast<opmath_t>(up.buf.w)),
+        bg(static_cast<opmath_t>(up.buf.g)), bm(static_cast<opmath_t>(up.buf.m)) {}
+  // w <- P.w w + P.g g + P.m m and m <- B.w w + B.g g + B.m m (the CPU kernel's order of operations).
+  __device__ __forceinline__ void write(scalar_t* w, opmath_t* m, int64_t i, opmath_t wi,
+                                        opmath_t gi, opmath_t mi) const {
+    opmath_t nw = fmadd(pg, gi, pw * wi);
+    if (m != nullptr) {
+      nw = fmadd(pm, mi, nw);
+      m[i] = fmadd(bm, mi, fmadd(bg, gi, bw * wi));
+    }
+    w[i] = static_cast<scalar_t>(nw);
+  }
+};
+
+// Typed pointers of one tensor, offset to element `off`.
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+struct Ptrs {
+  scalar_t* w;
+  const scalar_t* g;
+  opmath_t* m;  // null without momentum
+  __device__ __forceinline__ Ptrs(const TensorMeta& a, int64_t off)
+      : w(reinterpret_cast<scalar_t*>(a.w) + off),
+        g(reinterpret_cast<const scalar_t*>(a.g) + off),
+        m(a.m != 0 ? reinterpret_cast<opmath_t*>(a.m) + off : nullptr) {}
+};
+
+// This thread's share (elements threadIdx.x, + kThreads, ...) of the Gram matrix of n elements.
+template <typename scalar_t, typename opmath_t>
+__device__ Gram thread_gram(const Ptrs<scalar_t>& p, int64_t n) {
+  GramAcc<opmath_t> acc;
+  const bool has_m = p.m != nullptr;
+  for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+    const opmath_t mi = has_m ? p.m[i] : opmath_t(0);
+    acc.add(static_cast<opmath_t>(p.w[i]), static_cast<opmath_t>(p.g[i]), mi, has_m);
+  }
+  return acc.to_double();
+}
+
+// Writes this thread's share of n elements with `up` (nothing when up.skip).
+template <typename scalar_t, typename opmath_t>
+__device__ void thread_apply(const Ptrs<scalar_t>& p, int64_t n, const Update& up) {
+  if (up.skip) return;
+  const Writer<scalar_t, opmath_t> wr(up);
+  for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+    const opmath_t mi = p.m != nullptr ? p.m[i] : opmath_t(0);
+    wr.write(p.w, p.m, i, static_cast<opmath_t>(p.w[i]), static_cast<opmath_t>(p.g[i]), mi);
+  }
+}
+
+// Chunk `unit` of a long-group tensor: its group's index within the tensor and its elements.
+struct ChunkOfGroup {
+  int64_t group, begin, len;
+};
+
+__device__ __forceinline__ ChunkOfGroup chunk_of_group(const TensorMeta& a, int64_t unit) {
+  const int64_t local = unit - a.first_unit;
+  const int64_t group = local / a.chunks;
+  const int64_t start = (local % a.chunks) * kChunk;
+  return ChunkOfGroup{group, group * a.group + start, min64(kChunk, a.group - start)};
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    psi_long_reduce_kernel(const TensorMeta* metas, int64_t num_tensors, int64_t num_chunks,
+                           Gram* partials, const float* found_inf) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if (skip_step(found_inf)) return;
+  __shared__ typename BlockGramReduce::TempStorage temp;
+  for (int64_t unit = blockIdx.x; unit < num_chunks; unit += gridDim.x) {
+    const TensorMeta& a = find_tensor<&TensorMeta::first_unit>(metas, num_tensors, unit);
+    const ChunkOfGroup c = chunk_of_group(a, unit);
+    const Gram part = thread_gram<scalar_t, opmath_t>(Ptrs<scalar_t>(a, c.begin), c.len);
+    const Gram G = BlockGramReduce(temp).Reduce(part, GramSum());
+    if (threadIdx.x == 0) partials[unit] = G;
+    __syncthreads();  // temp is reused by the next chunk
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    psi_long_apply_kernel(const TensorMeta* metas, int64_t num_tensors, int64_t num_chunks,
+                          const Update* updates, const float* found_inf) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if (skip_step(found_inf)) return;
+  for (int64_t unit = blockIdx.x; unit < num_chunks; unit += gridDim.x) {
+    const TensorMeta& a = find_tensor<&TensorMeta::first_unit>(metas, num_tensors, unit);
+    const ChunkOfGroup c = chunk_of_group(a, unit);
+    thread_apply<scalar_t, opmath_t>(Ptrs<scalar_t>(a, c.begin), c.len,
+                                     updates[a.first_group + c.group]);
+  }
+}
+
+// atomicAdd: a step tensor passed twice is incremented twice, as on the CPU.
+__global__ void increment_steps_kernel(const int64_t* steps, int64_t n, const float* found_inf) {
+  if (skip_step(found_inf)) return;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    atomicAdd(reinterpret_cast<float*>(steps[i]), 1.0f);
+  }
+}
+
+int64_t address(const void* p) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(p)); }
+
+// The tables of one call: which tensors go to which kernel, and how many units each launch has.
+struct Plan {
+  std::vector<TensorMeta> shorts, longs, plains;
+  std::vector<int64_t> steps;  // every step, empty tensors included
+  int64_t short_groups = 0, long_chunks = 0, long_groups = 0, plain_chunks = 0;
+};
+
+// bufs: empty (no buffer) or one per param; second_moments: empty (psi_sgd_) or one per param.
+Plan make_plan(at::TensorList params, const std::vector<at::Tensor>& grads, at::TensorList bufs,
+               at::TensorList second_moments, at::TensorList steps, int64_t manifold) {
+  Plan plan;
+  for (size_t i = 0; i < params.size(); ++i) {
+    plan.steps.push_back(address(steps[i].data_ptr<float>()));
+    const at::Tensor& p = params[i];
+    if (p.numel() == 0) continue;
+    TensorMeta a{};
+    a.w = address(p.data_ptr());
+    a.g = address(grads[i].data_ptr());
+    a.m = bufs.empty() ? 0 : address(bufs[i].data_ptr());
+    a.v = second_moments.empty() ? 0 : address(second_moments[i].data_ptr());
+    a.step = address(steps[i].data_ptr<float>());
+    a.numel = p.numel();
+    if (manifold == kEuclidean) {
+      a.first_unit = plan.plain_chunks;
+      plan.plain_chunks += ceil_div(a.numel, kChunk);
+      plan.plains.push_back(a);
+      continue;
+    }
+    a.group = group_size(p, manifold);  // >= 1 since numel > 0
+    const int64_t groups = a.numel / a.group;
+    if (a.group <= kShortGroup) {
+      a.first_unit = plan.short_groups;
+      plan.short_groups += groups;
+      plan.shorts.push_back(a);
+    } else {
+      a.chunks = ceil_div(a.group, kChunk);
+      a.first_unit = plan.long_chunks;
+      a.first_group = plan.long_groups;
+      plan.long_chunks += groups * a.chunks;
+      plan.long_groups += groups;
+      plan.longs.push_back(a);
+    }
+  }
+  return plan;
+}
+
+// The device copy of a plan's tables: shorts, longs, plains (TensorMeta rows) and the steps.
+struct DeviceTables {
+  at::Tensor storage;
+  const TensorMeta *shorts, *longs, *plains;
+  const int64_t* steps;
+};
+
+DeviceTables upload_plan(const Plan& plan, const at::Device& device) {
+  // Tables -> pinned host memory -> device, without waiting. copy_ records the pinned block's use
+  // on the stream, so the caching host allocator does not reuse it before the copy has run.
+  const int64_t num_metas =
+      static_cast<int64_t>(plan.shorts.size() + plan.longs.size() + plan.plains.size());
+  const int64_t words = num_metas * kMetaWords + static_cast<int64_t>(plan.steps.size());
+  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* h = host.data_ptr<int64_t>();
+  for (const std::vector<TensorMeta>* table : {&plan.shorts, &plan.longs, &plan.plains}) {
+    if (table->empty()) continue;  // memcpy from a null data() is undefined
+    std::memcpy(h, table->data(), table->size() * sizeof(TensorMeta));
+    h += table->size() * kMetaWords;
+  }
+  std::memcpy(h, plan.steps.data(), plan.steps.size() * sizeof(int64_t));
+  at::Tensor dev = at::empty({words}, at::TensorOptions().dtype(at::kLong).device(device));
+  dev.copy_(host, /*non_blocking=*/true);
+  DeviceTables d;
+  d.storage = dev;
+  d.shorts = reinterpret_cast<const TensorMeta*>(dev.data_ptr<int64_t>());
+  d.longs = d.shorts + plan.shorts.size();
+  d.plains = d.longs + plan.longs.size();
+  d.steps = reinterpret_cast<const int64_t*>(d.plains + plan.plains.size());
+  return d;
+}
+
+}  // namespace
+}  // namespace psi

@@ -1,0 +1,222 @@
+// Fused CUDA implementation of psi_cuda::psi_adam_ (math: psi/adam.h; semantics: the CPU kernel
+// csrc/cpu/psi_adam_cpu.cpp). The launch scheme is psi_sgd_cuda.cu's (multi_tensor.cuh): a
+// PSI-Adam group is reduced and written exactly like a PSI-SGD group with momentum; only the
+// solve differs, which also writes the group's second-moment scalar.
+//
+//   psi_adam_short_groups_kernel  groups of at most kShortGroup elements: one block per group,
+//                                 the group in registers, one read and one write.
+//   psi_long_reduce_kernel,       longer groups: chunk partials (shared with psi_sgd_),
+//   psi_adam_long_solve_kernel    per-group solve (writes v),
+//   psi_long_apply_kernel         chunk writes (shared with psi_sgd_).
+//   euclidean_adam_kernel         Euclidean tensors: torch.optim.AdamW, elementwise.
+//   increment_steps_kernel        every step += 1, after all the above (stream order).
+//
+// The bias corrections use t = step + 1, read on the device; every kernel returns at once when
+// found_inf is set, so then nothing changes (steps, m and v included). No host sync.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "multi_tensor.cuh"
+#include "psi/adam.h"
+#include "psi/ops.h"
+
+namespace psi {
+namespace {
+
+// The step of group `group` of tensor `a` from its Gram matrix, called by one thread of a block;
+// writes the group's second moment unless the group does not move. Not inlined (see
+// solve_psi_group in psi_sgd_cuda.cu).
+template <typename opmath_t>
+__device__ __noinline__ Update solve_adam_group(const Gram& G, const AdamOptions& o,
+                                                const float* grad_scale, const TensorMeta& a,
+                                                int64_t group) {
+  opmath_t* v = reinterpret_cast<opmath_t*>(a.v) + group;
+  const double t = static_cast<double>(*reinterpret_cast<const float*>(a.step)) + 1.0;
+  const AdamUpdate r = psi_adam_update(G, o, grad_factor(o.maximize, grad_scale),
+                                       static_cast<double>(*v), t, a.group);
+  if (!r.up.skip) *v = static_cast<opmath_t>(r.v);
+  return r.up;
+}
+
+// ---- short groups: one block per group, the group in registers -------------------------------
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, short_blocks_per_sm<scalar_t>())
+    psi_adam_short_groups_kernel(const TensorMeta* metas, int64_t num_tensors,
+                                 int64_t num_groups, AdamOptions o, const float* grad_scale,
+                                 const float* found_inf) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if (skip_step(found_inf)) return;
+  __shared__ typename BlockGramReduce::TempStorage temp;
+  __shared__ Update shared_up;
+  for (int64_t unit = blockIdx.x; unit < num_groups; unit += gridDim.x) {
+    const TensorMeta& a = find_tensor<&TensorMeta::first_unit>(metas, num_tensors, unit);
+    const int64_t len = a.group;  // <= kShortGroup
+    const int64_t group = unit - a.first_unit;
+    const Ptrs<scalar_t> p(a, group * len);
+
+    opmath_t w[kItems], g[kItems], m[kItems];
+    GramAcc<opmath_t> acc;
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      const int i = static_cast<int>(threadIdx.x) + k * kThreads;
+      const bool in = i < len;
+      w[k] = in ? static_cast<opmath_t>(p.w[i]) : opmath_t(0);
+      g[k] = in ? static_cast<opmath_t>(p.g[i]) : opmath_t(0);
+      m[k] = in ? p.m[i] : opmath_t(0);
+      acc.add(w[k], g[k], m[k], true);
+    }
+    const Gram G = BlockGramReduce(temp).Reduce(acc.to_double(), GramSum());  // thread 0 only
+    if (threadIdx.x == 0) shared_up = solve_adam_group<opmath_t>(G, o, grad_scale, a, group);
+    __syncthreads();
+    const Update up = shared_up;
+    if (!up.skip) {
+      const Writer<scalar_t, opmath_t> wr(up);
+#pragma unroll
+      for (int k = 0; k < kItems; ++k) {
+        const int i = static_cast<int>(threadIdx.x) + k * kThreads;
+        if (i < len) wr.write(p.w, p.m, i, w[k], g[k], m[k]);
+      }
+    }
+    __syncthreads();  // shared_up and temp are reused by the next group
+  }
+}
+
+// ---- long groups: the per-group solve (reduce and apply are shared with psi_sgd_) -------------
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    psi_adam_long_solve_kernel(const TensorMeta* metas, int64_t num_tensors, int64_t num_groups,
+                               const Gram* partials, Update* updates, AdamOptions o,
+                               const float* grad_scale, const float* found_inf) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if (skip_step(found_inf)) return;
+  __shared__ typename BlockGramReduce::TempStorage temp;
+  for (int64_t j = blockIdx.x; j < num_groups; j += gridDim.x) {
+    const TensorMeta& a = find_tensor<&TensorMeta::first_group>(metas, num_tensors, j);
+    const Gram* part = partials + a.first_unit + (j - a.first_group) * a.chunks;
+    Gram sum{0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    for (int64_t c = threadIdx.x; c < a.chunks; c += kThreads) sum = GramSum()(sum, part[c]);
+    const Gram G = BlockGramReduce(temp).Reduce(sum, GramSum());
+    if (threadIdx.x == 0) {
+      updates[j] = solve_adam_group<opmath_t>(G, o, grad_scale, a, j - a.first_group);
+    }
+    __syncthreads();  // temp is reused by the next group
+  }
+}
+
+// ---- Euclidean tensors: elementwise torch.optim.AdamW ------------------------------------------
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    euclidean_adam_kernel(const TensorMeta* metas, int64_t num_tensors, int64_t num_chunks,
+                          AdamOptions o, const float* grad_scale, const float* found_inf) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if (skip_step(found_inf)) return;
+  const double f = grad_factor(o.maximize, grad_scale);
+  for (int64_t unit = blockIdx.x; unit < num_chunks; unit += gridDim.x) {
+    const TensorMeta& a = find_tensor<&TensorMeta::first_unit>(metas, num_tensors, unit);
+    const int64_t begin = (unit - a.first_unit) * kChunk;
+    const int64_t n = min64(kChunk, a.numel - begin);
+    const double t = static_cast<double>(*reinterpret_cast<const float*>(a.step)) + 1.0;
+    const AdamElementwiseT<opmath_t> c(euclidean_adam_constants(o, f, t));
+    const Ptrs<scalar_t> p(a, begin);
+    opmath_t* v = reinterpret_cast<opmath_t*>(a.v) + begin;
+    for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+      opmath_t mi = p.m[i], vi = v[i];
+      const opmath_t wi = euclidean_adam_step(static_cast<opmath_t>(p.w[i]),
+                                              static_cast<opmath_t>(p.g[i]), &mi, &vi, c);
+      p.w[i] = static_cast<scalar_t>(wi);
+      p.m[i] = mi;
+      v[i] = vi;
+    }
+  }
+}
+
+// ---- host ---------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+void launch_psi_adam(const Plan& plan, const DeviceTables& tables, const AdamOptions& o,
+                     const float* grad_scale, const float* found_inf, const at::Device& device,
+                     cudaStream_t stream) {
+  if (plan.short_groups > 0) {
+    psi_adam_short_groups_kernel<scalar_t><<<grid_for(plan.short_groups), kThreads, 0, stream>>>(
+        tables.shorts, static_cast<int64_t>(plan.shorts.size()), plan.short_groups, o,
+        grad_scale, found_inf);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (plan.long_groups > 0) {
+    const int64_t n = static_cast<int64_t>(plan.longs.size());
+    const at::TensorOptions bytes = at::TensorOptions().dtype(at::kByte).device(device);
+    at::Tensor partials =
+        at::empty({plan.long_chunks * static_cast<int64_t>(sizeof(Gram))}, bytes);
+    at::Tensor updates =
+        at::empty({plan.long_groups * static_cast<int64_t>(sizeof(Update))}, bytes);
+    Gram* partials_ptr = reinterpret_cast<Gram*>(partials.data_ptr());
+    Update* updates_ptr = reinterpret_cast<Update*>(updates.data_ptr());
+    psi_long_reduce_kernel<scalar_t><<<grid_for(plan.long_chunks), kThreads, 0, stream>>>(
+        tables.longs, n, plan.long_chunks, partials_ptr, found_inf);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    psi_adam_long_solve_kernel<scalar_t><<<grid_for(plan.long_groups), kThreads, 0, stream>>>(
+        tables.longs, n, plan.long_groups, partials_ptr, updates_ptr, o, grad_scale, found_inf);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    psi_long_apply_kernel<scalar_t><<<grid_for(plan.long_chunks), kThreads, 0, stream>>>(
+        tables.longs, n, plan.long_chunks, updates_ptr, found_inf);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }  // partials/updates go back to the caching allocator, stream-ordered after these kernels
+  if (plan.plain_chunks > 0) {
+    euclidean_adam_kernel<scalar_t><<<grid_for(plan.plain_chunks), kThreads, 0, stream>>>(
+        tables.plains, static_cast<int64_t>(plan.plains.size()), plan.plain_chunks, o,
+        grad_scale, found_inf);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const int64_t num_steps = static_cast<int64_t>(plan.steps.size());
+  increment_steps_kernel<<<grid_for(ceil_div(num_steps, kThreads)), kThreads, 0, stream>>>(
+      tables.steps, num_steps, found_inf);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void psi_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, at::TensorList state_steps, double lr,
+                   double beta1, double beta2, double eps, double weight_decay, bool maximize,
+                   int64_t manifold, int64_t retraction, int64_t transport, double max_grad_norm,
+                   const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
+  const AdamOptions o = checked_adam_options(params, grads, exp_avgs, exp_avg_sqs, state_steps,
+                                             lr, beta1, beta2, eps, weight_decay, maximize,
+                                             manifold, retraction, transport, max_grad_norm,
+                                             grad_scale, found_inf);
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  TORCH_CHECK(device.is_cuda(), "psi_adam_: the CUDA kernel got params on ", device);
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+
+  std::vector<at::Tensor> grads_laid_out;  // keeps copies of differently laid out grads alive
+  grads_laid_out.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    grads_laid_out.push_back(grad_like_param(grads[i], params[i]));
+  }
+  const Plan plan = make_plan(params, grads_laid_out, exp_avgs, exp_avg_sqs, state_steps,
+                              manifold);
+  const DeviceTables tables = upload_plan(plan, device);
+  const float* scale = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
+  const float* inf = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(),
+                                  "psi_adam_cuda", [&] {
+                                    launch_psi_adam<scalar_t>(plan, tables, o, scale, inf, device,
+                                                              stream);
+                                  });
+}
+
+}  // namespace
+}  // namespace psi
+
+TORCH_LIBRARY_IMPL(psi_cuda, CUDA, m) { m.impl("psi_adam_", &psi::psi_adam_cuda); }

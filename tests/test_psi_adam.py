@@ -1,0 +1,630 @@
+"""psi_adam_ / PSIAdam: the fused op against the pure-torch reference (shapes, layouts, dtypes,
+options), exact identities of ALGORITHMS.md section 3, the invariants of section 7 (equivariance,
+norms, tangent moments), torch.optim.AdamW on Euclidean groups, and the optimizer contract
+(GradScaler, state_dict resume, bad input)."""
+import copy
+import io
+import itertools
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import psi_cuda
+from psi_cuda import ops, reference
+from psi_cuda.optim import PSIAdam, PSISGD
+from conftest import DEVICES
+from helpers import assert_close_rel, state_dtype, tangent_grad_like
+from test_optim import ConvBN, groups, rescaled_copy, train
+
+# Odd sizes, rows of length 1, long rows reduced in chunks (> 65536), size 0, 1-D, scalar.
+SHAPES = [(7, 3, 3, 3), (5, 1), (3, 17), (2, 70001), (64, 129), (0, 4), (33,), (1, 1)]
+
+OPTIONS = [
+    dict(),
+    dict(beta1=0.8, beta2=0.99, eps=1e-3),
+    dict(retraction="exp"),
+    dict(retraction="exp", transport="parallel"),
+    dict(retraction="none"),
+    dict(max_grad_norm=0.05),
+    dict(maximize=True, weight_decay=0.1),
+    dict(beta1=0.0, eps=0.0, retraction="exp", transport="parallel", max_grad_norm=0.1),
+]
+
+
+def second_moment_like(p, manifold, dtype):
+    if manifold == "channel":
+        return torch.zeros(p.size(0), dtype=dtype, device=p.device)
+    if manifold == "tensor":
+        return torch.zeros((), dtype=dtype, device=p.device)
+    return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+
+def make_case(shapes, dtype, device, manifold, zero_rows=False, channels_last=False):
+    params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+    for s in shapes:
+        p = torch.randn(s, dtype=torch.float64)
+        if zero_rows and p.dim() >= 1 and p.size(0) > 1:
+            p[1] = 0
+        p = p.to(device=device, dtype=dtype)
+        if channels_last and p.dim() == 4:
+            p = p.contiguous(memory_format=torch.channels_last)
+        params.append(p)
+        grads.append(tangent_grad_like(p, manifold or "tensor"))
+        exp_avgs.append(torch.zeros_like(p, dtype=state_dtype(dtype),
+                                         memory_format=torch.preserve_format))
+        exp_avg_sqs.append(second_moment_like(p, manifold, state_dtype(dtype)))
+        steps.append(torch.zeros((), device=device))
+    return params, grads, exp_avgs, exp_avg_sqs, steps
+
+
+def clone_all(*lists):
+    return [[t.clone() for t in lst] for lst in lists]
+
+
+def run_both(case, steps=3, new_grads=True, **kw):
+    """`steps` steps of the fused op and of the reference on copies of `case`; fresh gradients
+    each step (the same for both)."""
+    fused = clone_all(*case)
+    ref = clone_all(*case)
+    manifold = kw.get("manifold")
+    for k in range(steps):
+        if new_grads and k > 0:
+            grads = [tangent_grad_like(p, manifold or "tensor") for p in fused[0]]
+            fused[1], ref[1] = grads, [g.clone() for g in grads]
+        ops.psi_adam_(*fused, **kw)
+        reference.psi_adam_(*ref, **kw)
+    return fused, ref
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("manifold", ["channel", "tensor", None])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
+                         or "defaults")
+def test_fused_matches_reference(device, dtype, manifold, opts):
+    shapes = SHAPES if manifold != "channel" else [s for s in SHAPES if len(s) >= 1]
+    if manifold is None and opts.get("eps") == 0.0:
+        opts = dict(opts, eps=1e-8)  # AdamW with eps=0 gives 0/0 where g=0 (torch's too)
+    case = make_case(shapes, dtype, device, manifold)
+    kw = dict(lr=0.05, manifold=manifold, **opts)
+    (p_f, _, m_f, v_f, s_f), (p_r, _, m_r, v_r, s_r) = run_both(case, **kw)
+    for i, (a, e) in enumerate(zip(p_f, p_r)):
+        assert a.stride() == case[0][i].stride()
+        assert_close_rel(a, e, dtype, f"params[{i}] {tuple(a.shape)}")
+        # the step really moved the parameter (a test that cannot pass by doing nothing)
+        if a.numel() > 0 and (manifold is None or a[0].numel() > 1):
+            assert not torch.equal(a, case[0][i]), f"params[{i}] did not move"
+    for i, (a, e) in enumerate(zip(m_f, m_r)):
+        assert_close_rel(a, e, dtype, f"exp_avgs[{i}]")
+    for i, (a, e) in enumerate(zip(v_f, v_r)):
+        assert a.shape == case[3][i].shape
+        assert_close_rel(a, e, dtype, f"exp_avg_sqs[{i}]")
+    assert all(s.item() == 3 for s in s_f)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_zero_rows_and_strided_grads(device, dtype):
+    """Channels-last weights keep channel groups on dim 0; zero rows stay zero with their state
+    untouched (no NaN); gradients with other strides than their parameter are read correctly."""
+    case = make_case([(8, 5, 3, 3), (6, 4, 1, 1), (16, 9)], dtype, device, "channel",
+                     zero_rows=True, channels_last=True)
+    params, grads, exp_avgs, exp_avg_sqs, steps = case
+    grads[2] = grads[2].t().contiguous().t()  # same values, transposed strides
+    assert not grads[2].is_contiguous()
+    (p_f, _, m_f, v_f, _), (p_r, _, m_r, v_r, _) = run_both(case, new_grads=False, lr=0.1,
+                                                            manifold="channel")
+    for a, e, p0 in zip(p_f, p_r, params):
+        assert a.is_contiguous(memory_format=torch.channels_last) == p0.is_contiguous(
+            memory_format=torch.channels_last)
+        assert_close_rel(a, e, dtype)
+        assert torch.isfinite(a).all()
+        assert (a[1] == 0).all()
+    for a, e in zip(m_f + v_f, m_r + v_r):
+        assert_close_rel(a, e, dtype)
+        assert (a[1] == 0).all()
+    for v in v_f:
+        assert (v[0] > 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("retraction", ["normalize", "exp"])
+@pytest.mark.parametrize("manifold", ["channel", "tensor"])
+def test_norms_preserved_and_moment_tangent(device, retraction, manifold):
+    params, grads, exp_avgs, exp_avg_sqs, steps = make_case([(12, 40), (4, 3, 5, 5)],
+                                                            torch.float64, device, manifold)
+    norms0 = [p.reshape(p.size(0) if manifold == "channel" else 1, -1).norm(dim=1) for p in params]
+    for _ in range(20):
+        for p, g in zip(params, grads):
+            g.copy_(tangent_grad_like(p, manifold) + 0.3 * p)  # with a radial part
+        ops.psi_adam_(params, grads, exp_avgs, exp_avg_sqs, steps, lr=0.1, manifold=manifold,
+                      retraction=retraction)
+    for p, m, n0 in zip(params, exp_avgs, norms0):
+        rows = p.size(0) if manifold == "channel" else 1
+        w, mm = p.reshape(rows, -1), m.reshape(rows, -1)
+        torch.testing.assert_close(w.norm(dim=1), n0, rtol=1e-12, atol=0)
+        u = w / w.norm(dim=1, keepdim=True)
+        radial = (mm * u).sum(dim=1).abs()
+        assert (radial <= 1e-12 * mm.norm(dim=1).clamp_min(1e-300)).all()
+        assert mm.abs().max() > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_first_step_turns_each_group_by_lr(device):
+    """Section 3: on the first step d = q / (|q| + eps), so with the exponential map every group
+    turns by lr radians, whatever the size of its gradient and of the group."""
+    p = torch.randn(6, 30, dtype=torch.float64, device=device) * torch.logspace(
+        -2, 2, 6, dtype=torch.float64, device=device)[:, None]
+    g = tangent_grad_like(p, "channel") * torch.logspace(-3, 3, 6, dtype=torch.float64,
+                                                         device=device)[:, None]
+    w0 = p.clone()
+    lr = 0.3
+    ops.psi_adam_([p], [g], [torch.zeros_like(p)], [torch.zeros(6, dtype=torch.float64,
+                                                                device=device)],
+                  [torch.zeros((), device=device)], lr=lr, eps=0.0, manifold="channel",
+                  retraction="exp")
+    cos = (p * w0).sum(1) / (p.norm(dim=1) * w0.norm(dim=1))
+    torch.testing.assert_close(torch.acos(cos.clamp(-1, 1)),
+                               torch.full((6,), lr, dtype=torch.float64, device=device),
+                               rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("retraction", ["normalize", "exp", "none"])
+def test_betas_zero_is_normalized_gradient_psi_sgd(device, retraction):
+    """beta1 = beta2 = 0, eps = 0: d = q / |q|, i.e. PSI-SGD on the clipped gradient
+    (max_grad_norm c < |q| gives c q / |q|) with lr / c: an independent op as the oracle."""
+    p = torch.randn(9, 14, dtype=torch.float64, device=device)
+    a, b = p.clone(), p.clone()
+    ma, va = torch.zeros_like(p), torch.zeros(9, dtype=torch.float64, device=device)
+    sa, sb = torch.zeros((), device=device), torch.zeros((), device=device)
+    c = 1e-3
+    for _ in range(5):
+        g = tangent_grad_like(a, "channel")
+        ops.psi_adam_([a], [g], [ma], [va], [sa], lr=0.2, beta1=0.0, beta2=0.0, eps=0.0,
+                      manifold="channel", retraction=retraction)
+        ops.psi_sgd_([b], [g.clone()], [], [sb], lr=0.2 / c, max_grad_norm=c,
+                     manifold="channel", retraction=retraction)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(a, p)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_scale_and_found_inf(device):
+    params, grads, exp_avgs, exp_avg_sqs, steps = make_case([(9, 7), (3, 2, 3, 3)],
+                                                            torch.float32, device, "channel")
+    scale = torch.tensor(1024.0, device=device)
+    scaled = [g * scale for g in grads]
+    a = clone_all(params, exp_avgs, exp_avg_sqs, steps)
+    b = clone_all(params, exp_avgs, exp_avg_sqs, steps)
+    kw = dict(lr=0.1, manifold="channel")
+    ops.psi_adam_(a[0], grads, a[1], a[2], a[3], **kw)
+    ops.psi_adam_(b[0], scaled, b[1], b[2], b[3], grad_scale=scale, **kw)
+    for x, y in zip(a[0] + a[1] + a[2], b[0] + b[1] + b[2]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+    # found_inf set: nothing changes, steps and moments included, even with NaN gradients.
+    for manifold in ("channel", None):
+        case = make_case([(9, 7), (3, 2, 3, 3)], torch.float32, device, manifold)
+        c = clone_all(case[0], case[2], case[3], case[4])
+        for lst in c[1:3]:
+            for t in lst:
+                t.uniform_()  # non-zero state, to see that it is kept
+        before = clone_all(*c)
+        nan_grads = [torch.full_like(g, float("nan")) for g in case[1]]
+        ops.psi_adam_(c[0], nan_grads, c[1], c[2], c[3], lr=0.1, manifold=manifold,
+                      grad_scale=scale, found_inf=torch.ones((), device=device))
+        for x, y in zip(itertools.chain(*c), itertools.chain(*before)):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bias_correction_follows_state_step(device):
+    """t = state_step + 1 on the device: a step skipped by found_inf keeps the next one the
+    first (bias corrections of t = 1), and a resumed step count gives that step's corrections."""
+    p = torch.randn(5, 8, device=device, dtype=torch.float64)
+    g = tangent_grad_like(p, "channel")
+    m, v, step = torch.zeros_like(p), torch.zeros(5, dtype=torch.float64, device=device), \
+        torch.zeros((), device=device)
+    kw = dict(lr=0.1, manifold="channel")
+    ops.psi_adam_([p], [g], [m], [v], [step], found_inf=torch.ones((), device=device), **kw)
+    assert step.item() == 0
+    p_ref, m_ref, v_ref = p.clone(), m.clone(), v.clone()
+    ops.psi_adam_([p], [g], [m], [v], [step], **kw)
+    reference.psi_adam_([p_ref], [g], [m_ref], [v_ref], [torch.zeros((), device=device)], **kw)
+    torch.testing.assert_close(p, p_ref)
+    assert step.item() == 1
+    # step 7 with the same state: the reference with step 6 agrees; step 1 does not.
+    p7, p1 = p.clone(), p.clone()
+    ops.psi_adam_([p7], [g], [m.clone()], [v.clone()], [torch.full((), 6.0, device=device)], **kw)
+    p_ref = p.clone()
+    reference.psi_adam_([p_ref], [g], [m.clone()], [v.clone()],
+                        [torch.full((), 6.0, device=device)], **kw)
+    ops.psi_adam_([p1], [g], [m.clone()], [v.clone()], [torch.zeros((), device=device)], **kw)
+    torch.testing.assert_close(p7, p_ref)
+    assert not torch.allclose(p7, p1)
+
+
+def test_zero_and_length_one_groups_do_not_move():
+    p = torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]])
+    g = torch.tensor([[1.0, -1.0, 2.0], [0.5, 0.1, -0.2]])
+    m = torch.full_like(p, 0.25)
+    v = torch.tensor([0.5, 0.5])
+    ops.psi_adam_([p], [g], [m], [v], [torch.zeros(())], lr=0.5, manifold="channel")
+    assert torch.equal(p[0], torch.zeros(3)) and torch.equal(m[0], torch.full((3,), 0.25))
+    assert v[0].item() == 0.5 and v[1].item() != 0.5
+    assert not torch.equal(p[1], torch.tensor([1.0, 2.0, 3.0]))
+    x = torch.tensor([[2.0], [-3.0]])  # rows of length 1: points of the 0-sphere
+    x0, mx, vx = x.clone(), torch.full_like(x, 0.1), torch.full((2,), 0.2)
+    ops.psi_adam_([x], [torch.ones_like(x)], [mx], [vx], [torch.zeros(())], lr=0.5,
+                  manifold="channel")
+    assert torch.equal(x, x0) and torch.equal(mx, torch.full_like(x, 0.1))
+    assert torch.equal(vx, torch.full((2,), 0.2))
+
+
+def test_opcheck():
+    case = make_case([(4, 6), (3, 2, 2)], torch.float32, "cpu", "channel")
+    kwargs = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False,
+                  manifold=1, retraction=1, transport=1, max_grad_norm=0.5,
+                  grad_scale=torch.tensor(2.0), found_inf=torch.zeros(()))
+    torch.library.opcheck(torch.ops.psi_cuda.psi_adam_.default, case, kwargs)
+    torch.library.opcheck(torch.ops.psi_cuda.psi_adam_.default,
+                          make_case([(5, 3), ()], torch.float64, "cpu", None),
+                          dict(kwargs, weight_decay=0.1, maximize=True, manifold=0, retraction=0,
+                               transport=0, max_grad_norm=0.0, grad_scale=None, found_inf=None))
+    torch.library.opcheck(torch.ops.psi_cuda.psi_adam_.default,
+                          make_case([(5, 3)], torch.bfloat16, "cpu", "tensor"),
+                          dict(kwargs, manifold=2, retraction=2, transport=0))
+
+
+BAD_CALLS = {
+    "grad shape": (lambda c: c[1].__setitem__(1, torch.zeros(3, 3)), r"grads\[1\] has shape"),
+    "grad dtype": (lambda c: c[1].__setitem__(0, c[1][0].double()), r"grads\[0\] is Double"),
+    "exp_avg dtype": (lambda c: c[2].__setitem__(0, c[2][0].half()), r"exp_avgs\[0\]"),
+    "exp_avg_sq shape": (lambda c: c[3].__setitem__(1, torch.zeros(3, 2)),
+                         r"exp_avg_sqs\[1\] must be a contiguous Float tensor with one element "
+                         r"per group \(3 for params\[1\]"),
+    "missing exp_avg_sq": (lambda c: c[3].pop(), r"exp_avg_sqs"),
+    "sparse grad": (lambda c: c[1].__setitem__(0, c[1][0].to_sparse()), r"grads\[0\] is sparse"),
+    "step dtype": (lambda c: c[4].__setitem__(0, torch.zeros((), dtype=torch.int64)),
+                   r"state_steps\[0\] must be a float32"),
+    "device": (lambda c: c[2].__setitem__(0, c[2][0].to("meta")),
+               r"exp_avgs\[0\] is on meta but params\[0\] is on cpu"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CALLS))
+def test_bad_inputs_raise_and_change_nothing(name):
+    mutate, pattern = BAD_CALLS[name]
+    params, grads, exp_avgs, exp_avg_sqs, steps = make_case([(4, 6), (3, 2)], torch.float32,
+                                                            "cpu", "channel")
+    before = clone_all(params, exp_avgs, exp_avg_sqs, steps)
+    case = [params, list(grads), list(exp_avgs), list(exp_avg_sqs), list(steps)]
+    mutate(case)
+    with pytest.raises(RuntimeError, match=pattern):
+        ops.psi_adam_(*case, lr=0.1, manifold="channel")
+    for x, y in zip(params + exp_avgs + exp_avg_sqs + steps, itertools.chain(*before)):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("kw,pattern", [
+    (dict(manifold="sphere"), r"manifold must be one of"),
+    (dict(retraction="cayley"), r"retraction must be one of"),
+    (dict(transport="parallel"), r"parallel needs retraction=exp"),
+    (dict(lr=-1.0), r"lr must be >= 0"),
+    (dict(beta1=1.0), r"beta1 must be in \[0, 1\)"),
+    (dict(beta2=-0.1), r"beta2 must be in \[0, 1\)"),
+    (dict(eps=-1.0), r"eps must be >= 0"),
+])
+def test_bad_options_raise(kw, pattern):
+    params, grads, exp_avgs, exp_avg_sqs, steps = make_case([(4, 6)], torch.float32, "cpu",
+                                                            "channel")
+    p0 = params[0].clone()
+    with pytest.raises((RuntimeError, ValueError), match=pattern):
+        ops.psi_adam_(params, grads, exp_avgs, exp_avg_sqs, steps,
+                      **{"lr": 0.1, "manifold": "channel", **kw})
+    assert torch.equal(params[0], p0) and steps[0].item() == 0
+
+
+# ---- the optimizer ------------------------------------------------------------------------------
+
+
+def set_grads(params, grads):
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("opts", [
+    dict(),
+    dict(weight_decay=1e-2),
+    dict(betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, maximize=True),
+    dict(lr=0.01, betas=(0.0, 0.5), eps=1e-3),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_euclidean_groups_match_torch_adamw(device, backend, opts, dtype):
+    shapes = [(10, 7), (13,), (2, 3, 3, 3), (), (0, 3)]
+    ours = [torch.randn(s, device=device, dtype=dtype) for s in shapes]
+    theirs = [p.clone() for p in ours]
+    opts = dict(dict(lr=0.05, weight_decay=0.0), **opts)  # AdamW defaults to 1e-2
+    opt = PSIAdam([{"params": ours, "manifold": None}], backend=backend, **opts)
+    ref = torch.optim.AdamW(theirs, foreach=False, **opts)
+    for _ in range(8):
+        grads = [torch.randn_like(p) for p in ours]
+        set_grads(ours, grads)
+        set_grads(theirs, grads)
+        opt.step()
+        ref.step()
+    tol = dict(rtol=2e-6, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **tol)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[a][key], ref.state[b][key], **tol)
+        assert opt.state[a]["step"].item() == ref.state[b]["step"].item() == 8
+    assert not torch.equal(ours[0], torch.zeros_like(ours[0]))
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_equivariance_over_100_steps(backend):
+    """ALGORITHMS.md 7.1 for PSI-Adam: from w0 and from c*w0 (c per channel in [0.1, 10]) every
+    iterate stays c times the other and the losses agree; AdamW on the same starts does not."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = ConvBN()
+        batches = [(torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,))) for _ in range(4)]
+        results = {}
+        for psi in (True, False) if backend == "fused" else (True,):  # AdamW once is enough
+            a = copy.deepcopy(model)
+            b, factors = rescaled_copy(model)
+            kw = dict(lr=0.02, weight_decay=0.0, backend=backend)
+            make = (lambda m: PSIAdam(groups(m, True), **kw)) if psi else (
+                lambda m: torch.optim.AdamW(m.parameters(), lr=0.02, weight_decay=0.0))
+            la = train(a, make(a), batches, 100)
+            lb = train(b, make(b), batches, 100)
+            gap = max(((getattr(b, n).weight / factors[n].view(-1, 1, 1, 1)
+                        - getattr(a, n).weight).abs().max() / getattr(a, n).weight.abs().max())
+                      .item() for n in ("c1", "c2"))
+            results[psi] = (gap, max(abs(x - y) for x, y in zip(la, lb)), la)
+        gap, loss_gap, losses = results[True]
+        assert gap < 1e-8 and loss_gap < 1e-8, results[True][:2]
+        assert losses[-1] < losses[0]  # it trains
+        if False in results:
+            gap, loss_gap, _ = results[False]
+            assert gap > 1e-2 and loss_gap > 1e-3, results[False][:2]
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_fused_and_reference_backends_agree_on_a_model():
+    model = ConvBN()
+    twin = copy.deepcopy(model)
+    batches = [(torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))) for _ in range(3)]
+    kw = dict(lr=0.02, retraction="exp", transport="parallel", max_grad_norm=1.0)
+    la = train(model, PSIAdam(groups(model, True), backend="fused", **kw), batches, 10)
+    lb = train(twin, PSIAdam(groups(twin, True), backend="reference", **kw), batches, 10)
+    assert la == pytest.approx(lb, rel=1e-4)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_param_groups_builds_psiadam_groups():
+    """psi_cuda.param_groups puts the conv weights into channel groups: PSIAdam then keeps their
+    row norms and stores one second moment per output channel, and trains the model."""
+    model = ConvBN()
+    built = psi_cuda.param_groups(model, lr=0.01, psi_lr=0.02, weight_decay=1e-2)
+    assert {g["manifold"] for g in built} == {"channel", None}
+    opt = PSIAdam(built, lr=0.01)
+    norms = {n: model.get_parameter(n).detach().flatten(1).norm(dim=1).clone()
+             for n in ("c1.weight", "c2.weight")}
+    fc0 = model.fc.weight.detach().clone()
+    batches = [(torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))) for _ in range(3)]
+    losses = train(model, opt, batches, 30)
+    assert losses[-1] < losses[0]
+    for n, n0 in norms.items():
+        p = model.get_parameter(n)
+        torch.testing.assert_close(p.detach().flatten(1).norm(dim=1), n0, rtol=1e-5, atol=0)
+        assert opt.state[p]["exp_avg_sq"].shape == (p.size(0),)
+    assert opt.state[model.fc.weight]["exp_avg_sq"].shape == model.fc.weight.shape
+    assert not torch.equal(model.fc.weight, fc0)
+
+
+def test_closure_and_zero_grad():
+    model = ConvBN()
+    opt = PSIAdam(groups(model, True), lr=0.02)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    first = opt.step(closure).item()
+    for _ in range(5):
+        last = opt.step(closure).item()
+    assert last < first
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_resume_is_bit_for_bit(dtype):
+    model = ConvBN().to(dtype)
+    batches = [(torch.randn(8, 3, 8, 8, dtype=dtype), torch.randint(0, 5, (8,)))
+               for _ in range(3)]
+    kw = dict(lr=0.02, weight_decay=1e-2, retraction="exp")
+
+    def make(m):
+        return PSIAdam([{"params": [m.c1.weight], "manifold": "channel"},
+                        {"params": [m.c2.weight], "manifold": "tensor"},
+                        {"params": [p for n, p in m.named_parameters()
+                                    if n not in ("c1.weight", "c2.weight")], "manifold": None}],
+                       **kw)
+
+    opt = make(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # weight decay ignored on the PSI groups
+        train(model, opt, batches, 5)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(model, opt, batches, 5)
+
+    buf.seek(0)
+    saved = torch.load(buf)
+    resumed = ConvBN().to(dtype)
+    resumed.load_state_dict(saved["model"])
+    opt2 = make(resumed)
+    opt2.load_state_dict(saved["opt"])
+    for p in resumed.parameters():
+        assert opt2.state[p]["exp_avg"].dtype == torch.float32
+        assert opt2.state[p]["exp_avg_sq"].dtype == torch.float32
+    assert opt2.state[resumed.c1.weight]["exp_avg_sq"].shape == (8,)
+    assert opt2.state[resumed.c2.weight]["exp_avg_sq"].shape == ()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(resumed, opt2, batches, 5)
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][key], opt2.state[q][key])
+
+
+def test_grad_scaler_inf_step_changes_nothing():
+    model = ConvBN()
+    opt = PSIAdam(groups(model, True), lr=0.02)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
+
+    def scaled_step(poison=False):
+        opt.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        if poison:
+            model.c2.weight.grad[0, 0, 0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+
+    scaled_step()
+    params = [p.detach().clone() for p in model.parameters()]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()]
+    scaled_step(poison=True)
+    assert scaler.get_scale() == 2.0**9
+    for p, q, st in zip(model.parameters(), params, state):
+        assert torch.equal(p, q)
+        assert opt.state[p].keys() == st.keys()
+        for k, v in st.items():
+            assert torch.equal(opt.state[p][k], v)
+    assert all(opt.state[p]["step"].item() == 1 for p in model.parameters())
+
+
+def test_grad_scaler_step_equals_unscaled_step():
+    model = ConvBN()
+    twin = copy.deepcopy(model)
+    opt = PSIAdam(groups(model, True), lr=0.02)
+    opt2 = PSIAdam(groups(twin, True), lr=0.02)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
+    for _ in range(3):
+        opt.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt2.zero_grad()
+        nn.functional.cross_entropy(twin(x), y).backward()
+        opt2.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(model.c1.weight, copy.deepcopy(ConvBN()).c1.weight)
+
+
+def test_bad_group_options_raise():
+    w = torch.randn(4, 3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['manifold'\] must be"):
+        PSIAdam([{"params": [w], "manifold": "sphere"}])
+    with pytest.raises(ValueError, match=r"transport='parallel' needs retraction='exp'"):
+        PSIAdam([w], transport="parallel")
+    with pytest.raises(ValueError, match=r"\['lr'\] must be >= 0"):
+        PSIAdam([w], lr=-0.1)
+    with pytest.raises(ValueError, match=r"\['betas'\] must be two numbers in \[0, 1\)"):
+        PSIAdam([w], betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match=r"\['betas'\]"):
+        PSIAdam([{"params": [w], "betas": (0.9,)}])
+    with pytest.raises(ValueError, match=r"\['eps'\] must be >= 0"):
+        PSIAdam([w], eps=-1e-8)
+    with pytest.raises(ValueError, match=r"\['weight_decay'\] must be >= 0"):
+        PSIAdam([w], weight_decay=-1.0)
+    with pytest.raises(ValueError, match=r"\['retraction'\] must be one of"):
+        PSIAdam([w], retraction="cayley")
+    with pytest.raises(ValueError, match=r"amsgrad"):
+        PSIAdam([w], amsgrad=True)
+    with pytest.raises(ValueError, match=r"backend must be one of"):
+        PSIAdam([w], backend="triton")
+    with pytest.raises(ValueError, match=r"max_grad_norm"):
+        PSIAdam([w], max_grad_norm=-1.0)
+    with pytest.raises(ValueError, match=r"dtype torch.int64"):
+        PSIAdam([torch.zeros(3, 3, dtype=torch.int64)])
+    with pytest.raises(ValueError, match=r"0-dim tensor"):
+        PSIAdam([torch.zeros((), requires_grad=True)])
+
+
+def test_sparse_grad_raises_and_changes_nothing():
+    emb = nn.Embedding(10, 4, sparse=True)
+    dense = torch.randn(5, 3, requires_grad=True)
+    opt = PSIAdam([{"params": [dense]}, {"params": emb.parameters(), "manifold": None}], lr=0.1)
+    before = (dense.detach().clone(), emb.weight.detach().clone())
+    dense.grad = torch.randn(5, 3)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match=r"PSIAdam: param_groups\[1\]\['params'\]\[0\] has a "
+                                           r"sparse gradient"):
+        opt.step()
+    assert torch.equal(dense, before[0]) and torch.equal(emb.weight, before[1])
+    assert len(opt.state) == 0
+
+
+def test_weight_decay_on_psi_group_warns_and_is_ignored():
+    w = torch.randn(4, 6)
+    a, b = w.clone().requires_grad_(), w.clone().requires_grad_()
+    g = tangent_grad_like(w, "channel")
+    a.grad, b.grad = g.clone(), g.clone()
+    with pytest.warns(UserWarning, match="weight_decay has no meaning"):
+        PSIAdam([a], lr=0.1, weight_decay=0.5).step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PSIAdam([b], lr=0.1).step()
+    assert torch.equal(a, b)
+    assert not torch.equal(a, w)
+
+
+def test_maximize_flips_the_step():
+    w = torch.randn(5, 9, dtype=torch.float64)
+    g = tangent_grad_like(w, "channel")
+    a, b = w.clone().requires_grad_(), w.clone().requires_grad_()
+    a.grad, b.grad = g.clone(), -g
+    PSIAdam([a], lr=0.1, maximize=True).step()
+    PSIAdam([b], lr=0.1).step()
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+    assert not torch.equal(a, w)
+
+
+def test_step_moves_less_than_lr_per_group():
+    """|d| <= about 1 (Adam's normalization): no group turns by much more than lr per step."""
+    w = torch.randn(16, 20, dtype=torch.float64)
+    p = w.clone().requires_grad_()
+    opt = PSIAdam([p], lr=0.05)
+    for _ in range(10):
+        prev = p.detach().clone()
+        p.grad = tangent_grad_like(p.detach(), "channel") * 100.0
+        opt.step()
+        cos = (p.detach() * prev).sum(1) / (p.detach().norm(dim=1) * prev.norm(dim=1))
+        angle = torch.acos(cos.clamp(-1, 1))
+        assert angle.max().item() <= 0.05 * 1.5
+        assert angle.min().item() > 0
+    assert math.isfinite(p.detach().sum().item())
+
+
+def test_psisgd_still_exported_next_to_psiadam():
+    assert psi_cuda.PSIAdam is PSIAdam and psi_cuda.PSISGD is PSISGD

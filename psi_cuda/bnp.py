@@ -100,13 +100,7 @@ class BNP:
     # -------------------------------------------------------------------- statistics
 
     def _use_fused(self, device: torch.device) -> bool:
-        if self.backend == "reference":
-            return False
-        available = device.type == "cpu" or (device.type == "cuda" and ops.has_cuda_kernels())
-        if self.backend == "fused" and not available:
-            raise RuntimeError(f"BNP(backend='fused'): no fused kernel for device {device} in "
-                               "this build of psi_cuda")
-        return available
+        return ops.use_fused(self.backend, device, "BNP")
 
     def _hook(self, layer: BNPLayer):
         def hook(module, args):

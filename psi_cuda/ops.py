@@ -21,6 +21,18 @@ def has_cuda_kernels() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("psi_cuda::psi_sgd_", "CUDA")
 
 
+def use_fused(backend: str, device: torch.device, who: str) -> bool:
+    """Whether ``backend`` ("auto", "fused" or "reference") runs the fused kernels on ``device``;
+    "fused" without a kernel for the device is an error naming ``who``."""
+    if backend == "reference":
+        return False
+    available = device.type == "cpu" or (device.type == "cuda" and has_cuda_kernels())
+    if backend == "fused" and not available:
+        raise RuntimeError(f"{who}(backend='fused'): no fused kernel for device {device} in "
+                           "this build of psi_cuda (rebuild with PSI_CUDA_BUILD_CUDA=1)")
+    return available
+
+
 def psi_sgd_(
     params: list[Tensor],
     grads: list[Tensor],

@@ -9,7 +9,8 @@ from torch import nn
 
 from .. import ops, reference
 from ..bnp import BNP
-from .psi_sgd import PSISGD, _check_grad, _on
+from ._base import on_device, state_like
+from .psi_sgd import PSISGD
 
 
 class BNPSGD(PSISGD):
@@ -44,19 +45,12 @@ class BNPSGD(PSISGD):
         self.bnp = bnp if bnp is not None else BNP(model, backend=backend)
         self._layers = {id(l.module.weight): l for l in self.bnp.layers}
 
+    name = "BNPSGD"
+
     @torch.no_grad()
     def step(self, closure=None):
         """Performs one optimization step. ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    _check_grad(p, gi, pi, "BNPSGD")
+        loss, grad_scale, found_inf = self._begin_step(closure)
         for group in self.param_groups:
             in_group = {id(p) for p in group["params"]}
             fused = defaultdict(list)  # (device, dtype, has bias) -> layers
@@ -84,14 +78,9 @@ class BNPSGD(PSISGD):
                 steps.append(state["step"])
                 if group["momentum"] != 0:
                     bufs.append(state["momentum_buffer"])
-            for (device, _), (params, grads, bufs, steps) in plain.items():
-                fn = (partial(ops.psi_sgd_, check=False) if self._use_fused(device)
-                      else reference.psi_sgd_)
-                fn(params, grads, bufs, steps, lr=group["lr"], momentum=group["momentum"],
-                   dampening=group["dampening"], nesterov=group["nesterov"],
-                   weight_decay=group["weight_decay"], maximize=group["maximize"],
-                   manifold=None, grad_scale=_on(grad_scale, device),
-                   found_inf=_on(found_inf, device))
+            for (device, _), lists in plain.items():
+                self._sgd_call(device, lists, group, None, group["weight_decay"], grad_scale,
+                               found_inf)
         return loss
 
     def _fused_step(self, group, layers, has_bias, device, grad_scale, found_inf):
@@ -110,7 +99,8 @@ class BNPSGD(PSISGD):
                 b = layer.module.bias
                 biases.append(b)
                 if momentum != 0:
-                    bbufs.append(self._bias_buffer(b))
+                    # The bias shares its weight's step counter; it keeps only a buffer.
+                    bbufs.append(state_like(b, self.state[b], "momentum_buffer"))
         fn = (partial(ops.bnp_sgd_, check=False) if self._use_fused(device)
               else reference.bnp_sgd_)
         fn(weights, biases, [w.grad for w in weights], [b.grad for b in biases], wbufs, bbufs,
@@ -118,14 +108,7 @@ class BNPSGD(PSISGD):
            groups=[l.groups for l in layers], eps=self.bnp.eps, lr=group["lr"],
            momentum=momentum, dampening=group["dampening"], nesterov=group["nesterov"],
            weight_decay=group["weight_decay"], maximize=group["maximize"],
-           grad_scale=_on(grad_scale, device), found_inf=_on(found_inf, device))
-
-    def _bias_buffer(self, b):
-        """A fused layer's bias shares its weight's step counter; it keeps only a buffer."""
-        state = self.state[b]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(b, dtype=reference.opmath_dtype(b.dtype))
-        return state["momentum_buffer"]
+           grad_scale=on_device(grad_scale, device), found_inf=on_device(found_inf, device))
 
     def state_dict(self) -> dict:
         """The optimizer state plus the BNP statistics (key ``"bnp"``)."""

@@ -69,6 +69,31 @@ def transport_parallel(m: Tensor, u: Tensor, d: Tensor, t: Tensor, d_norm: Tenso
     return m - rowdot(m, e) * (torch.sin(t) * u + (1 - torch.cos(t)) * e)
 
 
+def move_on_sphere(w, u, n, d, buf, *, lr, retraction, transport):
+    """The move of PSI-SGD and PSI-Adam from the unit rows ``u`` (norms ``n``) along the search
+    direction ``d``, and the transport of the buffer ``buf`` (or None) to the new point.
+    Returns (w', u', buf'); degenerate rows are the caller's to mask."""
+    geodesic = torch.zeros_like(n, dtype=torch.bool)
+    if retraction == "none":
+        w_new = w - lr * n * d  # the plain quotient move
+        u_new = w_new / rownorm(w_new)
+    else:
+        u_new = retract_normalize(u, d, lr)
+        if retraction == "exp":
+            d_norm = rownorm(d)
+            t = lr * d_norm
+            geodesic = t >= EXP_MIN_ANGLE
+            d_safe = torch.where(geodesic, d_norm, torch.ones_like(d_norm))
+            u_new = torch.where(geodesic, retract_exp(u, d, t, d_safe), u_new)
+        w_new = n * u_new
+    if buf is None:
+        return w_new, u_new, None
+    buf_new = transport_project(buf, u_new)
+    if transport == "parallel" and retraction == "exp":
+        buf_new = torch.where(geodesic, transport_parallel(buf, u, d, t, d_safe), buf_new)
+    return w_new, u_new, buf_new
+
+
 def psi_sgd_rows(w, g, m, *, first, lr, momentum, dampening, nesterov, retraction, transport,
                  max_grad_norm):
     """One PSI-SGD step of the groups that are the rows of ``w`` (ALGORITHMS.md section 2).
@@ -87,26 +112,8 @@ def psi_sgd_rows(w, g, m, *, first, lr, momentum, dampening, nesterov, retractio
         d = q + momentum * buf if nesterov else buf
     else:
         buf, d = None, q
-    if retraction == "none":
-        w_new = w - lr * n_safe * d  # the plain quotient move
-        u_new = w_new / rownorm(w_new)
-        geodesic = torch.zeros_like(n, dtype=torch.bool)
-    else:
-        u_new = retract_normalize(u, d, lr)
-        geodesic = torch.zeros_like(n, dtype=torch.bool)
-        if retraction == "exp":
-            d_norm = rownorm(d)
-            t = lr * d_norm
-            geodesic = t >= EXP_MIN_ANGLE
-            d_safe = torch.where(geodesic, d_norm, torch.ones_like(d_norm))
-            u_new = torch.where(geodesic, retract_exp(u, d, t, d_safe), u_new)
-        w_new = n_safe * u_new
-    if buf is not None:
-        m_new = transport_project(buf, u_new)
-        if transport == "parallel":
-            m_new = torch.where(geodesic, transport_parallel(buf, u, d, t, d_safe), m_new)
-    else:
-        m_new = None
+    w_new, u_new, m_new = move_on_sphere(w, u, n_safe, d, buf, lr=lr, retraction=retraction,
+                                         transport=transport)
     # Rows that cannot move, or whose retraction degenerates, keep their old values.
     keep = frozen | ~(rownorm(u_new) > 0)  # also catches u - lr d = 0 (0/0 = nan)
     w_new = torch.where(keep, w, w_new)
@@ -301,23 +308,8 @@ def psi_adam_rows(w, g, m, v, *, step, lr, beta1, beta2, eps, retraction, transp
     bc2 = 1 - beta2**step
     denom = torch.sqrt(v_new / bc2) + eps
     d = torch.where(denom > 0, m_new / (bc1 * denom), torch.zeros_like(m_new))
-    if retraction == "none":
-        w_new = w - lr * n_safe * d  # the plain quotient move
-        u_new = w_new / rownorm(w_new)
-        geodesic = torch.zeros_like(n, dtype=torch.bool)
-    else:
-        u_new = retract_normalize(u, d, lr)
-        geodesic = torch.zeros_like(n, dtype=torch.bool)
-        if retraction == "exp":
-            d_norm = rownorm(d)
-            t = lr * d_norm
-            geodesic = t >= EXP_MIN_ANGLE
-            d_safe = torch.where(geodesic, d_norm, torch.ones_like(d_norm))
-            u_new = torch.where(geodesic, retract_exp(u, d, t, d_safe), u_new)
-        w_new = n_safe * u_new
-    m_moved = transport_project(m_new, u_new)
-    if transport == "parallel":
-        m_moved = torch.where(geodesic, transport_parallel(m_new, u, d, t, d_safe), m_moved)
+    w_new, u_new, m_moved = move_on_sphere(w, u, n_safe, d, m_new, lr=lr, retraction=retraction,
+                                           transport=transport)
     # Rows that cannot move, or whose retraction degenerates, keep their old values.
     keep = frozen | ~(rownorm(u_new) > 0)  # also catches u - lr d = 0 (0/0 = nan)
     return (torch.where(keep, w, w_new), torch.where(keep, m, m_moved),

@@ -100,11 +100,12 @@ def numel(shapes: ShapeList) -> int:
 
 
 def large(target: int) -> ShapeList:
-    """ResNet-50 lists repeated until at least ``target`` values (a batch of models, or one very
-    wide one: the same mix of channel groups and Euclidean tensors at scale)."""
+    """ResNet-50 lists repeated, cut after at least ``target`` values (a batch of models, or one
+    very wide one: the same mix of channel groups and Euclidean tensors at scale)."""
     one = resnet50()
     copies = max(1, math.ceil(target / numel(one)))
-    return [(f"m{k}.{name}", shape, man) for k in range(copies) for name, shape, man in one]
+    return prefix([(f"m{k}.{name}", shape, man) for k in range(copies) for name, shape, man in one],
+                  target)
 
 
 def prefix(shapes: ShapeList, target: int) -> ShapeList:
@@ -443,16 +444,20 @@ def bench_scaling(args, dtype: torch.dtype, bw: float) -> dict:
     full = model_list("large", args.device, args.large_values)
     top = numel(full)
     sizes = []
-    s = 1_000_000
+    s = args.scaling_start
     while s < top:
         sizes.append(s)
         s *= 4
     sizes.append(top)
+    seen = set()
     points = []
     print("\nscaling (prefixes of the large list):", flush=True)
     for target in sizes:
         shapes = prefix(full, target)
         n = numel(shapes)
+        if n in seen:  # a prefix that already reached the next size
+            continue
+        seen.add(n)
         params = make_params(shapes, args.device, dtype)
         table = methods(shapes, params, args.device)
         steps_of = {k: table[k]() for k in SCALING_METHODS
@@ -546,6 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run the scaling sweep (default: on, off with --quick)")
     ap.add_argument("--no-scaling", dest="scaling", action="store_false")
     ap.add_argument("--scaling-steps", type=int, default=10)
+    ap.add_argument("--scaling-start", type=int, default=1_000_000,
+                    help="smallest list of the sweep (values); sizes grow 4x up to the large list")
+    ap.add_argument("--copy-mib", type=int, default=512,
+                    help="buffer size of the copy-bandwidth measurement (MiB)")
     ap.add_argument("--quick", action="store_true",
                     help="about a minute: resnet50 and vit_b16, 5 steps, no large list/scaling")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -579,7 +588,7 @@ def main(argv=None) -> dict:
     out = Path(args.out) if args.out else (root / "benchmarks" / "results" if root
                                            else Path("bench_results"))
 
-    bw = copy_bandwidth(args.device)
+    bw = copy_bandwidth(args.device, args.copy_mib << 20)
     mach = machine(args.device)
     print(f"copy bandwidth: {bw:.1f} GB/s  ({mach.get('gpu') or mach['cpu']}, "
           f"{torch.get_num_threads()} threads), load average {load_average()}", flush=True)
@@ -593,7 +602,7 @@ def main(argv=None) -> dict:
         report["models"][model] = bench_model(model, args, dtype, bw)
     if args.scaling:
         report["scaling"] = bench_scaling(args, dtype, bw)
-    report["copy_bandwidth_end_gbs"] = copy_bandwidth(args.device)
+    report["copy_bandwidth_end_gbs"] = copy_bandwidth(args.device, args.copy_mib << 20)
     report["wall_s"] = round(time.time() - t0, 1)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or "step_" + args.device.split(":")[0]

@@ -439,8 +439,9 @@ def ratios(rows: dict) -> dict:
     return out
 
 
-def bench_scaling(args, dtype: torch.dtype, bw: float) -> dict:
-    """Step time against list size, on prefixes of the large list."""
+def bench_scaling(args, dtype: torch.dtype, bw: float, large_result: dict | None = None) -> dict:
+    """Step time against list size, on prefixes of the large list. The whole large list's point
+    is taken from ``large_result`` (the main table's run of it) when given."""
     full = model_list("large", args.device, args.large_values)
     top = numel(full)
     sizes = []
@@ -458,6 +459,12 @@ def bench_scaling(args, dtype: torch.dtype, bw: float) -> dict:
         if n in seen:  # a prefix that already reached the next size
             continue
         seen.add(n)
+        if large_result is not None and n == large_result["params"]:
+            rows = {k: v for k, v in large_result["methods"].items() if k in SCALING_METHODS}
+            points.append({"params": n, "tensors": len(shapes), "steps": args.steps,
+                           "from": "the large list of the main table", "methods": rows})
+            print(f"  {n / 1e6:8.1f}M  (the large list above)", flush=True)
+            continue
         params = make_params(shapes, args.device, dtype)
         table = methods(shapes, params, args.device)
         steps_of = {k: table[k]() for k in SCALING_METHODS
@@ -601,7 +608,7 @@ def main(argv=None) -> dict:
     for model in args.models:
         report["models"][model] = bench_model(model, args, dtype, bw)
     if args.scaling:
-        report["scaling"] = bench_scaling(args, dtype, bw)
+        report["scaling"] = bench_scaling(args, dtype, bw, report["models"].get("large"))
     report["copy_bandwidth_end_gbs"] = copy_bandwidth(args.device, args.copy_mib << 20)
     report["wall_s"] = round(time.time() - t0, 1)
     out.mkdir(parents=True, exist_ok=True)

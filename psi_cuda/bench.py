@@ -171,13 +171,22 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 29, reps: int = 10) -> float:
 
 def round_robin(steps_of: dict[str, Callable[[], object]], device: str, warmup: int,
                 steps: int) -> dict[str, list[float]]:
-    """Warm every method up, then time one step of each in turn, ``steps`` rounds."""
+    """Warm every method up, then time one step of each in turn, ``steps`` rounds. Python's
+    garbage collector is off while timing, as in ``timeit``, and collects before every step,
+    so that a collection of the objects one method made does not land in the next one's time."""
     for step in steps_of.values():
         time_steps(step, device, warmup, 0)
     times: dict[str, list[float]] = {name: [] for name in steps_of}
-    for _ in range(steps):
-        for name, step in steps_of.items():
-            times[name] += time_steps(step, device, 0, 1)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(steps):
+            for name, step in steps_of.items():
+                gc.collect()
+                times[name] += time_steps(step, device, 0, 1)
+    finally:
+        if enabled:
+            gc.enable()
     return times
 
 

@@ -1,8 +1,9 @@
-"""Command line: ``python -m psi_cuda [demo|train] ...`` (also installed as ``psi-cuda``).
+"""Command line: ``python -m psi_cuda [demo|train|bench] ...`` (also installed as ``psi-cuda``).
 
 ``demo`` (the default) trains the same small ResNet on the built-in digits data with plain SGD
 and with PSI-SGD for a few epochs and seeds, prints one line per epoch and a comparison table,
-and writes one JSON record per run. ``train`` runs one optimizer with every option.
+and writes one JSON record per run. ``train`` runs one optimizer with every option. ``bench``
+times one optimizer step against pure PyTorch and the peers (psi_cuda/bench.py).
 Ctrl-C stops cleanly: what was logged so far is still written (and flagged ``interrupted``).
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="psi-cuda", description="PSI-SGD vs SGD on the built-in 8x8 digits data. "
         "Without a command: demo.")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,train}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,train,bench}")
 
     demo = sub.add_parser("demo", help="SGD vs PSI-SGD, a few epochs and seeds (the default)",
                           description="Trains SGD and PSI-SGD with their default settings and "
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=10)
     train.add_argument("--seed", type=int, default=0)
     _common(train, "runs/train")
+    # Listed for --help only: main() hands "bench ..." to psi_cuda/bench.py's own parser.
+    sub.add_parser("bench", help="time one optimizer step vs torch and the peers "
+                   "(psi-cuda bench --help)", add_help=False)
     return parser
 
 
@@ -215,6 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m psi_cuda`` and the ``psi-cuda`` script; returns the exit code
     (0, 130 after Ctrl-C, 2 for bad arguments)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":  # its own parser: psi_cuda/bench.py
+        from .bench import main as bench_main
+
+        bench_main(argv[1:])
+        return 0
     if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
         argv.insert(0, "demo")
     args = build_parser().parse_args(argv)

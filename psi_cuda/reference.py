@@ -181,6 +181,111 @@ def psi_sgd_(params, grads, momentum_buffers, state_steps, *, lr, momentum=0.0, 
         step.add_(1)
 
 
+def _rowsums(xs: list[Tensor], ys: list[Tensor]) -> list[Tensor]:
+    """Per-row <x, y> of each 2-D pair, shape (rows, 1): the one step foreach cannot express."""
+    return [t.sum(dim=1, keepdim=True) for t in torch._foreach_mul(xs, ys)]
+
+
+@torch.no_grad()
+def psi_sgd_foreach_(params, grads, momentum_buffers, state_steps, *, lr, momentum=0.0,
+                     dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False,
+                     manifold="channel", retraction="normalize", transport="project",
+                     max_grad_norm=None, grad_scale=None, found_inf=None):
+    """``psi_sgd_`` written with ``torch._foreach_*`` calls, as torch's own ``foreach=True``
+    optimizers are: one call per elementwise formula over the whole list (only the per-row
+    sums are per tensor). The "foreach" pure-torch baseline of the benchmarks; equal to
+    :func:`psi_sgd_` to float tolerance. Supports the options of a plain training step:
+    retraction "normalize", transport "project", momentum/dampening/nesterov, maximize,
+    weight_decay (Euclidean only, as in ``psi_sgd_``); anything else raises ValueError.
+    """
+    if manifold not in (None,) + MANIFOLDS:
+        raise ValueError(f"manifold must be 'channel', 'tensor' or None; got {manifold!r}")
+    unsupported = {"retraction": retraction != "normalize", "transport": transport != "project",
+                   "max_grad_norm": bool(max_grad_norm), "grad_scale": grad_scale is not None,
+                   "found_inf": found_inf is not None}
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(f"psi_sgd_foreach_ does not support {', '.join(bad)} "
+                         "(use reference.psi_sgd_)")
+    if not params:
+        return
+    # Tensors on their first step (no momentum yet) and the others take different formulas.
+    firsts = [bool(s.item() == 0) for s in state_steps]
+    for first in (True, False):
+        idx = [i for i, f in enumerate(firsts) if f == first and params[i].numel() > 0]
+        if idx:
+            _psi_sgd_foreach_part([params[i] for i in idx], [grads[i] for i in idx],
+                                  [momentum_buffers[i] for i in idx] if momentum != 0 else [],
+                                  first=first, lr=lr, momentum=momentum, dampening=dampening,
+                                  nesterov=nesterov, weight_decay=weight_decay,
+                                  maximize=maximize, manifold=manifold)
+    torch._foreach_add_(list(state_steps), 1)
+
+
+def _psi_sgd_foreach_part(params, grads, bufs, *, first, lr, momentum, dampening, nesterov,
+                          weight_decay, maximize, manifold):
+    dt = opmath_dtype(params[0].dtype)
+    ws = [p.detach().to(dt) for p in params]  # no copies for float32/float64 parameters
+    gs = [g.to(dt) for g in grads]
+    if maximize:
+        gs = torch._foreach_neg(gs)
+    if manifold in (None, "euclidean"):
+        if weight_decay != 0:
+            gs = torch._foreach_add(gs, ws, alpha=weight_decay)
+        d = gs
+        if momentum != 0:
+            if first:
+                torch._foreach_copy_(bufs, gs)
+            else:
+                torch._foreach_mul_(bufs, momentum)
+                torch._foreach_add_(bufs, gs, alpha=1 - dampening)
+            d = torch._foreach_add(gs, bufs, alpha=momentum) if nesterov else bufs
+        torch._foreach_add_(ws, d, alpha=-lr)
+        if ws[0].data_ptr() != params[0].data_ptr():
+            torch._foreach_copy_([p.detach() for p in params], ws)
+        return
+    rows = [p.size(0) if manifold == "channel" else 1 for p in params]
+    W = [w.reshape(r, -1) for w, r in zip(ws, rows)]
+    G = [g.reshape(r, -1) for g, r in zip(gs, rows)]
+    M = [m.reshape(r, -1) for m, r in zip(bufs, rows)]
+    ww, wg = _rowsums(W, W), _rowsums(W, G)
+    n = torch._foreach_sqrt(ww)
+    # Rows that cannot move (|w| = 0, or a single element) use n = 1 and are restored at the end.
+    frozen = [(x == 0) | (w.shape[1] < 2) for x, w in zip(n, W)]
+    n = [torch.where(f, torch.ones_like(x), x) for f, x in zip(frozen, n)]
+    # u = w / n;  q = n (g - <g, u> u) = n g - (<w, g> / n) w
+    u = torch._foreach_div(W, n)
+    q = torch._foreach_mul(G, n)
+    torch._foreach_addcmul_(q, W, torch._foreach_neg(torch._foreach_div(wg, n)))
+    if momentum != 0:
+        if first:
+            buf = q
+        else:
+            buf = torch._foreach_mul(M, momentum)
+            torch._foreach_add_(buf, q, alpha=1 - dampening)
+        d = torch._foreach_add(q, buf, alpha=momentum) if nesterov else buf
+    else:
+        buf, d = None, q
+    v = torch._foreach_add(u, d, alpha=-lr)  # retraction "normalize": u' = v / |v|
+    vn = torch._foreach_sqrt(_rowsums(v, v))
+    # keep: frozen rows and rows whose retraction degenerates (v = 0) keep their values.
+    good = [((x > 0) & ~f).to(dt) for x, f in zip(vn, frozen)]
+    keep = torch._foreach_sub([torch.ones_like(x) for x in good], good)
+    vn = [torch.where(x > 0, x, torch.ones_like(x)) for x in vn]
+    u_new = torch._foreach_div(v, vn)
+    if buf is not None:  # m' = buf - <buf, u'> u', kept rows keep m
+        bu = _rowsums(buf, u_new)
+        m_new = torch._foreach_addcmul(buf, u_new, torch._foreach_neg(bu))
+        torch._foreach_mul_(m_new, good)
+        torch._foreach_addcmul_(m_new, M, keep)
+        torch._foreach_copy_(bufs, [x.reshape(b.shape) for x, b in zip(m_new, bufs)])
+    # w' = n u' on moving rows, w on kept ones
+    w_new = torch._foreach_mul(u_new, torch._foreach_mul(n, good))
+    torch._foreach_addcmul_(w_new, W, keep)
+    torch._foreach_copy_([p.detach() for p in params],
+                         [x.reshape(p.shape) for x, p in zip(w_new, params)])
+
+
 # --- Batch Normalization Preconditioning (ALGORITHMS.md section 4) ---------------------------
 
 

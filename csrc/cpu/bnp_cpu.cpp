@@ -427,7 +427,7 @@ void bnp_sgd_cpu(at::TensorList weights, at::TensorList biases, at::TensorList w
       }
     });
   }
-  for (const at::Tensor& s : state_steps) s.add_(1);
+  increment_steps_cpu(state_steps);
 }
 
 }  // namespace

@@ -91,7 +91,7 @@ void psi_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList ex
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(),
                                   "psi_adam_cpu",
                                   [&] { psi_adam_cpu_impl<scalar_t>(ts, vs, t_of, o, f); });
-  for (const at::Tensor& s : state_steps) s.add_(1);
+  increment_steps_cpu(state_steps);
 }
 
 }  // namespace

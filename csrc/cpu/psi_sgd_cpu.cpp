@@ -64,7 +64,7 @@ void psi_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mom
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "psi_sgd_cpu",
                                   [&] { psi_sgd_cpu_impl<scalar_t>(ts, first, o, f); });
-  for (const at::Tensor& s : state_steps) s.add_(1);
+  increment_steps_cpu(state_steps);
 }
 
 }  // namespace

@@ -36,85 +36,30 @@ constexpr int64_t kRunFlush = 1024;  // elements summed in acc_t lanes before ad
 constexpr int64_t kRowFlush = 64;    // rows summed in acc_t before adding to double
 constexpr int64_t kShortRun = 64;    // runs shorter than this are summed as columns of rows
 
-// Sum and sum of squares of `runs` runs of n contiguous elements, run r at x + r * stride,
-// added to *sum, *sq. The lanes carry over from run to run and are added to double every
-// kRunFlush elements; run tails (n % kLanes) go to double directly.
+namespace loops_base {
+#include "bnp_loops.inc"
+}  // namespace loops_base
+#if PSI_CPU_DISPATCH
+PSI_CPU_AVX2_BEGIN
+namespace loops_avx2 {
+#include "bnp_loops.inc"
+}  // namespace loops_avx2
+PSI_CPU_AVX2_END
+#endif
+
+// The loops of bnp_loops.inc for the CPU the process runs on.
 template <typename scalar_t, typename acc_t>
-PSI_CPU_CLONES void sum_runs(const scalar_t* __restrict__ x, int64_t stride, int64_t runs,
-                             int64_t n, double* sum, double* sq) {
-  double ts = 0, tq = 0;
-  acc_t s[kLanes] = {}, q[kLanes] = {};
-  const int64_t body = n - n % kLanes;
-  int64_t pending = 0;
-  for (int64_t r = 0; r < runs; ++r) {
-    const scalar_t* __restrict__ xr = x + r * stride;
-    for (int64_t i = 0; i < body; i += kLanes) {
-#pragma omp simd
-      for (int64_t j = 0; j < kLanes; ++j) {
-        const acc_t v = static_cast<acc_t>(xr[i + j]);
-        s[j] += v;
-        q[j] += v * v;
-      }
-    }
-    for (int64_t i = body; i < n; ++i) {
-      const double v = static_cast<double>(xr[i]);
-      ts += v;
-      tq += v * v;
-    }
-    pending += body;
-    if (pending >= kRunFlush || r + 1 == runs) {
-      for (int64_t j = 0; j < kLanes; ++j) {
-        ts += s[j];
-        tq += q[j];
-        s[j] = 0;
-        q[j] = 0;
-      }
-      pending = 0;
-    }
-  }
-  *sum += ts;
-  *sq += tq;
+void sum_runs(const scalar_t* x, int64_t stride, int64_t runs, int64_t n, double* sum,
+              double* sq) {
+  PSI_CPU_CALL((x, stride, runs, n, sum, sq), sum_runs_loop<scalar_t, acc_t>);
 }
 
-// Column sums of rows [r0, r1) of a [rows, W] block, added to sum/sq (length W); ps/pq are
-// acc_t scratch of length W.
 template <typename scalar_t, typename acc_t>
-PSI_CPU_CLONES void sum_columns(const scalar_t* __restrict__ x, int64_t r0, int64_t r1,
-                                int64_t W, double* __restrict__ sum, double* __restrict__ sq,
-                                acc_t* __restrict__ ps, acc_t* __restrict__ pq) {
-  for (int64_t rb = r0; rb < r1; rb += kRowFlush) {
-    std::fill(ps, ps + W, acc_t(0));
-    std::fill(pq, pq + W, acc_t(0));
-    const int64_t re = std::min(r1, rb + kRowFlush);
-    int64_t r = rb;
-    for (; r + 4 <= re; r += 4) {  // four rows per pass over the scratch
-      const scalar_t* __restrict__ x0 = x + r * W;
-      const scalar_t* __restrict__ x1 = x0 + W;
-      const scalar_t* __restrict__ x2 = x1 + W;
-      const scalar_t* __restrict__ x3 = x2 + W;
-#pragma omp simd
-      for (int64_t c = 0; c < W; ++c) {
-        const acc_t v0 = static_cast<acc_t>(x0[c]), v1 = static_cast<acc_t>(x1[c]);
-        const acc_t v2 = static_cast<acc_t>(x2[c]), v3 = static_cast<acc_t>(x3[c]);
-        ps[c] += (v0 + v1) + (v2 + v3);
-        pq[c] += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3);
-      }
-    }
-    for (; r < re; ++r) {
-      const scalar_t* __restrict__ xr = x + r * W;
-#pragma omp simd
-      for (int64_t c = 0; c < W; ++c) {
-        const acc_t v = static_cast<acc_t>(xr[c]);
-        ps[c] += v;
-        pq[c] += v * v;
-      }
-    }
-    for (int64_t c = 0; c < W; ++c) {
-      sum[c] += ps[c];
-      sq[c] += pq[c];
-    }
-  }
+void sum_columns(const scalar_t* x, int64_t r0, int64_t r1, int64_t W, double* sum, double* sq,
+                 acc_t* ps, acc_t* pq) {
+  PSI_CPU_CALL((x, r0, r1, W, sum, sq, ps, pq), sum_columns_loop<scalar_t, acc_t>);
 }
+
 
 // Per-channel sums of a [outer, C, inner] input into sum/sq (length C), deterministically: the
 // work is cut into items independent of the thread count, and their partial sums are added in
@@ -214,84 +159,10 @@ std::vector<opmath_t> channel_table(const at::Tensor& mean, const at::Tensor& sq
   return tab;
 }
 
-// One row of a layer. Pointers are at the row's start; sh/iv at its group's input channels.
-// With w == nullptr the preconditioned gradient is written back to g (bnp_precondition_);
-// otherwise w (and m) take one SGD step with it (bnp_sgd_) and g is only read.
-// Returns sum_j G'[j] shift[c(j)] (the bias correction).
 template <typename scalar_t, typename opmath_t>
-PSI_CPU_CLONES double bnp_row(scalar_t* __restrict__ g, scalar_t* __restrict__ w,
-                              opmath_t* __restrict__ m, const RowLayout& L,
-                              const opmath_t* __restrict__ sh, const opmath_t* __restrict__ iv,
-                              opmath_t f, opmath_t gb, const Update& up) {
-  const opmath_t pw = up.param.w, pg = up.param.g, pm = up.param.m;
-  const opmath_t bw = up.buf.w, bg = up.buf.g, bm = up.buf.m;
-  double acc = 0;
-  for (int64_t a = 0; a < L.outer; ++a) {
-    const int64_t off = a * L.inner;
-    scalar_t* __restrict__ ga = g + off;
-    opmath_t s = 0;
-    if (L.chan_inner) {
-      if (w == nullptr) {
-#pragma omp simd reduction(+ : s)
-        for (int64_t c = 0; c < L.inner; ++c) {
-          const opmath_t gp = bnp_grad<opmath_t>(f * static_cast<opmath_t>(ga[c]), gb, sh[c], iv[c]);
-          ga[c] = static_cast<scalar_t>(gp);
-          s += gp * sh[c];
-        }
-      } else if (m == nullptr) {
-        scalar_t* __restrict__ wa = w + off;
-#pragma omp simd reduction(+ : s)
-        for (int64_t c = 0; c < L.inner; ++c) {
-          const opmath_t gp = bnp_grad<opmath_t>(f * static_cast<opmath_t>(ga[c]), gb, sh[c], iv[c]);
-          s += gp * sh[c];
-          wa[c] = static_cast<scalar_t>(pw * static_cast<opmath_t>(wa[c]) + pg * gp);
-        }
-      } else {
-        scalar_t* __restrict__ wa = w + off;
-        opmath_t* __restrict__ ma = m + off;
-#pragma omp simd reduction(+ : s)
-        for (int64_t c = 0; c < L.inner; ++c) {
-          const opmath_t gp = bnp_grad<opmath_t>(f * static_cast<opmath_t>(ga[c]), gb, sh[c], iv[c]);
-          s += gp * sh[c];
-          const opmath_t wi = static_cast<opmath_t>(wa[c]), mi = ma[c];
-          wa[c] = static_cast<scalar_t>(pw * wi + pg * gp + pm * mi);
-          ma[c] = bw * wi + bg * gp + bm * mi;
-        }
-      }
-      acc += s;
-    } else {
-      const opmath_t shc = sh[a], ivc = iv[a];
-      if (w == nullptr) {
-#pragma omp simd reduction(+ : s)
-        for (int64_t k = 0; k < L.inner; ++k) {
-          const opmath_t gp = bnp_grad<opmath_t>(f * static_cast<opmath_t>(ga[k]), gb, shc, ivc);
-          ga[k] = static_cast<scalar_t>(gp);
-          s += gp;
-        }
-      } else if (m == nullptr) {
-        scalar_t* __restrict__ wa = w + off;
-#pragma omp simd reduction(+ : s)
-        for (int64_t k = 0; k < L.inner; ++k) {
-          const opmath_t gp = bnp_grad<opmath_t>(f * static_cast<opmath_t>(ga[k]), gb, shc, ivc);
-          s += gp;
-          wa[k] = static_cast<scalar_t>(pw * static_cast<opmath_t>(wa[k]) + pg * gp);
-        }
-      } else {
-        scalar_t* __restrict__ wa = w + off;
-        opmath_t* __restrict__ ma = m + off;
-#pragma omp simd reduction(+ : s)
-        for (int64_t k = 0; k < L.inner; ++k) {
-          const opmath_t gp = bnp_grad<opmath_t>(f * static_cast<opmath_t>(ga[k]), gb, shc, ivc);
-          s += gp;
-          const opmath_t wi = static_cast<opmath_t>(wa[k]), mi = ma[k];
-          wa[k] = static_cast<scalar_t>(pw * wi + pg * gp + pm * mi);
-          ma[k] = bw * wi + bg * gp + bm * mi;
-        }
-      }
-      acc += static_cast<double>(s) * static_cast<double>(shc);
-    }
-  }
-  return acc;
+double bnp_row(scalar_t* g, scalar_t* w, opmath_t* m, const RowLayout& L, const opmath_t* sh,
+               const opmath_t* iv, opmath_t f, opmath_t gb, const Update& up) {
+  PSI_CPU_CALL((g, w, m, L, sh, iv, f, gb, up), bnp_row_loop<scalar_t, opmath_t>);
 }
 
 // A layer of one call, prepared for the row loop.

@@ -40,101 +40,34 @@ constexpr int64_t kFlush = 1 << 10;      // opmath partial sums are moved to dou
 // where at::vec::Vectorized falls back to its generic array code: that ran 2.5x slower than
 // torch's fused SGD on this loop, the plain loop runs at the same speed (benchmarks/).
 
-// On x86-64 the loops are compiled twice and picked at load time (PSI_CPU_CLONES).
+// On x86-64 the loops are compiled twice and picked at run time (cpu_clones.h).
 
-// Gram matrix of (w, g, m) over n elements; m may be null (no momentum). Sums run in opmath_t
-// over blocks of kFlush elements and are added up in double.
+namespace loops_base {
+#include "group_loops.inc"
+}  // namespace loops_base
+#if PSI_CPU_DISPATCH
+PSI_CPU_AVX2_BEGIN
+namespace loops_avx2 {
+#include "group_loops.inc"
+}  // namespace loops_avx2
+PSI_CPU_AVX2_END
+#endif
+
+// The loops of group_loops.inc for the CPU the process runs on.
 template <typename scalar_t, typename opmath_t>
-PSI_CPU_CLONES Gram reduce_gram(const scalar_t* __restrict__ w, const scalar_t* __restrict__ g,
-                 const opmath_t* __restrict__ m, int64_t n) {
-  Gram G{0, 0, 0, 0, 0, 0};
-  for (int64_t b = 0; b < n; b += kFlush) {
-    const int64_t e = std::min(n, b + kFlush);
-    opmath_t ww = 0, wg = 0, gg = 0, wm = 0, gm = 0, mm = 0;
-    if (m != nullptr) {
-#pragma omp simd reduction(+ : ww, wg, gg, wm, gm, mm)
-      for (int64_t i = b; i < e; ++i) {
-        const opmath_t wi = static_cast<opmath_t>(w[i]);
-        const opmath_t gi = static_cast<opmath_t>(g[i]);
-        const opmath_t mi = m[i];
-        ww += wi * wi; wg += wi * gi; gg += gi * gi;
-        wm += wi * mi; gm += gi * mi; mm += mi * mi;
-      }
-    } else {
-#pragma omp simd reduction(+ : ww, wg, gg)
-      for (int64_t i = b; i < e; ++i) {
-        const opmath_t wi = static_cast<opmath_t>(w[i]);
-        const opmath_t gi = static_cast<opmath_t>(g[i]);
-        ww += wi * wi; wg += wi * gi; gg += gi * gi;
-      }
-    }
-    G.ww += ww; G.wg += wg; G.gg += gg; G.wm += wm; G.gm += gm; G.mm += mm;
-  }
-  return G;
+Gram reduce_gram(const scalar_t* w, const scalar_t* g, const opmath_t* m, int64_t n) {
+  PSI_CPU_CALL((w, g, m, n), reduce_gram_loop<scalar_t, opmath_t>);
 }
 
-// w <- P.w w + P.g g + P.m m and m <- B.w w + B.g g + B.m m over n elements.
 template <typename scalar_t, typename opmath_t>
-PSI_CPU_CLONES void apply_update(scalar_t* __restrict__ w, const scalar_t* __restrict__ g,
-                  opmath_t* __restrict__ m, int64_t n, const Update& up) {
-  if (up.skip) return;
-  const opmath_t pw = up.param.w, pg = up.param.g, pm = up.param.m;
-  const opmath_t bw = up.buf.w, bg = up.buf.g, bm = up.buf.m;
-  if (m != nullptr) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const opmath_t wi = static_cast<opmath_t>(w[i]);
-      const opmath_t gi = static_cast<opmath_t>(g[i]);
-      const opmath_t mi = m[i];
-      w[i] = static_cast<scalar_t>(pw * wi + pg * gi + pm * mi);
-      m[i] = bw * wi + bg * gi + bm * mi;
-    }
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const opmath_t wi = static_cast<opmath_t>(w[i]);
-      const opmath_t gi = static_cast<opmath_t>(g[i]);
-      w[i] = static_cast<scalar_t>(pw * wi + pg * gi);
-    }
-  }
+void apply_update(scalar_t* w, const scalar_t* g, opmath_t* m, int64_t n, const Update& up) {
+  PSI_CPU_CALL((w, g, m, n, up), apply_update_loop<scalar_t, opmath_t>);
 }
 
-// The rows of a channel tensor are pipelined: one loop writes row r-1 (its step is known and its
-// data is still in cache) while it reduces row r (read from memory), so memory sees one stream
-// of reads and writes, as in a plain SGD step, rather than a read pass then a write pass per row.
-// Returns the Gram matrix of (w1, g1, m1); the first row's write uses apply_update.
 template <typename scalar_t, typename opmath_t>
-PSI_CPU_CLONES Gram apply_then_reduce(scalar_t* __restrict__ w0, const scalar_t* __restrict__ g0,
-                                      opmath_t* __restrict__ m0, const Update& up,
-                                      const scalar_t* __restrict__ w1,
-                                      const scalar_t* __restrict__ g1,
-                                      const opmath_t* __restrict__ m1, int64_t n) {
-  if (up.skip || m0 == nullptr) {  // the plain two loops: nothing to fuse, or no momentum
-    apply_update(w0, g0, m0, n, up);
-    return reduce_gram(w1, g1, m1, n);
-  }
-  const opmath_t pw = up.param.w, pg = up.param.g, pm = up.param.m;
-  const opmath_t bw = up.buf.w, bg = up.buf.g, bm = up.buf.m;
-  Gram G{0, 0, 0, 0, 0, 0};
-  for (int64_t b = 0; b < n; b += kFlush) {
-    const int64_t e = std::min(n, b + kFlush);
-    opmath_t ww = 0, wg = 0, gg = 0, wm = 0, gm = 0, mm = 0;
-#pragma omp simd reduction(+ : ww, wg, gg, wm, gm, mm)
-    for (int64_t i = b; i < e; ++i) {
-      const opmath_t a = static_cast<opmath_t>(w0[i]);
-      const opmath_t c = static_cast<opmath_t>(g0[i]);
-      const opmath_t d = m0[i];
-      w0[i] = static_cast<scalar_t>(pw * a + pg * c + pm * d);
-      m0[i] = bw * a + bg * c + bm * d;
-      const opmath_t wi = static_cast<opmath_t>(w1[i]);
-      const opmath_t gi = static_cast<opmath_t>(g1[i]);
-      const opmath_t mi = m1[i];
-      ww += wi * wi; wg += wi * gi; gg += gi * gi;
-      wm += wi * mi; gm += gi * mi; mm += mi * mi;
-    }
-    G.ww += ww; G.wg += wg; G.gg += gg; G.wm += wm; G.gm += gm; G.mm += mm;
-  }
-  return G;
+Gram apply_then_reduce(scalar_t* w0, const scalar_t* g0, opmath_t* m0, const Update& up,
+                       const scalar_t* w1, const scalar_t* g1, const opmath_t* m1, int64_t n) {
+  PSI_CPU_CALL((w0, g0, m0, up, w1, g1, m1, n), apply_then_reduce_loop<scalar_t, opmath_t>);
 }
 
 // One tensor of a call: addresses of w, g (laid out like w) and m (null: no buffer), its size and

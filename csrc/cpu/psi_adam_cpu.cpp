@@ -19,18 +19,21 @@
 namespace psi {
 namespace {
 
-// n elements of a torch.optim.AdamW step.
+namespace loops_base {
+#include "adam_loops.inc"
+}  // namespace loops_base
+#if PSI_CPU_DISPATCH
+PSI_CPU_AVX2_BEGIN
+namespace loops_avx2 {
+#include "adam_loops.inc"
+}  // namespace loops_avx2
+PSI_CPU_AVX2_END
+#endif
+
 template <typename scalar_t, typename opmath_t>
-PSI_CPU_CLONES void euclidean_adam_loop(scalar_t* __restrict__ w,
-                                        const scalar_t* __restrict__ g,
-                                        opmath_t* __restrict__ m, opmath_t* __restrict__ v,
-                                        int64_t n, const AdamElementwise& constants) {
-  const AdamElementwiseT<opmath_t> c(constants);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    w[i] = static_cast<scalar_t>(euclidean_adam_step(
-        static_cast<opmath_t>(w[i]), static_cast<opmath_t>(g[i]), &m[i], &v[i], c));
-  }
+void euclidean_adam(scalar_t* w, const scalar_t* g, opmath_t* m, opmath_t* v, int64_t n,
+                    const AdamElementwise& constants) {
+  PSI_CPU_CALL((w, g, m, v, n, constants), euclidean_adam_loop<scalar_t, opmath_t>);
 }
 
 template <typename scalar_t>
@@ -45,7 +48,7 @@ void psi_adam_cpu_impl(const std::vector<GroupTensor>& ts, const std::vector<voi
   };
   const auto plain = [&](int64_t t, int64_t begin, int64_t end) {
     const GroupTensor& a = ts[t];
-    euclidean_adam_loop(static_cast<scalar_t*>(a.w) + begin,
+    euclidean_adam(static_cast<scalar_t*>(a.w) + begin,
                         static_cast<const scalar_t*>(a.g) + begin,
                         static_cast<opmath_t*>(a.m) + begin,
                         static_cast<opmath_t*>(vs[t]) + begin, end - begin,

@@ -94,6 +94,16 @@ def move_on_sphere(w, u, n, d, buf, *, lr, retraction, transport):
     return w_new, u_new, buf_new
 
 
+def check_sphere_options(manifold, retraction, transport) -> None:
+    """The option checks of psi_sgd_ and psi_adam_ (the ops reject the same values)."""
+    if manifold not in (None,) + MANIFOLDS:
+        raise ValueError(f"manifold must be 'channel', 'tensor' or None; got {manifold!r}")
+    if retraction not in RETRACTIONS or transport not in TRANSPORTS:
+        raise ValueError(f"unknown retraction {retraction!r} or transport {transport!r}")
+    if transport == "parallel" and retraction != "exp":
+        raise ValueError("transport='parallel' needs retraction='exp'")
+
+
 def psi_sgd_rows(w, g, m, *, first, lr, momentum, dampening, nesterov, retraction, transport,
                  max_grad_norm):
     """One PSI-SGD step of the groups that are the rows of ``w`` (ALGORITHMS.md section 2).
@@ -140,12 +150,7 @@ def psi_sgd_(params, grads, momentum_buffers, state_steps, *, lr, momentum=0.0, 
              retraction="normalize", transport="project", max_grad_norm=None, grad_scale=None,
              found_inf=None):
     """Reference of ``psi_cuda.ops.psi_sgd_`` (same arguments, same in-place effects)."""
-    if manifold not in (None,) + MANIFOLDS:
-        raise ValueError(f"manifold must be 'channel', 'tensor' or None; got {manifold!r}")
-    if retraction not in RETRACTIONS or transport not in TRANSPORTS:
-        raise ValueError(f"unknown retraction {retraction!r} or transport {transport!r}")
-    if transport == "parallel" and retraction != "exp":
-        raise ValueError("transport='parallel' needs retraction='exp'")
+    check_sphere_options(manifold, retraction, transport)
     if found_inf is not None and found_inf.item() != 0:
         return
     for i, (p, grad) in enumerate(zip(params, grads)):
@@ -437,12 +442,7 @@ def psi_adam_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1=0.
               retraction="normalize", transport="project", max_grad_norm=None, grad_scale=None,
               found_inf=None):
     """Reference of ``psi_cuda.ops.psi_adam_`` (same arguments, same in-place effects)."""
-    if manifold not in (None,) + MANIFOLDS:
-        raise ValueError(f"manifold must be 'channel', 'tensor' or None; got {manifold!r}")
-    if retraction not in RETRACTIONS or transport not in TRANSPORTS:
-        raise ValueError(f"unknown retraction {retraction!r} or transport {transport!r}")
-    if transport == "parallel" and retraction != "exp":
-        raise ValueError("transport='parallel' needs retraction='exp'")
+    check_sphere_options(manifold, retraction, transport)
     if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
         raise ValueError(f"betas must be in [0, 1); got ({beta1}, {beta2})")
     if found_inf is not None and found_inf.item() != 0:

@@ -36,16 +36,8 @@ constexpr int64_t kRunFlush = 1024;  // elements summed in acc_t lanes before ad
 constexpr int64_t kRowFlush = 64;    // rows summed in acc_t before adding to double
 constexpr int64_t kShortRun = 64;    // runs shorter than this are summed as columns of rows
 
-namespace loops_base {
-#include "bnp_loops.inc"
-}  // namespace loops_base
-#if PSI_CPU_DISPATCH
-PSI_CPU_AVX2_BEGIN
-namespace loops_avx2 {
-#include "bnp_loops.inc"
-}  // namespace loops_avx2
-PSI_CPU_AVX2_END
-#endif
+#define PSI_CPU_LOOPS "bnp_loops.inc"
+#include "cpu_dispatch_loops.h"
 
 // The loops of bnp_loops.inc for the CPU the process runs on.
 template <typename scalar_t, typename acc_t>

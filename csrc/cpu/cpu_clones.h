@@ -3,8 +3,9 @@
 //
 // A loop file (*.inc, no includes) is included once in namespace loops_base and once, between
 // PSI_CPU_AVX2_BEGIN and PSI_CPU_AVX2_END (#pragma GCC target("avx2,fma")), in namespace
-// loops_avx2; PSI_CPU_CALL((args), fn) returns the call of the one for this CPU. The check is a
-// cached __builtin_cpu_supports, made after the CPU feature table is initialised.
+// loops_avx2 (cpu_dispatch_loops.h does both); PSI_CPU_CALL((args), fn) returns the call of the
+// one for this CPU. The check is a cached __builtin_cpu_supports, made after the CPU feature
+// table is initialised.
 //
 // Why not target_clones: its ifunc resolvers run during relocation, and with this toolchain
 // they read the feature table before it is filled in, so they picked the baseline clone on

@@ -42,16 +42,8 @@ constexpr int64_t kFlush = 1 << 10;      // opmath partial sums are moved to dou
 
 // On x86-64 the loops are compiled twice and picked at run time (cpu_clones.h).
 
-namespace loops_base {
-#include "group_loops.inc"
-}  // namespace loops_base
-#if PSI_CPU_DISPATCH
-PSI_CPU_AVX2_BEGIN
-namespace loops_avx2 {
-#include "group_loops.inc"
-}  // namespace loops_avx2
-PSI_CPU_AVX2_END
-#endif
+#define PSI_CPU_LOOPS "group_loops.inc"
+#include "cpu_dispatch_loops.h"
 
 // The loops of group_loops.inc for the CPU the process runs on.
 template <typename scalar_t, typename opmath_t>

@@ -19,16 +19,8 @@
 namespace psi {
 namespace {
 
-namespace loops_base {
-#include "adam_loops.inc"
-}  // namespace loops_base
-#if PSI_CPU_DISPATCH
-PSI_CPU_AVX2_BEGIN
-namespace loops_avx2 {
-#include "adam_loops.inc"
-}  // namespace loops_avx2
-PSI_CPU_AVX2_END
-#endif
+#define PSI_CPU_LOOPS "adam_loops.inc"
+#include "cpu_dispatch_loops.h"
 
 template <typename scalar_t, typename opmath_t>
 void euclidean_adam(scalar_t* w, const scalar_t* g, opmath_t* m, opmath_t* v, int64_t n,

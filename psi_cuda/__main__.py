@@ -1,10 +1,12 @@
 """Command line: ``python -m psi_cuda [demo|train|bench] ...`` (also installed as ``psi-cuda``).
 
-``demo`` (the default) trains the same small ResNet on the built-in digits data with plain SGD
-and with PSI-SGD for a few epochs and seeds, prints one line per epoch and a comparison table,
-and writes one JSON record per run. ``train`` runs one optimizer with every option. ``bench``
-times one optimizer step against pure PyTorch and the peers (psi_cuda/bench.py).
-Ctrl-C stops cleanly: what was logged so far is still written (and flagged ``interrupted``).
+``train`` trains one or more optimizers (sgd, psi-sgd, psi-adam, adamw, bnp-sgd) over one or
+more seeds on the built-in digits data or a local CIFAR-10, with a progress bar, one summary line
+per epoch, a final comparison table, one JSON log per run, PNG plots, and a checkpoint per run
+after every epoch (``--resume`` continues an interrupted command). ``demo`` (the default) is a
+short ``train`` of all five optimizers over 3 seeds on digits. ``bench`` times one optimizer step
+against pure PyTorch and the peers (psi_cuda/bench.py). Ctrl-C stops cleanly: what was logged so
+far is still written (and flagged ``interrupted``), and the exit code is 130.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Any, Sequence
 COMMANDS = ("demo", "train")
 DEMO_EPOCHS = 6
 DEMO_SEEDS = 3
+DEFAULT_TARGET_LOSS = 0.1
 
 
 def _positive_int(text: str) -> int:
@@ -30,56 +33,96 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0; got {value}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    # One thread: this model is so small (8x8 images, 16-32 channels) that splitting its ops
-    # over threads costs more than it gains (2 threads measured 2-10x slower on a 2-core box).
+    # One thread: the digits model is so small (8x8 images, 16-32 channels) that splitting its
+    # ops over threads costs more than it gains (2 threads measured 2-10x slower on 2 cores).
     p.add_argument("--threads", type=_positive_int, default=1,
                    help="torch.set_num_threads during training (default: 1)")
-    p.add_argument("--out", default=out, help=f"folder for the JSON logs (default: {out})")
+    p.add_argument("--out", default=out,
+                   help=f"folder for the JSON logs, plots and checkpoints (default: {out})")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: when stderr is a terminal)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse finished runs' logs in --out and continue unfinished runs from "
+                   "their checkpoints (same settings)")
+    p.add_argument("--target-loss", type=_positive_float, default=DEFAULT_TARGET_LOSS,
+                   help="the table's time to reach this training loss (trailing mean over one "
+                   f"epoch of steps; default {DEFAULT_TARGET_LOSS})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import (DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_MOMENTUM, DEFAULT_PSI_LR,
-                        OPTIMIZERS, SCHEDULES)
+    from .data import DATASETS
+    from .train import (DEFAULT_BATCH_SIZE, DEFAULT_MOMENTUM, DEFAULTS, NORMS, OPTIMIZERS,
+                        SCHEDULES)
 
     parser = argparse.ArgumentParser(
-        prog="psi-cuda", description="PSI-SGD vs SGD on the built-in 8x8 digits data. "
-        "Without a command: demo.")
+        prog="psi-cuda", description="Train PSI-SGD, PSI-Adam and BNP against SGD and AdamW "
+        "on the built-in digits data (or a local CIFAR-10). Without a command: demo.")
     sub = parser.add_subparsers(dest="command", metavar="{demo,train,bench}")
 
-    demo = sub.add_parser("demo", help="SGD vs PSI-SGD, a few epochs and seeds (the default)",
-                          description="Trains SGD and PSI-SGD with their default settings and "
-                          "prints a comparison.")
+    demo = sub.add_parser("demo", help="all five optimizers, 3 seeds, 6 epochs (the default)",
+                          description="Trains every optimizer with its default settings on the "
+                          "digits data over 3 seeds, prints a comparison table and writes the "
+                          "logs and plots.")
     _common(demo, "runs/demo")
     # Shorter or longer demos (the tests use tiny ones).
     demo.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help=argparse.SUPPRESS)
     demo.add_argument("--seeds", type=_positive_int, default=DEMO_SEEDS, help=argparse.SUPPRESS)
+    demo.add_argument("--optimizer", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS),
+                      help=argparse.SUPPRESS)
 
-    train = sub.add_parser("train", help="train with one optimizer",
-                           description="Trains one optimizer and writes its JSON record.")
-    train.add_argument("--optimizer", choices=OPTIMIZERS, default="psi-sgd")
-    train.add_argument("--lr", type=float, default=None,
-                       help="learning rate of the Euclidean parameters (default: "
-                       + ", ".join(f"{k} {v}" for k, v in DEFAULT_LR.items()) + ")")
-    train.add_argument("--psi-lr", type=float, default=None,
-                       help="learning rate of the PSI (conv weight) groups, psi-sgd only "
-                       f"(default: {DEFAULT_PSI_LR})")
-    train.add_argument("--momentum", type=float, default=DEFAULT_MOMENTUM)
+    defaults = "; ".join(f"{k} {v['lr']:g}" for k, v in DEFAULTS.items())
+    train = sub.add_parser("train", help="train one or more optimizers over one or more seeds",
+                           description="Trains each optimizer for each seed and writes one JSON "
+                           "log per run, a summary with the comparison table, and plots.")
+    train.add_argument("--optimizer", nargs="+", choices=OPTIMIZERS, default=["psi-sgd"],
+                       metavar="NAME", help=f"one or more of {', '.join(OPTIMIZERS)} "
+                       "(default: psi-sgd)")
+    train.add_argument("--lr", type=_positive_float, default=None,
+                       help=f"learning rate of the Euclidean parameters (default: {defaults})")
+    train.add_argument("--psi-lr", type=_positive_float, default=None,
+                       help="learning rate of the PSI (conv weight) groups, psi-sgd and "
+                       f"psi-adam (default: {DEFAULTS['psi-sgd']['psi_lr']:g} and "
+                       f"{DEFAULTS['psi-adam']['psi_lr']:g})")
+    train.add_argument("--momentum", type=float, default=DEFAULT_MOMENTUM,
+                       help="SGD momentum, beta1 for psi-adam/adamw (default: 0.9)")
+    train.add_argument("--weight-decay", type=float, default=None,
+                       help="L2 for the SGD family, decoupled for psi-adam/adamw; never on PSI "
+                       "groups (default: 5e-4 for the SGD family, 1e-2 for the Adam pair)")
     train.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE)
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
+    train.add_argument("--seeds", type=_positive_int, default=1,
+                       help="number of seeds: --seed, --seed+1, ... (default: 1)")
     train.add_argument("--schedule", choices=SCHEDULES, default="cosine",
                        help="lr schedule over the whole run (default: cosine)")
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--norm", choices=NORMS, default=None,
+                       help="bn: the ResNet with BatchNorm; none: its BN-free twin (default: "
+                       "bn, none for bnp-sgd)")
+    train.add_argument("--width", type=_positive_int, default=16,
+                       help="channels of the first block (default: 16)")
+    train.add_argument("--data", choices=DATASETS, default="digits",
+                       help="digits (built in) or cifar10 (needs --data-dir; never downloads)")
+    train.add_argument("--data-dir", default=None,
+                       help="folder with CIFAR-10's python version (cifar-10-batches-py)")
+    train.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                       help="random crop + flip (default: on for cifar10, off for digits)")
+    train.add_argument("--rescale", type=float, default=None, metavar="S",
+                       help="equivalent start: multiply each conv output channel by a factor "
+                       "log-uniform in [1/S, S] after initialization")
     _common(train, "runs/train")
     # Listed for --help only: main() hands "bench ..." to psi_cuda/bench.py's own parser.
     sub.add_parser("bench", help="time one optimizer step vs torch and the peers "
                    "(psi-cuda bench --help)", add_help=False)
     return parser
-
-
-def _run_name(settings: dict[str, Any]) -> str:
-    return f"{settings['optimizer']}-seed{settings['seed']}"
 
 
 def _finite(value: Any) -> Any:
@@ -94,18 +137,25 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _write(record: dict[str, Any], folder: Path) -> Path:
-    """Writes ``record`` to ``folder/<optimizer>-seed<seed>.json`` (atomically); returns the path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{_run_name(record['settings'])}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_finite(record), indent=1, allow_nan=False) + "\n")
+def _write_json(path: Path, payload: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_finite(payload), indent=1, allow_nan=False) + "\n")
     os.replace(tmp, path)
     return path
 
 
+def _write(record: dict[str, Any], folder: Path) -> Path:
+    """Writes ``record`` to ``folder/<run name>.json`` (atomically); returns the path."""
+    from .train import run_name
+
+    return _write_json(folder / f"{run_name(record['settings'])}.json", record)
+
+
 def _epoch_printer(settings: dict[str, Any]):
-    label = f"{settings['optimizer']:>7} seed {settings['seed']}"
+    from .train import run_name
+
+    label = f"{run_name(settings):>16}"
     total = settings["epochs"]
 
     def show(entry: dict[str, Any]) -> None:
@@ -115,17 +165,8 @@ def _epoch_printer(settings: dict[str, Any]):
     return show
 
 
-def _train_one(name: str, args: argparse.Namespace, seed: int, data) -> dict:
-    """One demo run with the default learning rates, momentum and batch size."""
-    from .train import run
-
-    printer = _epoch_printer(dict(optimizer=name, seed=seed, epochs=args.epochs))
-    return run(name, seed=seed, epochs=args.epochs, device=args.device, threads=args.threads,
-               data=data, on_epoch=printer)
-
-
 def _mean_std(values: list[float | None], fmt: str = ".4f") -> str:
-    """Mean +- sample std over the seeds (runs without a finished epoch left out)."""
+    """Mean +- sample std over the seeds (runs without a value left out)."""
     values = [v for v in values if v is not None]
     if not values:
         return "-"
@@ -138,19 +179,37 @@ def _percent(fraction: float | None) -> float | None:
     return None if fraction is None else 100 * fraction
 
 
-def _table(records: list[dict[str, Any]]) -> str:
-    """One row per optimizer: mean +- std over seeds of the final numbers."""
-    header = ("optimizer", "lr", "psi_lr", "seeds", "epochs", "train loss", "test acc %",
-              "best test acc %", "samples/s")
+def _reached(records: list[dict[str, Any]], target: float, key: str, fmt: str) -> str:
+    """Mean +- std of the time to ``target`` over the runs that got there, and how many did."""
+    from .train import time_to_target
+
+    hits = [time_to_target(r, target)[key] for r in records]
+    text = _mean_std([h for h in hits if h is not None], fmt)
+    missed = sum(h is None for h in hits)
+    return text if not missed else f"{text} ({len(hits) - missed}/{len(hits)})"
+
+
+def _table(records: list[dict[str, Any]], target: float = DEFAULT_TARGET_LOSS) -> str:
+    """One row per setting (optimizer and model): mean +- std over seeds of the final
+    numbers, and the steps and training seconds to a trailing-mean training loss of
+    ``target`` (over the seeds that reached it; how many did, in brackets, when not all)."""
+    from .plots import label_of
+
+    header = ("run", "model", "batch", "lr", "psi_lr", "seeds", "epochs", "train loss",
+              "test acc %", "best test acc %", f"steps to loss {target:g}",
+              f"seconds to loss {target:g}", "samples/s")
     rows = []
-    for name in dict.fromkeys(r["settings"]["optimizer"] for r in records):
-        rs = [r for r in records if r["settings"]["optimizer"] == name]
+    for name in dict.fromkeys(label_of(r) for r in records):
+        rs = [r for r in records if label_of(r) == name]
         s, finals = rs[0]["settings"], [r["final"] for r in rs]
-        rows.append((name, f"{s['lr']:g}", "-" if s["psi_lr"] is None else f"{s['psi_lr']:g}",
+        rows.append((name, "BN" if s.get("norm", "bn") == "bn" else "no BN",
+                     str(s["batch_size"]), f"{s['lr']:g}",
+                     "-" if s["psi_lr"] is None else f"{s['psi_lr']:g}",
                      str(len(rs)), "/".join(sorted({str(f["epochs_done"]) for f in finals})),
                      _mean_std([f["train_loss"] for f in finals]),
                      _mean_std([_percent(f["test_acc"]) for f in finals], ".2f"),
                      _mean_std([_percent(f["best_test_acc"]) for f in finals], ".2f"),
+                     _reached(rs, target, "step", ".0f"), _reached(rs, target, "seconds", ".2f"),
                      _mean_std([f["samples_per_s"] for f in finals], ".0f")))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)),
@@ -159,60 +218,132 @@ def _table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _finish(records: list[dict[str, Any]], paths: list[Path], started: float,
-            interrupted: bool) -> int:
+def _load_finished(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The finished record at ``path`` when it was made with ``settings``, else None."""
+    from .train import RESUMABLE_CHANGES
+
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    saved = record.get("settings", {})
+    same = all(saved.get(k) == v for k, v in settings.items() if k not in RESUMABLE_CHANGES)
+    done = (not record.get("interrupted")
+            and record.get("final", {}).get("epochs_done") == settings["epochs"])
+    return record if same and done else None
+
+
+def _compare(args: argparse.Namespace, runs: list[dict[str, Any]], title: str) -> int:
+    """Trains every run (keyword arguments of train.run), writing logs, checkpoints, the
+    summary and the plots into ``args.out``; prints the table. Returns the exit code."""
+    from .data import load_dataset
+    from .train import SPLIT_SEED, resolve_settings, run, run_name
+
+    started = time.perf_counter()
+    out = Path(args.out)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    records: list[dict[str, Any]] = []
+    paths: list[Path] = []
+    interrupted = False
+    try:
+        dataset, folder = runs[0].get("dataset", "digits"), runs[0].get("data_dir")
+        data = load_dataset(dataset, folder, split_seed=SPLIT_SEED)
+        names = list(dict.fromkeys(r["optimizer_name"] for r in runs))
+        seeds = sorted({r["seed"] for r in runs})
+        print(f"{dataset}: {data[1].numel()} train / {data[3].numel()} test images; "
+              f"{', '.join(names)} x {len(seeds)} seed(s); device {args.device}, "
+              f"{args.threads} thread(s); logs in {out}", flush=True)
+        for kwargs in runs:
+            settings = resolve_settings(
+                kwargs["optimizer_name"], kwargs.get("lr"), kwargs.get("psi_lr"),
+                kwargs.get("momentum", 0.9), kwargs.get("batch_size", 64), kwargs["epochs"],
+                kwargs["seed"], weight_decay=kwargs.get("weight_decay"),
+                norm=kwargs.get("norm"), schedule=kwargs.get("schedule", "cosine"),
+                width=kwargs.get("width", 16), dataset=dataset,
+                augment_data=kwargs.get("augment_data"), rescale=kwargs.get("rescale"))
+            name = run_name(settings)
+            path = out / f"{name}.json"
+            if args.resume:
+                record = _load_finished(path, settings)
+                if record is not None:
+                    print(f"{name:>16}  finished before: {path}", flush=True)
+                    records.append(record)
+                    paths.append(path)
+                    continue
+            record = run(**kwargs, device=args.device, threads=args.threads, data=data,
+                         checkpoint=out / "checkpoints" / f"{name}.pt", resume=args.resume,
+                         progress=progress, on_epoch=_epoch_printer(settings))
+            if record["resumed_from_epoch"]:
+                print(f"{name:>16}  resumed after epoch {record['resumed_from_epoch']}",
+                      flush=True)
+            records.append(record)
+            paths.append(_write(record, out))
+            if record["interrupted"]:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:  # in a run (it returned what it had) or between runs
+        interrupted = True
+    plot = None
     if records:
+        table = _table(records, args.target_loss)
+        try:
+            from .plots import plot_records
+
+            plot = plot_records(records, out / "plots.png", title)
+        except ImportError:  # matplotlib is optional for the library, set up by setup.sh
+            print("matplotlib not installed: no plots", flush=True)
+        _write_json(out / "summary.json", dict(
+            title=title, runs=[str(p) for p in paths], table=table,
+            target_loss=args.target_loss, plots=str(plot) if plot else None,
+            interrupted=interrupted))
         print()
-        print(_table(records))
-    where = paths[0] if len(paths) == 1 else paths[0].parent if paths else "(nothing)"
-    print(f"\n{'Interrupted; wrote' if interrupted else 'Wrote'} {len(paths)} JSON log(s) to "
-          f"{where} in {time.perf_counter() - started:.1f} s", flush=True)
+        print(table)
+    print(f"\n{'Interrupted; wrote' if interrupted else 'Wrote'} {len(paths)} JSON log(s) "
+          f"to {out}/ in {time.perf_counter() - started:.1f} s", flush=True)
+    if plot is not None:
+        print(f"Plots: {plot}", flush=True)
+    if records:
+        print(f"Summary: {out / 'summary.json'}; checkpoints: {out / 'checkpoints'}/",
+              flush=True)
     return 130 if interrupted else 0
 
 
 def demo(args: argparse.Namespace) -> int:
-    from .data import load_digits, train_test_split
-    from .train import OPTIMIZERS, SPLIT_SEED
-
-    started = time.perf_counter()
-    records, paths, out = [], [], Path(args.out)
-    interrupted = False
-    try:
-        data = train_test_split(*load_digits(), seed=SPLIT_SEED)
-        print(f"digits: {data[1].numel()} train / {data[3].numel()} test images, "
-              f"{args.epochs} epochs x {args.seeds} seed(s) per optimizer, device {args.device}, "
-              f"{args.threads} thread(s)", flush=True)
-        for seed in range(args.seeds):
-            for name in OPTIMIZERS:
-                record = _train_one(name, args, seed, data)
-                records.append(record)
-                paths.append(_write(record, out))
-                if record["interrupted"]:
-                    raise KeyboardInterrupt
-    except KeyboardInterrupt:  # in a run (it returned what it had) or between runs
-        interrupted = True
-    if records:
-        summary = dict(runs=[str(p) for p in paths], table=_table(records),
-                       interrupted=interrupted)
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return _finish(records, paths, started, interrupted)
+    runs = [dict(optimizer_name=name, epochs=args.epochs, seed=seed)
+            for seed in range(args.seeds) for name in args.optimizer]
+    return _compare(args, runs, f"psi-cuda demo: digits, {args.epochs} epochs, "
+                    f"{args.seeds} seed(s), default settings")
 
 
 def train(args: argparse.Namespace) -> int:
-    from .train import run
+    from .train import resolve_settings
 
-    started = time.perf_counter()
-    settings = dict(optimizer=args.optimizer, seed=args.seed, epochs=args.epochs)
-    try:
-        record = run(args.optimizer, lr=args.lr, psi_lr=args.psi_lr, momentum=args.momentum,
-                     batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
-                     device=args.device, threads=args.threads, schedule=args.schedule,
-                     on_epoch=_epoch_printer(settings))
-    except KeyboardInterrupt:  # before training started (loading data, building the model)
-        print("\ninterrupted before the first step; nothing to write", flush=True)
-        return 130
-    path = _write(record, Path(args.out))
-    return _finish([record], [path], started, record["interrupted"])
+    runs = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        for name in args.optimizer:
+            kwargs = dict(optimizer_name=name, lr=args.lr, psi_lr=args.psi_lr,
+                          momentum=args.momentum, batch_size=args.batch_size,
+                          epochs=args.epochs, seed=seed, weight_decay=args.weight_decay,
+                          norm=args.norm, schedule=args.schedule, width=args.width,
+                          dataset=args.data, data_dir=args.data_dir, augment_data=args.augment,
+                          rescale=args.rescale)
+            try:  # bad combinations (e.g. psi-sgd with --norm none) fail before any training
+                resolve_settings(name, args.lr, args.psi_lr, args.momentum, args.batch_size,
+                                 args.epochs, seed, weight_decay=args.weight_decay,
+                                 norm=args.norm, schedule=args.schedule, width=args.width,
+                                 dataset=args.data, rescale=args.rescale)
+            except ValueError as e:
+                build_parser().error(str(e))
+            runs.append(kwargs)
+    if args.data == "cifar10":
+        from .data import _find_cifar10
+
+        if args.data_dir is None:
+            build_parser().error("--data cifar10 needs --data-dir (psi_cuda never downloads)")
+        try:
+            _find_cifar10(args.data_dir)
+        except FileNotFoundError as e:
+            build_parser().error(f"--data-dir: {e}")
+    return _compare(args, runs, f"psi-cuda train: {args.data}, {args.epochs} epochs, "
+                    f"batch {args.batch_size}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

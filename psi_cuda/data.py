@@ -64,3 +64,64 @@ def train_test_split(images: Tensor, labels: Tensor, test_fraction: float = 0.2,
     """``(train_images, train_labels, test_images, test_labels)`` from :func:`split_indices`."""
     train, test = split_indices(labels, test_fraction, seed)
     return images[train], labels[train], images[test], labels[test]
+
+
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST = "test_batch"
+DATASETS = ("digits", "cifar10")
+
+
+def _find_cifar10(folder) -> "Path":
+    from pathlib import Path
+
+    folder = Path(folder).expanduser()
+    for candidate in (folder, folder / CIFAR10_FOLDER):
+        if all((candidate / name).is_file() for name in CIFAR10_TRAIN + (CIFAR10_TEST,)):
+            return candidate
+    raise FileNotFoundError(
+        f"no CIFAR-10 in {folder}: expected the python version's files "
+        f"({', '.join(CIFAR10_TRAIN)}, {CIFAR10_TEST}) there or in {folder / CIFAR10_FOLDER} "
+        "(https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz, extracted); psi_cuda never "
+        "downloads")
+
+
+def _read_cifar_batch(path) -> tuple[np.ndarray, np.ndarray]:
+    import pickle
+
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    data = np.asarray(batch[b"data"], dtype=np.uint8)
+    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (data.shape[0],):
+        raise ValueError(f"{path}: not a CIFAR-10 python batch (data {data.shape}, "
+                         f"labels {labels.shape})")
+    return data, labels
+
+
+def load_cifar10(folder) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """CIFAR-10 from a local copy of its standard python version (never downloads):
+    ``(train_images, train_labels, test_images, test_labels)``, images float32 ``(N, 3, 32, 32)``
+    normalized per channel with the training set's mean and standard deviation."""
+    root = _find_cifar10(folder)
+    parts = [_read_cifar_batch(root / name) for name in CIFAR10_TRAIN]
+    test_data, test_labels = _read_cifar_batch(root / CIFAR10_TEST)
+    train = torch.from_numpy(np.concatenate([d for d, _ in parts])).view(-1, 3, 32, 32).float()
+    test = torch.from_numpy(test_data).view(-1, 3, 32, 32).float()
+    mean = train.mean(dim=(0, 2, 3), keepdim=True)
+    std = train.std(dim=(0, 2, 3), keepdim=True)
+    return ((train - mean) / std, torch.from_numpy(np.concatenate([l for _, l in parts])),
+            (test - mean) / std, torch.from_numpy(test_labels))
+
+
+def load_dataset(name: str = "digits", folder=None, split_seed: int = 0
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(train_x, train_y, test_x, test_y)`` of ``"digits"`` (built in; the fixed stratified
+    split of :func:`train_test_split`) or ``"cifar10"`` (from ``folder``; its own split)."""
+    if name == "digits":
+        return train_test_split(*load_digits(), seed=split_seed)
+    if name == "cifar10":
+        if folder is None:
+            raise ValueError("cifar10 needs the folder holding its python version (--data-dir)")
+        return load_cifar10(folder)
+    raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")

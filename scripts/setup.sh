@@ -14,7 +14,7 @@ py="$venv/bin/python"
 pip_q=(-q --disable-pip-version-check)
 # torch first, so the packages after it find it satisfied and pull no other build of it.
 "$py" -m pip install "${pip_q[@]}" "${TORCH_SPEC:-torch==2.13.0}"
-"$py" -m pip install "${pip_q[@]}" numpy ninja setuptools wheel pytest geoopt adamp matplotlib
+"$py" -m pip install "${pip_q[@]}" numpy ninja setuptools wheel pytest geoopt adamp matplotlib tqdm
 # --no-build-isolation: the extension compiles against the torch installed above.
 MAX_JOBS=${MAX_JOBS:-2} "$py" -m pip install "${pip_q[@]}" --no-build-isolation --no-deps -e "$root"
 echo "$venv"

@@ -1,0 +1,369 @@
+"""The papers' claims, reproduced at the scale of the built-in digits data (2 CPU cores).
+
+    python benchmarks/claims.py            # everything (about 15 minutes on 2 idle cores)
+    python benchmarks/claims.py --only a   # sweep, a, b, c: one part (a and b need the sweep's
+                                           # results, benchmarks/results/claims_sweep.json)
+    python benchmarks/claims.py --readme   # also rewrite the README block from the JSON files
+
+Parts (every run is ``psi_cuda.train.run``, the function behind ``psi-cuda train``):
+
+* sweep: a small learning-rate grid per optimizer (SmallResNet with BatchNorm; bnp-sgd on its
+  BN-free twin), 6 epochs, batch 64, seeds 100 and 101 (not the evaluation seeds); the setting
+  with the lowest mean final training loss wins. -> claims_sweep.json
+* a: PSI-SGD vs SGD (and PSI-Adam vs AdamW) at their swept settings, seeds 0-4: steps and
+  training seconds to a trailing-mean training loss of 0.3 / 0.1 / 0.05, final training loss and
+  test accuracy. SGD and PSI-SGD runs alternate, so machine noise hits both alike.
+  -> claims_a.json, claims_a.png
+* b: equivalent starts: the same initialization with every conv output channel multiplied by a
+  factor log-uniform in [1/4, 4] (BatchNorm makes it the same network). SGD's trajectory and
+  result change; PSI-SGD's do not (up to BatchNorm's eps and float rounding). -> claims_b.json,
+  claims_b.png
+* c: BNP at batch sizes 1, 2 and 4 against BatchNorm (SGD on the BN model) and plain SGD (the
+  BN-free twin), 2 epochs, lr picked per method and batch size on seed 100 from a grid, then
+  seeds 0-2. -> claims_c.json, claims_c.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from psi_cuda.data import load_dataset  # noqa: E402
+from psi_cuda.train import SPLIT_SEED, run, smoothed, time_to_target  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- claims:start -->", "<!-- claims:end -->"
+TARGETS = (0.3, 0.1, 0.05)
+EPOCHS = 6
+SWEEP_SEEDS = (100, 101)
+GRID = {
+    "sgd": [dict(lr=lr) for lr in (0.05, 0.1, 0.2, 0.4, 0.8)],
+    "psi-sgd": [dict(lr=lr, psi_lr=p) for lr in (0.1, 0.2, 0.4) for p in (0.05, 0.1, 0.2, 0.4)],
+    "psi-adam": [dict(lr=lr, psi_lr=p) for lr in (3e-3, 1e-2, 3e-2) for p in (0.03, 0.1, 0.3)],
+    "adamw": [dict(lr=lr) for lr in (3e-3, 1e-2, 3e-2, 0.1)],
+    "bnp-sgd": [dict(lr=lr) for lr in (3e-4, 1e-3, 3e-3, 1e-2)],
+}
+C_BATCHES = (1, 2, 4)
+C_EPOCHS = 2
+C_METHODS = {  # label -> (optimizer, norm, lr grid)
+    "SGD, no BN": ("sgd", "none", (1e-3, 3e-3, 1e-2)),
+    "SGD + BatchNorm": ("sgd", "bn", (1e-3, 3e-3, 1e-2)),
+    "BNP-SGD, no BN": ("bnp-sgd", "none", (3e-5, 1e-4, 3e-4, 1e-3)),
+}
+
+
+def summary(record: dict) -> dict:
+    """What the claims keep of a run: settings, final numbers, time to each target."""
+    return dict(settings=record["settings"], final=record["final"],
+                to_target={str(t): time_to_target(record, t) for t in TARGETS})
+
+
+def finite_loss(s: dict) -> float:
+    v = s["final"]["train_loss"]
+    return v if v is not None and math.isfinite(v) else math.inf
+
+
+def mean_std(values, fmt=".3f"):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
+
+
+def machine() -> dict:
+    return dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
+                torch=torch.__version__, load_average=list(os.getloadavg()),
+                date=time.strftime("%Y-%m-%d %H:%M"))
+
+
+def save(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {path}", flush=True)
+    return path
+
+
+def load(name: str) -> dict:
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        sys.exit(f"{path} is missing: run `python benchmarks/claims.py --only "
+                 f"{name.split('_')[1]}` first")
+    return json.loads(path.read_text())
+
+
+def sweep(data) -> dict:
+    results = {}
+    for name, grid in GRID.items():
+        rows = []
+        for options in grid:
+            runs = [summary(run(name, epochs=EPOCHS, seed=s, data=data, **options))
+                    for s in SWEEP_SEEDS]
+            loss = statistics.mean(finite_loss(r) for r in runs)
+            acc = statistics.mean(r["final"]["test_acc"] or 0 for r in runs)
+            rows.append(dict(options=options, train_loss=loss, test_acc=acc))
+            print(f"sweep {name:>8} {options}: train loss {loss:.4f}, test acc {acc:.4f}",
+                  flush=True)
+        best = min(rows, key=lambda r: r["train_loss"])
+        results[name] = dict(grid=rows, best=best["options"])
+        print(f"sweep {name:>8}: best {best['options']}", flush=True)
+    return save("claims_sweep", dict(machine=machine(), epochs=EPOCHS, seeds=SWEEP_SEEDS,
+                                     criterion="lowest mean final training loss",
+                                     results=results))
+
+
+def part_a(data, seeds) -> dict:
+    best = load("claims_sweep")["results"]
+    records = {}
+    for seed in seeds:
+        for name in ("sgd", "psi-sgd", "adamw", "psi-adam"):
+            r = run(name, epochs=EPOCHS, seed=seed, data=data, **best[name]["best"])
+            records.setdefault(name, []).append(r)
+            print(f"a {name:>8} seed {seed}: loss {r['final']['train_loss']:.4f}, "
+                  f"acc {r['final']['test_acc']:.4f}, to 0.1: {time_to_target(r, 0.1)}",
+                  flush=True)
+    plot_runs(records, RESULTS / "claims_a.png",
+              "PSI-SGD vs SGD, PSI-Adam vs AdamW at swept settings (digits, seeds "
+              f"{seeds[0]}-{seeds[-1]})")
+    return save("claims_a", dict(machine=machine(), epochs=EPOCHS, seeds=list(seeds),
+                                 targets=TARGETS, settings={k: best[k]["best"] for k in records},
+                                 runs={k: [summary(r) for r in v] for k, v in records.items()},
+                                 curves={k: [r["step_loss"] for r in v]
+                                         for k, v in records.items()}))
+
+
+def part_b(data, seeds, spread=4.0) -> dict:
+    best = load("claims_sweep")["results"]
+    out, curves = {}, {}
+    for name in ("sgd", "psi-sgd"):
+        for seed in seeds:
+            base = run(name, epochs=EPOCHS, seed=seed, data=data, **best[name]["best"])
+            moved = run(name, epochs=EPOCHS, seed=seed, data=data, rescale=spread,
+                        **best[name]["best"])
+            diff = [abs(a - b) for a, b in zip(base["step_loss"], moved["step_loss"])]
+            first = next((i + 1 for i, d in enumerate(diff) if d > 1e-3), None)
+            out.setdefault(name, []).append(dict(
+                seed=seed, max_loss_diff=max(diff), first_step_diff_over_1e3=first,
+                final=dict(base=base["final"], rescaled=moved["final"])))
+            curves.setdefault(name, []).append(dict(base=base["step_loss"],
+                                                    rescaled=moved["step_loss"]))
+            print(f"b {name:>8} seed {seed}: max |loss diff| {max(diff):.3g}, first > 1e-3 at "
+                  f"{first}; loss {base['final']['train_loss']:.4f} -> "
+                  f"{moved['final']['train_loss']:.4f}; acc {base['final']['test_acc']:.4f} -> "
+                  f"{moved['final']['test_acc']:.4f}", flush=True)
+    plot_b(curves, RESULTS / "claims_b.png", spread)
+    return save("claims_b", dict(machine=machine(), epochs=EPOCHS, seeds=list(seeds),
+                                 spread=spread, settings={k: best[k]["best"] for k in out},
+                                 results=out, curves=curves))
+
+
+def part_c(data, seeds) -> dict:
+    chosen, grid_rows, runs = {}, [], {}
+    for label, (name, norm, grid) in C_METHODS.items():
+        for batch in C_BATCHES:
+            trials = []
+            for lr in grid:
+                r = run(name, lr=lr, norm=norm, batch_size=batch, epochs=C_EPOCHS, seed=100,
+                        data=data)
+                trials.append((finite_loss(summary(r)), lr))
+                grid_rows.append(dict(method=label, batch=batch, lr=lr,
+                                      train_loss=finite_loss(summary(r)),
+                                      test_acc=r["final"]["test_acc"]))
+                print(f"c sweep {label} b{batch} lr {lr:g}: {trials[-1][0]:.4f}", flush=True)
+            lr = min(trials)[1]
+            chosen[f"{label} b{batch}"] = lr
+            for seed in seeds:
+                r = run(name, lr=lr, norm=norm, batch_size=batch, epochs=C_EPOCHS, seed=seed,
+                        data=data)
+                runs.setdefault(label, {}).setdefault(str(batch), []).append(summary(r))
+                print(f"c {label} b{batch} seed {seed}: loss {r['final']['train_loss']:.4f}, "
+                      f"acc {r['final']['test_acc']:.4f}", flush=True)
+    plot_c(runs, RESULTS / "claims_c.png")
+    return save("claims_c", dict(machine=machine(), epochs=C_EPOCHS, seeds=list(seeds),
+                                 batches=C_BATCHES, lr=chosen, grid=grid_rows, runs=runs))
+
+
+# ---------------------------------------------------------------------------------- plots
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_runs(records: dict, path: Path, title: str) -> None:
+    from psi_cuda.plots import plot_records
+
+    plot_records([r for v in records.values() for r in v], path, title)
+
+
+def plot_b(curves: dict, path: Path, spread: float) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, name in zip(axes, ("sgd", "psi-sgd")):
+        for i, c in enumerate(curves[name]):
+            w = 23
+            ax.plot(smoothed(c["base"], w), color=f"C{i}", lw=1.2,
+                    label=f"seed {i}: original start" if True else None)
+            ax.plot(smoothed(c["rescaled"], w), color=f"C{i}", lw=1.2, ls="--",
+                    label=f"seed {i}: channels rescaled")
+        ax.set_yscale("log")
+        ax.set_title(f"{name}: original (solid) vs rescaled start (dashed)")
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("training loss (trailing mean over one epoch)")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"Equivalent starts: every conv output channel x U_log[1/{spread:g}, "
+                 f"{spread:g}], same network")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_c(runs: dict, path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (label, by_batch) in enumerate(runs.items()):
+        batches = sorted(by_batch, key=int)
+        loss = [statistics.mean(finite_loss(r) for r in by_batch[b]) for b in batches]
+        acc = [100 * statistics.mean(r["final"]["test_acc"] for r in by_batch[b])
+               for b in batches]
+        axes[0].plot([int(b) for b in batches], loss, marker="o", color=f"C{i}", label=label)
+        axes[1].plot([int(b) for b in batches], acc, marker="o", color=f"C{i}", label=label)
+    axes[0].set_ylabel(f"final training loss (epoch {C_EPOCHS})")
+    axes[0].set_yscale("log")
+    axes[1].set_ylabel("test accuracy (%)")
+    for ax in axes:
+        ax.set_xlabel("batch size")
+        ax.set_xscale("log", base=2)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("BNP at small batch sizes (digits, mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------- README
+
+def readme_block() -> str:
+    sweep_ = load("claims_sweep")
+    a, b, c = load("claims_a"), load("claims_b"), load("claims_c")
+    lines = [f"Measured by `python benchmarks/claims.py` ({a['machine']['cpu']}, "
+             f"{a['machine']['cores']} cores, 1 thread per run, torch {a['machine']['torch']}; "
+             f"results in `benchmarks/results/claims_*.json` and `.png`). Mean ± std over "
+             f"seeds.", ""]
+    best = {k: v["best"] for k, v in sweep_["results"].items()}
+    lines += ["**Learning rates** (sweep: " + ", ".join(
+        f"{k} {len(v['grid'])} settings" for k, v in sweep_["results"].items())
+        + f", {sweep_['epochs']} epochs, seeds {sweep_['seeds'][0]} and "
+        f"{sweep_['seeds'][1]}, lowest final training loss; `claims_sweep.json`): "
+        + "; ".join(f"{k} " + ", ".join(f"{o} {v:g}" for o, v in opts.items())
+                    for k, opts in best.items()) + ".", ""]
+
+    lines += [f"**(a) PSI-SGD vs SGD** ({a['epochs']} epochs, batch 64, seeds "
+              f"{a['seeds'][0]}-{a['seeds'][-1]}; steps and training seconds until the mean "
+              "training loss over the last epoch of steps is at most the target; load average "
+              f"{a['machine']['load_average'][0]:.1f} at the end):", "",
+              "| optimizer | steps to 0.3 | steps to 0.1 | steps to 0.05 | seconds to 0.1 | "
+              "final train loss | test acc % |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, runs in a["runs"].items():
+        def steps(t):
+            hits = [r["to_target"][str(t)]["step"] for r in runs]
+            miss = sum(h is None for h in hits)
+            return mean_std(hits, ".0f") + (f" ({len(hits) - miss}/{len(hits)} reach it)"
+                                             if miss else "")
+        secs = [r["to_target"]["0.1"]["seconds"] for r in runs]
+        lines.append(f"| {name} | {steps(0.3)} | {steps(0.1)} | {steps(0.05)} | "
+                     f"{mean_std(secs, '.2f')} | "
+                     f"{mean_std([r['final']['train_loss'] for r in runs], '.4f')} | "
+                     f"{mean_std([100 * r['final']['test_acc'] for r in runs], '.2f')} |")
+    lines += ["", "![claim a](benchmarks/results/claims_a.png)", ""]
+
+    lines += [f"**(b) Equivalent starts** (every conv output channel multiplied by a factor "
+              f"log-uniform in [1/{b['spread']:g}, {b['spread']:g}] after initialization; "
+              "BatchNorm makes it the same network; same seed, data order and settings):", "",
+              "| optimizer | seed | max \\|step loss difference\\| | first step differing by "
+              "> 1e-3 | final train loss: original → rescaled | test acc %: original → "
+              "rescaled |", "| --- | ---: | ---: | ---: | --- | --- |"]
+    for name, rows in b["results"].items():
+        for r in rows:
+            f0, f1 = r["final"]["base"], r["final"]["rescaled"]
+            lines.append(f"| {name} | {r['seed']} | {r['max_loss_diff']:.2g} | "
+                         f"{r['first_step_diff_over_1e3'] or 'never'} | "
+                         f"{f0['train_loss']:.4f} → {f1['train_loss']:.4f} | "
+                         f"{100 * f0['test_acc']:.2f} → {100 * f1['test_acc']:.2f} |")
+    lines += ["", "![claim b](benchmarks/results/claims_b.png)", ""]
+
+    lines += [f"**(c) BNP at small batches** ({c['epochs']} epochs, lr per method and batch "
+              f"size from a grid on seed 100, then seeds {c['seeds'][0]}-{c['seeds'][-1]}; "
+              "final training loss / test accuracy %):", "",
+              "| batch | " + " | ".join(c["runs"]) + " |",
+              "| ---: | " + " | ".join("---" for _ in c["runs"]) + " |"]
+    for batch in c["batches"]:
+        cells = []
+        for label, by_batch in c["runs"].items():
+            rs = by_batch[str(batch)]
+            cells.append(f"{mean_std([r['final']['train_loss'] for r in rs], '.3f')} / "
+                         f"{mean_std([100 * r['final']['test_acc'] for r in rs], '.1f')} "
+                         f"(lr {c['lr'][f'{label} b{batch}']:g})")
+        lines.append(f"| {batch} | " + " | ".join(cells) + " |")
+    lines += ["", "![claim c](benchmarks/results/claims_c.png)"]
+    return "\n".join(lines)
+
+
+def write_readme() -> None:
+    text = README.read_text()
+    if BEGIN not in text or END not in text:
+        sys.exit(f"README.md has no {BEGIN} ... {END} block")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    README.write_text(head + BEGIN + "\n" + readme_block() + "\n" + END + tail)
+    print(f"wrote the claims block of {README}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", nargs="+", choices=("sweep", "a", "b", "c"),
+                   default=["sweep", "a", "b", "c"])
+    p.add_argument("--seeds", type=int, default=5, help="evaluation seeds of part a (default 5)")
+    p.add_argument("--readme", action="store_true", help="rewrite the README block")
+    p.add_argument("--readme-only", action="store_true",
+                   help="only rewrite the README block from the saved JSON")
+    args = p.parse_args(argv)
+    if not args.readme_only:
+        torch.set_num_threads(1)
+        data = load_dataset("digits", split_seed=SPLIT_SEED)
+        started = time.perf_counter()
+        if "sweep" in args.only:
+            sweep(data)
+        if "a" in args.only:
+            part_a(data, tuple(range(args.seeds)))
+        if "b" in args.only:
+            part_b(data, (0, 1, 2))
+        if "c" in args.only:
+            part_c(data, (0, 1, 2))
+        print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
+    if args.readme or args.readme_only:
+        write_readme()
+
+
+if __name__ == "__main__":
+    main()

@@ -50,17 +50,18 @@ EPOCHS = 6
 SWEEP_SEEDS = (100, 101)
 GRID = {
     "sgd": [dict(lr=lr) for lr in (0.05, 0.1, 0.2, 0.4, 0.8)],
-    "psi-sgd": [dict(lr=lr, psi_lr=p) for lr in (0.1, 0.2, 0.4) for p in (0.05, 0.1, 0.2, 0.4)],
-    "psi-adam": [dict(lr=lr, psi_lr=p) for lr in (3e-3, 1e-2, 3e-2) for p in (0.03, 0.1, 0.3)],
+    "psi-sgd": [dict(lr=lr, psi_lr=p) for lr in (0.1, 0.2, 0.4, 0.8)
+                for p in (0.025, 0.05, 0.1, 0.2)],
+    "psi-adam": [dict(lr=lr, psi_lr=p) for lr in (1e-2, 3e-2, 0.1) for p in (0.03, 0.1, 0.3)],
     "adamw": [dict(lr=lr) for lr in (3e-3, 1e-2, 3e-2, 0.1)],
     "bnp-sgd": [dict(lr=lr) for lr in (3e-4, 1e-3, 3e-3, 1e-2)],
 }
 C_BATCHES = (1, 2, 4)
 C_EPOCHS = 2
 C_METHODS = {  # label -> (optimizer, norm, lr grid)
-    "SGD, no BN": ("sgd", "none", (1e-3, 3e-3, 1e-2)),
-    "SGD + BatchNorm": ("sgd", "bn", (1e-3, 3e-3, 1e-2)),
-    "BNP-SGD, no BN": ("bnp-sgd", "none", (3e-5, 1e-4, 3e-4, 1e-3)),
+    "SGD, no BN": ("sgd", "none", (3e-3, 1e-2, 3e-2, 0.1)),
+    "SGD + BatchNorm": ("sgd", "bn", (3e-3, 1e-2, 3e-2, 0.1)),
+    "BNP-SGD, no BN": ("bnp-sgd", "none", (1e-4, 3e-4, 1e-3)),
 }
 
 
@@ -106,9 +107,15 @@ def load(name: str) -> dict:
     return json.loads(path.read_text())
 
 
-def sweep(data) -> dict:
+def sweep(data, names=None) -> dict:
+    """The grid of every optimizer in ``names`` (default all); the others' results are kept
+    from the saved claims_sweep.json."""
     results = {}
+    if names:
+        results = load("claims_sweep")["results"]
     for name, grid in GRID.items():
+        if names and name not in names:
+            continue
         rows = []
         for options in grid:
             runs = [summary(run(name, epochs=EPOCHS, seed=s, data=data, **options))
@@ -146,29 +153,64 @@ def part_a(data, seeds) -> dict:
                                          for k, v in records.items()}))
 
 
+def nudge_one_weight(model) -> None:
+    """The noise floor of part b: one weight of the stem conv made larger by 2 ulp (a change
+    of the size of float32 rounding)."""
+    with torch.no_grad():
+        model.stem[0].weight[0, 0, 0, 0].mul_(1 + 2.0 ** -22)
+
+
+def divergence(base: dict, other: dict) -> dict:
+    diff = [abs(a - b) for a, b in zip(base["step_loss"], other["step_loss"])]
+    return dict(max_loss_diff=max(diff),
+                first_step_diff_over_1e3=next((i + 1 for i, d in enumerate(diff) if d > 1e-3),
+                                              None),
+                final=other["final"])
+
+
+def small_bn_eps(model) -> None:
+    """BatchNorm eps 1e-5 -> 1e-10: the network becomes scale-invariant to float precision."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eps = 1e-10
+
+
 def part_b(data, seeds, spread=4.0) -> dict:
+    """Per setting (the swept one, a gentler lr 0.1 / psi_lr 0.1, and the swept one with
+    BatchNorm's eps made 1e-10), optimizer and seed: the run from the original start, from the
+    channel-rescaled start, and from the original start with one weight nudged by 2 ulp (how far
+    float rounding alone moves a trajectory)."""
     best = load("claims_sweep")["results"]
+    swept = {k: best[k]["best"] for k in ("sgd", "psi-sgd")}
+    settings = {"swept": swept,
+                "lr 0.1": {"sgd": dict(lr=0.1), "psi-sgd": dict(lr=0.1, psi_lr=0.1)},
+                "swept, BN eps 1e-10": swept}
+    hooks = {"swept, BN eps 1e-10": small_bn_eps}
     out, curves = {}, {}
-    for name in ("sgd", "psi-sgd"):
-        for seed in seeds:
-            base = run(name, epochs=EPOCHS, seed=seed, data=data, **best[name]["best"])
-            moved = run(name, epochs=EPOCHS, seed=seed, data=data, rescale=spread,
-                        **best[name]["best"])
-            diff = [abs(a - b) for a, b in zip(base["step_loss"], moved["step_loss"])]
-            first = next((i + 1 for i, d in enumerate(diff) if d > 1e-3), None)
-            out.setdefault(name, []).append(dict(
-                seed=seed, max_loss_diff=max(diff), first_step_diff_over_1e3=first,
-                final=dict(base=base["final"], rescaled=moved["final"])))
-            curves.setdefault(name, []).append(dict(base=base["step_loss"],
-                                                    rescaled=moved["step_loss"]))
-            print(f"b {name:>8} seed {seed}: max |loss diff| {max(diff):.3g}, first > 1e-3 at "
-                  f"{first}; loss {base['final']['train_loss']:.4f} -> "
-                  f"{moved['final']['train_loss']:.4f}; acc {base['final']['test_acc']:.4f} -> "
-                  f"{moved['final']['test_acc']:.4f}", flush=True)
+    for label, options in settings.items():
+        hook = hooks.get(label)
+        nudge = nudge_one_weight if hook is None else (
+            lambda m, hook=hook: (hook(m), nudge_one_weight(m)))
+        for name in ("sgd", "psi-sgd"):
+            for seed in seeds:
+                kw = dict(epochs=EPOCHS, seed=seed, data=data, **options[name])
+                base = run(name, init_hook=hook, **kw)
+                rec = run(name, rescale=spread, init_hook=hook, **kw)
+                moved = divergence(base, rec)
+                nudged = divergence(base, run(name, init_hook=nudge, **kw))
+                out.setdefault(label, {}).setdefault(name, []).append(dict(
+                    seed=seed, base=base["final"], rescaled=moved, nudged=nudged))
+                if label == "swept":
+                    curves.setdefault(name, []).append(dict(base=base["step_loss"],
+                                                            rescaled=rec["step_loss"]))
+                print(f"b {label} {name:>8} seed {seed}: rescaled max |loss diff| "
+                      f"{moved['max_loss_diff']:.3g} (first > 1e-3 at "
+                      f"{moved['first_step_diff_over_1e3']}), nudged "
+                      f"{nudged['max_loss_diff']:.3g} ({nudged['first_step_diff_over_1e3']})",
+                      flush=True)
     plot_b(curves, RESULTS / "claims_b.png", spread)
     return save("claims_b", dict(machine=machine(), epochs=EPOCHS, seeds=list(seeds),
-                                 spread=spread, settings={k: best[k]["best"] for k in out},
-                                 results=out, curves=curves))
+                                 spread=spread, settings=settings, results=out, curves=curves))
 
 
 def part_c(data, seeds) -> dict:
@@ -298,18 +340,34 @@ def readme_block() -> str:
     lines += ["", "![claim a](benchmarks/results/claims_a.png)", ""]
 
     lines += [f"**(b) Equivalent starts** (every conv output channel multiplied by a factor "
-              f"log-uniform in [1/{b['spread']:g}, {b['spread']:g}] after initialization; "
-              "BatchNorm makes it the same network; same seed, data order and settings):", "",
-              "| optimizer | seed | max \\|step loss difference\\| | first step differing by "
-              "> 1e-3 | final train loss: original → rescaled | test acc %: original → "
-              "rescaled |", "| --- | ---: | ---: | ---: | --- | --- |"]
-    for name, rows in b["results"].items():
-        for r in rows:
-            f0, f1 = r["final"]["base"], r["final"]["rescaled"]
-            lines.append(f"| {name} | {r['seed']} | {r['max_loss_diff']:.2g} | "
-                         f"{r['first_step_diff_over_1e3'] or 'never'} | "
-                         f"{f0['train_loss']:.4f} → {f1['train_loss']:.4f} | "
-                         f"{100 * f0['test_acc']:.2f} → {100 * f1['test_acc']:.2f} |")
+              f"log-uniform in [1/{b['spread']:g}, {b['spread']:g}] after initialization, which "
+              "BatchNorm turns into the same network up to its eps; same seed, data order and "
+              "settings. The noise floor: the original start with one weight nudged by 2 ulp. "
+              "Mean over seeds; `first step` is the first step whose loss differs by more than "
+              "1e-3):", "",
+              "| setting | optimizer | rescaled: max \\|loss diff\\| | rescaled: first step | "
+              "nudged 2 ulp: max \\|loss diff\\| | nudged: first step | final train loss: "
+              "original / rescaled | test acc %: original / rescaled |",
+              "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |"]
+    for label, by_name in b["results"].items():
+        opts = b["settings"][label]
+        for name, rows in by_name.items():
+            def firsts(key):
+                vals = [r[key]["first_step_diff_over_1e3"] for r in rows]
+                never = sum(v is None for v in vals)
+                text = mean_std([v for v in vals if v is not None], ".0f")
+                return text if not never else f"{text}, never in {never}/{len(vals)}"
+            setting = ", ".join(f"{k} {v:g}" for k, v in opts[name].items())
+            lines.append(
+                f"| {label} ({setting}) | {name} | "
+                f"{mean_std([r['rescaled']['max_loss_diff'] for r in rows], '.2g')} | "
+                f"{firsts('rescaled')} | "
+                f"{mean_std([r['nudged']['max_loss_diff'] for r in rows], '.2g')} | "
+                f"{firsts('nudged')} | "
+                f"{mean_std([r['base']['train_loss'] for r in rows], '.4f')} / "
+                f"{mean_std([r['rescaled']['final']['train_loss'] for r in rows], '.4f')} | "
+                f"{mean_std([100 * r['base']['test_acc'] for r in rows], '.2f')} / "
+                f"{mean_std([100 * r['rescaled']['final']['test_acc'] for r in rows], '.2f')} |")
     lines += ["", "![claim b](benchmarks/results/claims_b.png)", ""]
 
     lines += [f"**(c) BNP at small batches** ({c['epochs']} epochs, lr per method and batch "
@@ -344,6 +402,8 @@ def main(argv=None) -> None:
     p.add_argument("--only", nargs="+", choices=("sweep", "a", "b", "c"),
                    default=["sweep", "a", "b", "c"])
     p.add_argument("--seeds", type=int, default=5, help="evaluation seeds of part a (default 5)")
+    p.add_argument("--sweep-optimizers", nargs="+", choices=tuple(GRID), default=None,
+                   help="re-sweep only these optimizers, keeping the others' saved results")
     p.add_argument("--readme", action="store_true", help="rewrite the README block")
     p.add_argument("--readme-only", action="store_true",
                    help="only rewrite the README block from the saved JSON")
@@ -353,7 +413,7 @@ def main(argv=None) -> None:
         data = load_dataset("digits", split_seed=SPLIT_SEED)
         started = time.perf_counter()
         if "sweep" in args.only:
-            sweep(data)
+            sweep(data, args.sweep_optimizers)
         if "a" in args.only:
             part_a(data, tuple(range(args.seeds)))
         if "b" in args.only:

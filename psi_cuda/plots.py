@@ -68,6 +68,8 @@ def plot_records(records: Sequence[dict[str, Any]], path: str | Path, title: str
             axes[1, 1].plot(_mean(acc_times), mean_acc, color=colour, lw=1.8, marker="o", ms=3)
     for ax in axes[0]:
         ax.set_yscale("log")
+        bottom, top = ax.get_ylim()
+        ax.set_ylim(bottom, min(top, 10.0))  # a diverged run would squash the others
         ax.set_ylabel("training loss (mean over the last epoch of steps)")
     for ax in axes[1]:
         ax.set_ylabel("test accuracy (%)")

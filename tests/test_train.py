@@ -167,8 +167,9 @@ def test_run_restores_global_settings(small_data):
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_short_run_decreases_training_loss(name, small_data):
-    options = {"bnp-sgd": dict(lr=0.003), "psi-adam": dict(lr=0.01, psi_lr=0.1),
-               "adamw": dict(lr=0.01)}.get(name, {})
+    options = {"sgd": dict(lr=0.1), "psi-sgd": dict(lr=0.1, psi_lr=0.1),
+               "bnp-sgd": dict(lr=0.003), "psi-adam": dict(lr=0.01, psi_lr=0.1),
+               "adamw": dict(lr=0.01)}[name]
     record = run(name, epochs=3, batch_size=32, data=small_data, **options)
     losses = record["step_loss"]
     assert len(losses) == 24 and len(record["step_time"]) == 24
@@ -203,9 +204,9 @@ def test_equivalent_start_psi_sgd_stays_sgd_moves(small_data):
     """Claim (b) in small: a per-channel rescaled start changes SGD's losses at once, PSI-SGD's
     only by BatchNorm's eps and rounding."""
     diff = {}
-    for name in ("sgd", "psi-sgd"):
-        a = run(name, epochs=1, batch_size=32, data=small_data)
-        b = run(name, epochs=1, batch_size=32, data=small_data, rescale=4.0)
+    for name, options in (("sgd", dict(lr=0.1)), ("psi-sgd", dict(lr=0.1, psi_lr=0.1))):
+        a = run(name, epochs=1, batch_size=32, data=small_data, **options)
+        b = run(name, epochs=1, batch_size=32, data=small_data, rescale=4.0, **options)
         diff[name] = max(abs(x - y) for x, y in zip(a["step_loss"], b["step_loss"]))
     assert diff["psi-sgd"] < 2e-3 and diff["sgd"] > 10 * diff["psi-sgd"]
 
@@ -250,7 +251,7 @@ def test_resume_from_checkpoint_is_bit_for_bit(name, small_data, tmp_path):
 
 def test_resume_refuses_a_different_run(small_data, tmp_path):
     run("sgd", epochs=1, batch_size=64, data=small_data, checkpoint=tmp_path / "c.pt")
-    with pytest.raises(ValueError, match=r"different run: lr 0.1 there, 0.2 here"):
+    with pytest.raises(ValueError, match=r"different run: lr 0.4 there, 0.2 here"):
         run("sgd", lr=0.2, epochs=1, batch_size=64, data=small_data,
             checkpoint=tmp_path / "c.pt", resume=True)
 

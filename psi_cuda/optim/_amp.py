@@ -55,8 +55,8 @@ def write_back(writebacks: list) -> None:
 def capturing() -> bool:
     """True when a CUDA graph capture is in progress on the current stream (never while
     torch.compile traces: the compiled step is checked when it is captured as a whole)."""
-    if torch.compiler.is_compiling() or not torch.cuda.is_available():
-        return False
+    if torch.compiler.is_compiling() or not torch.cuda.is_initialized():
+        return False  # (no capture can run before CUDA is initialized; CPU runs never ask it)
     return torch.cuda.is_current_stream_capturing()
 
 

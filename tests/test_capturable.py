@@ -181,3 +181,55 @@ def test_flags_must_be_bool(cls, key):
     p = torch.randn(3, 2, requires_grad=True)
     with pytest.raises(ValueError, match=rf"param_groups\[0\]\['{key}'\] must be True or False"):
         cls([{"params": [p], key: "yes"}], lr=0.1)
+
+
+def bnp_sgd_on_cpu(**kw):
+    m = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2, bias=False), nn.ReLU(),
+                      nn.Linear(2, 3))
+    opt = BNPSGD(m, lr=0.1, momentum=0.9, **kw)
+    m(torch.randn(3, 4))
+    return m, opt
+
+
+@pytest.mark.parametrize("case", ["sgd", "sgd-nomomentum", "adam", "bnp", "sgd-master",
+                                  "adam-master", "bnp-master"])
+def test_needs_state_matches_the_state_a_step_makes(case):
+    """The pre-capture check ``_needs_state`` says True for every param before its first step and
+    False after it: it asks for exactly the state the step makes (a bias of a BNP layer shares
+    its weight's step counter; master copies only with master_weights on bf16 params)."""
+    master = case.endswith("master")
+    dtype = torch.bfloat16 if master else torch.float32
+    if case.startswith("bnp"):
+        model, opt = bnp_sgd_on_cpu(master_weights=master)
+        model.to(dtype)
+    else:
+        cls = PSIAdam if case.startswith("adam") else PSISGD
+        kw = dict(momentum=0.0 if "nomomentum" in case else 0.9) if cls is PSISGD else {}
+        opt = cls(psi_params("cpu", dtype), lr=0.01, master_weights=master, **kw)
+    params = [(p, g) for g in opt.param_groups for p in g["params"]]
+    set_grads([p for p, _ in params], 0)
+    assert all(opt._needs_state(p, g) for p, g in params)
+    opt.step()
+    assert not any(opt._needs_state(p, g) for p, g in params)
+    assert master == all("master" in opt.state[p] for p, _ in params)
+
+
+@pytest.mark.parametrize("cls", [PSISGD, PSIAdam])
+def test_capture_checks_run_before_anything_changes(cls, monkeypatch):
+    """With a capture reported in progress (the probe patched: no GPU here), step() refuses
+    capturable=False groups and CPU params with an error naming them, before touching any
+    tensor."""
+    from psi_cuda.optim import _amp
+    groups = psi_params("cpu", torch.float32)
+    opt = cls(groups, lr=0.01)
+    set_grads(all_params(opt), 0)
+    before = [p.clone() for p in all_params(opt)]
+    monkeypatch.setattr(_amp, "capturing", lambda: True)
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\] has capturable=False"):
+        opt.step()
+    opt2 = cls(psi_params("cpu", torch.float32), lr=0.01, capturable=True)
+    set_grads(all_params(opt2), 0)
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[0\] is on cpu"):
+        opt2.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, all_params(opt)))
+    assert not opt.state and not opt2.state

@@ -208,6 +208,7 @@ def snapshot(model, opt):
 AMP_CASES = [(torch.float32, torch.bfloat16, False),  # fp32 params under bf16 autocast
              (torch.bfloat16, None, False),           # bf16 params, no master
              (torch.bfloat16, None, True),            # bf16 params with fp32 masters
+             (torch.float16, None, False),            # fp16 params, no master
              (torch.float16, None, True)]             # fp16 params with fp32 masters
 
 

@@ -16,9 +16,13 @@ RETRACTIONS = {name: code for code, name in enumerate(reference.RETRACTIONS)}
 TRANSPORTS = {name: code for code, name in enumerate(reference.TRANSPORTS)}
 
 
+# Read once: a constant for torch.compile, which cannot trace the dispatcher query.
+_HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("psi_cuda::psi_sgd_", "CUDA")
+
+
 def has_cuda_kernels() -> bool:
     """True when this build registered CUDA kernels (a CUDA build, whether or not a GPU is present)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("psi_cuda::psi_sgd_", "CUDA")
+    return _HAS_CUDA_KERNELS
 
 
 def use_fused(backend: str, device: torch.device, who: str) -> bool:

@@ -18,7 +18,7 @@
 //
 // bnp_precondition_ / bnp_sgd_: one multi-tensor launch per phase. The host builds a table with
 // one LayerMeta per layer that has rows (device addresses, row layout, the index of its first
-// row among all rows), copies it to the device through pinned memory without waiting, and a
+// row among all rows), copies it to the device without waiting (device_table.cuh), and a
 // block finds the layer of its row by binary search (as in psi_sgd_cuda.cu).
 //   channel_table_kernel  one block per layer: per input channel (shift, inv) = bnp_channel(mean,
 //                         sqmean) into a scratch table (opmath precision).
@@ -37,8 +37,9 @@
 // Limits: a row is handled by a single block (256 threads), so a layer with few, very long rows
 // (e.g. one output channel of a million inputs) runs on few SMs; the statistics of an input with
 // a huge inner size run on (channel, chunk) blocks and have no such limit. Layouts other than
-// those of row_layout/checked_stats_layout go through contiguous copies (as on the CPU). Not safe
-// to capture in a CUDA graph: the layer table is copied from a pinned host buffer reused later.
+// those of row_layout/checked_stats_layout go through contiguous copies (as on the CPU). Safe to
+// capture in a CUDA graph: under capture the layer table reaches the device through kernel
+// arguments instead of a pinned host buffer (device_table.cuh).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -55,6 +56,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "device_table.cuh"
 #include "psi/bnp.h"
 #include "psi/ops.h"
 
@@ -478,24 +480,18 @@ void add_layer(RowsPlan& plan, const at::Tensor& grad, const at::Tensor* bias_gr
   plan.layers.push_back(a);
 }
 
-// Copies the layer table and the step addresses to the device without waiting. copy_ records
-// the pinned block's use on the stream, so the caching host allocator does not reuse it before
-// the copy has run. Returns the device buffer (layers first, then steps).
-at::Tensor upload(const RowsPlan& plan, const at::Device& device) {
-  const int64_t words = static_cast<int64_t>(plan.layers.size()) * kMetaWords +
-                        static_cast<int64_t>(plan.steps.size());
-  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* h = host.data_ptr<int64_t>();
-  if (!plan.layers.empty()) {
-    std::memcpy(h, plan.layers.data(), plan.layers.size() * sizeof(LayerMeta));
+// Copies the layer table and the step addresses to the device without waiting (graph-safe
+// under CUDA graph capture: device_table.cuh). Returns the device buffer (layers first, then
+// steps).
+at::Tensor upload(const RowsPlan& plan, const at::Device& device, cudaStream_t stream) {
+  std::vector<int64_t> words;
+  words.reserve(plan.layers.size() * kMetaWords + plan.steps.size());
+  for (const LayerMeta& a : plan.layers) {
+    const int64_t* row = reinterpret_cast<const int64_t*>(&a);
+    words.insert(words.end(), row, row + kMetaWords);
   }
-  if (!plan.steps.empty()) {
-    std::memcpy(h + plan.layers.size() * kMetaWords, plan.steps.data(),
-                plan.steps.size() * sizeof(int64_t));
-  }
-  at::Tensor dev = at::empty({words}, at::TensorOptions().dtype(at::kLong).device(device));
-  dev.copy_(host, /*non_blocking=*/true);
-  return dev;
+  words.insert(words.end(), plan.steps.begin(), plan.steps.end());
+  return upload_words(words.data(), static_cast<int64_t>(words.size()), device, stream);
 }
 
 // The channel table and the row pass of one call (when the plan has rows).
@@ -540,7 +536,7 @@ void bnp_precondition_cuda(at::TensorList weight_grads, at::TensorList bias_grad
     add_layer(plan, work[i], centered ? &bias_work[i] : nullptr, means[i], sqmeans[i], groups[i]);
   }
   if (plan.rows > 0) {
-    const at::Tensor table = upload(plan, device);
+    const at::Tensor table = upload(plan, device, stream);
     const LayerMeta* metas = reinterpret_cast<const LayerMeta*>(table.data_ptr<int64_t>());
     const SgdOptions none{};
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, work[0].scalar_type(),
@@ -600,7 +596,7 @@ void bnp_sgd_cuda(at::TensorList weights, at::TensorList biases, at::TensorList 
     a.step = address(state_steps[i].data_ptr<float>());
   }
 
-  const at::Tensor table = upload(plan, device);
+  const at::Tensor table = upload(plan, device, stream);
   const LayerMeta* metas = reinterpret_cast<const LayerMeta*>(table.data_ptr<int64_t>());
   const int64_t* steps = table.data_ptr<int64_t>() + plan.layers.size() * kMetaWords;
   const float* scale = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;

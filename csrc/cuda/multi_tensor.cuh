@@ -14,6 +14,7 @@
 #include <cstring>
 #include <vector>
 
+#include "device_table.cuh"
 #include "psi/ops.h"
 
 namespace psi {
@@ -268,22 +269,20 @@ struct DeviceTables {
   const int64_t* steps;
 };
 
-DeviceTables upload_plan(const Plan& plan, const at::Device& device) {
-  // Tables -> pinned host memory -> device, without waiting. copy_ records the pinned block's use
-  // on the stream, so the caching host allocator does not reuse it before the copy has run.
-  const int64_t num_metas =
-      static_cast<int64_t>(plan.shorts.size() + plan.longs.size() + plan.plains.size());
-  const int64_t words = num_metas * kMetaWords + static_cast<int64_t>(plan.steps.size());
-  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* h = host.data_ptr<int64_t>();
+DeviceTables upload_plan(const Plan& plan, const at::Device& device, cudaStream_t stream) {
+  // Tables -> device without waiting; graph-safe under CUDA graph capture (device_table.cuh).
+  std::vector<int64_t> words;
+  words.reserve((plan.shorts.size() + plan.longs.size() + plan.plains.size()) * kMetaWords +
+                plan.steps.size());
   for (const std::vector<TensorMeta>* table : {&plan.shorts, &plan.longs, &plan.plains}) {
-    if (table->empty()) continue;  // memcpy from a null data() is undefined
-    std::memcpy(h, table->data(), table->size() * sizeof(TensorMeta));
-    h += table->size() * kMetaWords;
+    for (const TensorMeta& a : *table) {
+      const int64_t* row = reinterpret_cast<const int64_t*>(&a);
+      words.insert(words.end(), row, row + kMetaWords);
+    }
   }
-  std::memcpy(h, plan.steps.data(), plan.steps.size() * sizeof(int64_t));
-  at::Tensor dev = at::empty({words}, at::TensorOptions().dtype(at::kLong).device(device));
-  dev.copy_(host, /*non_blocking=*/true);
+  words.insert(words.end(), plan.steps.begin(), plan.steps.end());
+  const at::Tensor dev =
+      upload_words(words.data(), static_cast<int64_t>(words.size()), device, stream);
   DeviceTables d;
   d.storage = dev;
   d.shorts = reinterpret_cast<const TensorMeta*>(dev.data_ptr<int64_t>());

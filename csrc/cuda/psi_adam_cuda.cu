@@ -206,7 +206,7 @@ void psi_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList e
   }
   const Plan plan = make_plan(params, grads_laid_out, exp_avgs, exp_avg_sqs, state_steps,
                               manifold);
-  const DeviceTables tables = upload_plan(plan, device);
+  const DeviceTables tables = upload_plan(plan, device, stream);
   const float* scale = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
   const float* inf = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(),

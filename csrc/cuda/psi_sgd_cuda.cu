@@ -3,7 +3,7 @@
 //
 // One multi-tensor launch per kind of work (the shared pieces: multi_tensor.cuh). The host builds a table with one TensorMeta per
 // non-empty tensor (device addresses of w, g, m and the step, sizes, the index of the tensor's
-// first work unit) in pinned memory and copies it to the device asynchronously; a block finds
+// first work unit) and copies it to the device asynchronously (device_table.cuh); a block finds
 // the tensor of its work unit by binary search over the first-unit column.
 //
 //   psi_short_groups_kernel  channel/tensor groups of at most kShortGroup elements: one block
@@ -21,8 +21,9 @@
 //
 // Every kernel first reads found_inf and returns when it is set: then nothing at all changes.
 // Nothing here waits for the device: found_inf, grad_scale and the steps are read by kernels.
-// Limits: none on sizes (64-bit indices; launches of more than kMaxGrid units loop). Not safe to
-// capture in a CUDA graph: the table is copied from a pinned host buffer that is reused later.
+// Limits: none on sizes (64-bit indices; launches of more than kMaxGrid units loop). Safe to
+// capture in a CUDA graph: under capture the table reaches the device through kernel arguments
+// instead of a pinned host buffer (device_table.cuh), and no kernel depends on host values.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -200,7 +201,7 @@ void psi_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList mo
   }
   const Plan plan =
       make_plan(params, grads_laid_out, momentum_buffers, {}, state_steps, manifold);
-  const DeviceTables tables = upload_plan(plan, device);
+  const DeviceTables tables = upload_plan(plan, device, stream);
 
   const float* scale = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
   const float* inf = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;

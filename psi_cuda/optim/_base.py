@@ -70,7 +70,9 @@ class FusedOptimizer(Optimizer):
         manifold = group.get("manifold")
         if manifold is None:
             return group["weight_decay"]
-        if group["weight_decay"] != 0 and not self._warned_decay:
+        # Only eager steps warn: dynamo cannot trace warnings.warn (a graph break).
+        if group["weight_decay"] != 0 and not self._warned_decay \
+                and not torch.compiler.is_compiling():
             warnings.warn(f"{self.name}: weight_decay has no meaning on the PSI manifold and is "
                           f"ignored for param_groups[{index}] (manifold={manifold!r})",
                           stacklevel=3)

@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import ops, reference
 from ..bnp import BNP
+from ._amp import check_capture, step_target, write_back
 from ._base import on_device, state_like
 from .psi_sgd import PSISGD
 
@@ -28,6 +29,8 @@ class BNPSGD(PSISGD):
         bnp: a ``psi_cuda.BNP`` attached to ``model`` (default: ``BNP(model)``, every
             Linear/Conv layer, ``momentum=0.1``, ``eps=1e-5``).
         backend: ``"fused"``, ``"reference"`` or ``"auto"`` (fused where available).
+        master_weights, capturable: as in :class:`PSISGD` (fp32 master copies of fp16/bf16
+            parameters; CUDA graph capture of ``step()``).
 
     ``state_dict()`` holds the BNP statistics too, so one checkpoint resumes training bit for
     bit. Works with ``torch.amp.GradScaler`` (unscaling and the inf/NaN skip are in the kernel).
@@ -35,15 +38,19 @@ class BNPSGD(PSISGD):
 
     def __init__(self, model: nn.Module, lr: float = 1e-2, momentum: float = 0.0,
                  dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
-                 maximize: bool = False, bnp: BNP | None = None, backend: str = "auto"):
+                 maximize: bool = False, bnp: BNP | None = None, backend: str = "auto",
+                 master_weights: bool = False, capturable: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError("BNPSGD: the first argument must be the model (an nn.Module), got "
                             f"{type(model).__name__}")
         super().__init__([{"params": list(model.parameters()), "manifold": None}], lr=lr,
                          momentum=momentum, dampening=dampening, nesterov=nesterov,
-                         weight_decay=weight_decay, maximize=maximize, backend=backend)
+                         weight_decay=weight_decay, maximize=maximize, backend=backend,
+                         master_weights=master_weights, capturable=capturable)
         self.bnp = bnp if bnp is not None else BNP(model, backend=backend)
         self._layers = {id(l.module.weight): l for l in self.bnp.layers}
+        self._bias_layers = {id(l.module.bias): l for l in self.bnp.layers
+                             if l.module.bias is not None}
 
     name = "BNPSGD"
 
@@ -51,6 +58,7 @@ class BNPSGD(PSISGD):
     def step(self, closure=None):
         """Performs one optimization step. ``closure`` re-evaluates the model and returns the loss."""
         loss, grad_scale, found_inf = self._begin_step(closure)
+        check_capture(self, self._needs_state)
         for group in self.param_groups:
             in_group = {id(p) for p in group["params"]}
             fused = defaultdict(list)  # (device, dtype, has bias) -> layers
@@ -65,50 +73,67 @@ class BNPSGD(PSISGD):
                 taken.add(id(p))
                 if has_bias:
                     taken.add(id(b))
+            writebacks = []
             for (device, _, has_bias), layers in fused.items():
-                self._fused_step(group, layers, has_bias, device, grad_scale, found_inf)
+                self._fused_step(group, layers, has_bias, device, grad_scale, found_inf,
+                                 writebacks)
             plain = defaultdict(lambda: ([], [], [], []))
             for p in group["params"]:
                 if p.grad is None or id(p) in taken:
                     continue
                 state = self._init_state(p, group)
-                params, grads, bufs, steps = plain[(p.device, p.dtype)]
-                params.append(p)
-                grads.append(p.grad)
+                target, grad = step_target(p, state, group, writebacks)
+                params, grads, bufs, steps = plain[(p.device, target.dtype)]
+                params.append(target)
+                grads.append(grad)
                 steps.append(state["step"])
                 if group["momentum"] != 0:
                     bufs.append(state["momentum_buffer"])
             for (device, _), lists in plain.items():
                 self._sgd_call(device, lists, group, None, group["weight_decay"], grad_scale,
                                found_inf)
+            write_back(writebacks)
         return loss
 
-    def _fused_step(self, group, layers, has_bias, device, grad_scale, found_inf):
+    def _fused_step(self, group, layers, has_bias, device, grad_scale, found_inf, writebacks):
         momentum = group["momentum"]
-        weights, biases, wbufs, bbufs, steps = [], [], [], [], []
+        weights, biases, wgrads, bgrads, wbufs, bbufs, steps = [], [], [], [], [], [], []
         for layer in layers:
             if layer.mean.device != device:
                 layer.to(device)
             w = layer.module.weight
             state = self._init_state(w, group)
-            weights.append(w)
+            target, grad = step_target(w, state, group, writebacks)
+            weights.append(target)
+            wgrads.append(grad)
             steps.append(state["step"])
             if momentum != 0:
                 wbufs.append(state["momentum_buffer"])
             if has_bias:
                 b = layer.module.bias
-                biases.append(b)
+                target, grad = step_target(b, self.state[b], group, writebacks)
+                biases.append(target)
+                bgrads.append(grad)
                 if momentum != 0:
                     # The bias shares its weight's step counter; it keeps only a buffer.
                     bbufs.append(state_like(b, self.state[b], "momentum_buffer"))
         fn = (partial(ops.bnp_sgd_, check=False) if self._use_fused(device)
               else reference.bnp_sgd_)
-        fn(weights, biases, [w.grad for w in weights], [b.grad for b in biases], wbufs, bbufs,
+        fn(weights, biases, wgrads, bgrads, wbufs, bbufs,
            steps, [l.mean for l in layers], [l.sqmean for l in layers],
            groups=[l.groups for l in layers], eps=self.bnp.eps, lr=group["lr"],
            momentum=momentum, dampening=group["dampening"], nesterov=group["nesterov"],
            weight_decay=group["weight_decay"], maximize=group["maximize"],
            grad_scale=on_device(grad_scale, device), found_inf=on_device(found_inf, device))
+
+    def _needs_state(self, p, group) -> bool:
+        """Whether the next step would create state for ``p``; the bias of a preconditioned
+        layer shares its weight's step counter."""
+        layer = self._bias_layers.get(id(p))
+        shares_step = layer is not None and layer.module.weight.grad is not None
+        state = self.state.get(p, {})
+        return any(k not in state for k in self._state_keys(p, group)
+                   if not (shares_step and k == "step"))
 
     def state_dict(self) -> dict:
         """The optimizer state plus the BNP statistics (key ``"bnp"``)."""

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import ops, reference
+from ._amp import check_capture, check_flag, step_target, uses_master, write_back
 from ._base import (FusedOptimizer, check_common_options, check_sphere_options, on_device,
                     state_like, step_counter)
 
@@ -36,10 +37,12 @@ class PSIAdam(FusedOptimizer):
             ``psi_cuda.param_groups(model, lr)`` builds them.
         lr, betas, eps, weight_decay, maximize: as in ``torch.optim.AdamW``.
         amsgrad: not supported (must be False).
-        retraction, transport, max_grad_norm, backend: as in :class:`PSISGD`.
+        retraction, transport, max_grad_norm, backend, master_weights, capturable: as in
+            :class:`PSISGD` (with ``master_weights``, state also holds ``master``).
 
     Works with ``torch.amp.GradScaler`` without an unscale pass: scaled gradients are unscaled
-    inside the kernel and a step with inf/NaN gradients changes nothing (steps and moments too).
+    inside the kernel and a step with inf/NaN gradients changes nothing (steps, moments and
+    master copies too). ``torch.compile(opt.step, fullgraph=True)`` works with the fused backend.
     """
 
     name = "PSIAdam"
@@ -48,13 +51,15 @@ class PSIAdam(FusedOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False,
                  maximize: bool = False, retraction: str = "normalize",
                  transport: str = "project", max_grad_norm: float | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", master_weights: bool = False,
+                 capturable: bool = False):
         if amsgrad:
             raise ValueError("PSIAdam: amsgrad=True is not supported (use torch.optim.AdamW "
                              "for amsgrad)")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         maximize=maximize, retraction=retraction, transport=transport,
-                        max_grad_norm=max_grad_norm, manifold="channel")
+                        max_grad_norm=max_grad_norm, manifold="channel",
+                        master_weights=master_weights, capturable=capturable)
         super().__init__(params, defaults, backend)
 
     def _check_options(self, group: dict, where: str) -> None:
@@ -66,22 +71,27 @@ class PSIAdam(FusedOptimizer):
         if not 0.0 <= group["eps"]:
             raise ValueError(f"{where}['eps'] must be >= 0; got {group['eps']}")
         check_sphere_options(group, where)
+        check_flag(group, "master_weights", where)
+        check_flag(group, "capturable", where)
 
     @torch.no_grad()
     def step(self, closure=None):
         """Performs one optimization step. ``closure`` re-evaluates the model and returns the loss."""
         loss, grad_scale, found_inf = self._begin_step(closure)
+        check_capture(self, self._needs_state)
         for gi, group in enumerate(self.param_groups):
             manifold = group["manifold"]
             weight_decay = self._weight_decay(group, gi)
             buckets = defaultdict(lambda: ([], [], [], [], []))
+            writebacks = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self._init_state(p, manifold)
-                params, grads, exp_avgs, exp_avg_sqs, steps = buckets[(p.device, p.dtype)]
-                params.append(p)
-                grads.append(p.grad)
+                target, grad = step_target(p, state, group, writebacks)
+                params, grads, exp_avgs, exp_avg_sqs, steps = buckets[(p.device, target.dtype)]
+                params.append(target)
+                grads.append(grad)
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
                 steps.append(state["step"])
@@ -96,6 +106,7 @@ class PSIAdam(FusedOptimizer):
                    max_grad_norm=group["max_grad_norm"],
                    grad_scale=on_device(grad_scale, device),
                    found_inf=on_device(found_inf, device))
+            write_back(writebacks)
         return loss
 
     def _init_state(self, p: Tensor, manifold: str | None) -> dict:
@@ -110,3 +121,9 @@ class PSIAdam(FusedOptimizer):
             state["exp_avg_sq"] = torch.zeros(shape, dtype=reference.opmath_dtype(p.dtype),
                                               device=p.device)
         return state
+
+    def _needs_state(self, p: Tensor, group: dict) -> bool:
+        """Whether the next step would create state for ``p`` (see ``_init_state``)."""
+        state = self.state.get(p, {})
+        needed = ["step", "exp_avg", "exp_avg_sq"] + (["master"] if uses_master(p, group) else [])
+        return any(k not in state for k in needed)

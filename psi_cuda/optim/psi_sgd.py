@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import ops, reference
+from ._amp import check_capture, check_flag, step_target, uses_master, write_back
 from ._base import (FusedOptimizer, check_common_options, check_sphere_options, on_device,
                     state_like, step_counter)
 
@@ -37,9 +38,19 @@ class PSISGD(FusedOptimizer):
         max_grad_norm: clip the scale-free tangent gradient of each group to this norm.
         backend: ``"fused"`` (the C++/CUDA kernels), ``"reference"`` (pure PyTorch) or
             ``"auto"`` (fused when available for the parameters' device).
+        master_weights: keep an fp32 copy (``state["master"]``) of every fp16/bf16 parameter,
+            step that copy (with the gradient cast to fp32) and write it back rounded into the
+            parameter. The copy is then the parameter's true value: a parameter changed by hand
+            is overwritten at the next step (reload the optimizer state after such a change).
+            No effect on fp32/fp64 parameters.
+        capturable: allow ``step()`` to be captured in a CUDA graph (``torch.cuda.graph``); take
+            one eager step first, so the state exists. Step counters are device tensors in any
+            case and the kernels never wait for the host; on CPU parameters this changes
+            nothing. Capturing a step with ``capturable=False`` is an error.
 
     Works with ``torch.amp.GradScaler`` without an unscale pass: scaled gradients are unscaled
-    inside the kernel and a step with inf/NaN gradients changes nothing.
+    inside the kernel and a step with inf/NaN gradients changes nothing (master copies included).
+    ``torch.compile(opt.step, fullgraph=True)`` works with the fused backend.
     """
 
     name = "PSISGD"
@@ -47,10 +58,12 @@ class PSISGD(FusedOptimizer):
     def __init__(self, params, lr: float = 1e-2, momentum: float = 0.0, dampening: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0, maximize: bool = False,
                  retraction: str = "normalize", transport: str = "project",
-                 max_grad_norm: float | None = None, backend: str = "auto"):
+                 max_grad_norm: float | None = None, backend: str = "auto",
+                 master_weights: bool = False, capturable: bool = False):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
                         weight_decay=weight_decay, maximize=maximize, retraction=retraction,
-                        transport=transport, max_grad_norm=max_grad_norm, manifold="channel")
+                        transport=transport, max_grad_norm=max_grad_norm, manifold="channel",
+                        master_weights=master_weights, capturable=capturable)
         super().__init__(params, defaults, backend)
 
     def _check_options(self, group: dict, where: str) -> None:
@@ -60,27 +73,33 @@ class PSISGD(FusedOptimizer):
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(f"{where}: nesterov needs momentum > 0 and dampening == 0")
         check_sphere_options(group, where)
+        check_flag(group, "master_weights", where)
+        check_flag(group, "capturable", where)
 
     @torch.no_grad()
     def step(self, closure=None):
         """Performs one optimization step. ``closure`` re-evaluates the model and returns the loss."""
         loss, grad_scale, found_inf = self._begin_step(closure)
+        check_capture(self, self._needs_state)
         for gi, group in enumerate(self.param_groups):
             weight_decay = self._weight_decay(group, gi)
             buckets = defaultdict(lambda: ([], [], [], []))
+            writebacks = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self._init_state(p, group)
-                params, grads, bufs, steps = buckets[(p.device, p.dtype)]
-                params.append(p)
-                grads.append(p.grad)
+                target, grad = step_target(p, state, group, writebacks)
+                params, grads, bufs, steps = buckets[(p.device, target.dtype)]
+                params.append(target)
+                grads.append(grad)
                 steps.append(state["step"])
                 if group["momentum"] != 0:
                     bufs.append(state["momentum_buffer"])
             for (device, _), lists in buckets.items():
                 self._sgd_call(device, lists, group, group["manifold"], weight_decay,
                                grad_scale, found_inf)
+            write_back(writebacks)
         return loss
 
     def _sgd_call(self, device, lists, group, manifold, weight_decay, grad_scale, found_inf):
@@ -100,3 +119,13 @@ class PSISGD(FusedOptimizer):
         if group["momentum"] != 0:
             state_like(p, state, "momentum_buffer")
         return state
+
+    def _state_keys(self, p: Tensor, group: dict) -> list:
+        """The state a step of ``p`` uses (``_init_state`` makes it)."""
+        return (["step"] + (["momentum_buffer"] if group["momentum"] != 0 else [])
+                + (["master"] if uses_master(p, group) else []))
+
+    def _needs_state(self, p: Tensor, group: dict) -> bool:
+        """Whether the next step would create state for ``p``."""
+        state = self.state.get(p, {})
+        return any(k not in state for k in self._state_keys(p, group))

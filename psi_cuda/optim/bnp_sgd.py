@@ -7,8 +7,8 @@ from functools import partial
 import torch
 from torch import nn
 
-from .. import ops, reference
-from ..bnp import BNP
+from .. import distributed, ops, reference
+from ..bnp import BNP, check_sharding
 from ._base import on_device, state_like
 from .psi_sgd import PSISGD
 
@@ -28,6 +28,12 @@ class BNPSGD(PSISGD):
         bnp: a ``psi_cuda.BNP`` attached to ``model`` (default: ``BNP(model)``, every
             Linear/Conv layer, ``momentum=0.1``, ``eps=1e-5``).
         backend: ``"fused"``, ``"reference"`` or ``"auto"`` (fused where available).
+        sync_stats: for the default ``bnp``: average the statistics over the data-parallel
+            ranks after every training forward (``BNP(sync_stats=True)``).
+
+    Under FSDP2 (build the optimizer after ``fully_shard``) weights and biases are DTensors
+    sharded on dim 0 (output channels): each rank preconditions and steps its own rows with the
+    full per-input-channel statistics, without communication.
 
     ``state_dict()`` holds the BNP statistics too, so one checkpoint resumes training bit for
     bit. Works with ``torch.amp.GradScaler`` (unscaling and the inf/NaN skip are in the kernel).
@@ -35,14 +41,15 @@ class BNPSGD(PSISGD):
 
     def __init__(self, model: nn.Module, lr: float = 1e-2, momentum: float = 0.0,
                  dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
-                 maximize: bool = False, bnp: BNP | None = None, backend: str = "auto"):
+                 maximize: bool = False, bnp: BNP | None = None, backend: str = "auto",
+                 sync_stats: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError("BNPSGD: the first argument must be the model (an nn.Module), got "
                             f"{type(model).__name__}")
         super().__init__([{"params": list(model.parameters()), "manifold": None}], lr=lr,
                          momentum=momentum, dampening=dampening, nesterov=nesterov,
                          weight_decay=weight_decay, maximize=maximize, backend=backend)
-        self.bnp = bnp if bnp is not None else BNP(model, backend=backend)
+        self.bnp = bnp if bnp is not None else BNP(model, backend=backend, sync_stats=sync_stats)
         self._layers = {id(l.module.weight): l for l in self.bnp.layers}
 
     name = "BNPSGD"
@@ -51,6 +58,8 @@ class BNPSGD(PSISGD):
     def step(self, closure=None):
         """Performs one optimization step. ``closure`` re-evaluates the model and returns the loss."""
         loss, grad_scale, found_inf = self._begin_step(closure)
+        for layer in self.bnp.layers:  # before any write
+            check_sharding(layer, self.name)
         for group in self.param_groups:
             in_group = {id(p) for p in group["params"]}
             fused = defaultdict(list)  # (device, dtype, has bias) -> layers
@@ -103,8 +112,10 @@ class BNPSGD(PSISGD):
                     bbufs.append(state_like(b, self.state[b], "momentum_buffer"))
         fn = (partial(ops.bnp_sgd_, check=False) if self._use_fused(device)
               else reference.bnp_sgd_)
-        fn(weights, biases, [w.grad for w in weights], [b.grad for b in biases], wbufs, bbufs,
-           steps, [l.mean for l in layers], [l.sqmean for l in layers],
+        # DTensors (FSDP2, rows sharded on dim 0): the local rows; statistics are per input channel.
+        loc = lambda ts: [distributed.local(t) for t in ts]  # noqa: E731
+        fn(loc(weights), loc(biases), loc([w.grad for w in weights]),
+           loc([b.grad for b in biases]), loc(wbufs), loc(bbufs), steps, [l.mean for l in layers], [l.sqmean for l in layers],
            groups=[l.groups for l in layers], eps=self.bnp.eps, lr=group["lr"],
            momentum=momentum, dampening=group["dampening"], nesterov=group["nesterov"],
            weight_decay=group["weight_decay"], maximize=group["maximize"],

@@ -185,6 +185,12 @@ def _tangent(G, n, max_grad_norm):
     return q
 
 
+def _keep(combo, unchanged, skip):
+    """The combination, or ``unchanged`` (w, or m) for the skipped groups."""
+    return tuple(torch.where(skip, torch.as_tensor(u, dtype=x.dtype, device=x.device), x)
+                 for x, u in zip(combo, unchanged))
+
+
 def _sgd_solve(G, numel, first, *, lr, momentum, dampening, nesterov, retraction, transport,
                max_grad_norm, **_):
     """math.h psi_sgd_update (G already scaled by f): (param, buf, skip)."""
@@ -219,12 +225,27 @@ def _adam_solve(G, numel, v, t, *, lr, beta1, beta2, eps, retraction, transport,
     return param, buf, v_new, skip | ~ok
 
 
-def _gram_local(w: Tensor, g: Tensor, m: Tensor | None) -> Tensor:
-    """The 6 Gram entries of this rank's shard, float64, in _GRAM_KEYS order."""
-    rows = [w.reshape(-1), g.reshape(-1), m.reshape(-1) if m is not None else None]
-    X = torch.stack([(r if r is not None else torch.zeros_like(rows[0])).to(torch.float64)
-                     for r in rows])
-    M = X @ X.T
+_GRAM_BLOCK = 1024  # like the kernels (group_loops.h kFlush): opmath sums per block, then double
+
+
+def _gram_local(ws: list[Tensor]) -> Tensor:
+    """The 6 Gram entries (_GRAM_KEYS order) of this rank's shard of (w, g[, m]) (opmath
+    tensors): products summed in opmath over blocks of 1024 elements (one batched matmul), the
+    block sums added in float64, as the fused kernels do."""
+    flat = [t.reshape(-1) for t in ws]
+    n = flat[0].numel()
+    nb = n // _GRAM_BLOCK
+    k = len(flat)
+    M = torch.zeros((k, k), dtype=torch.float64, device=flat[0].device)
+    if nb:
+        X = torch.stack([t[:nb * _GRAM_BLOCK].view(nb, _GRAM_BLOCK) for t in flat], dim=1)
+        M += torch.bmm(X, X.transpose(1, 2)).sum(0, dtype=torch.float64)
+    if n > nb * _GRAM_BLOCK:
+        T = torch.stack([t[nb * _GRAM_BLOCK:] for t in flat]).to(torch.float64)
+        M += T @ T.T
+    if k == 2:  # no buffer: its entries are 0
+        return torch.stack([M[0, 0], M[0, 1], M.new_zeros(()), M[1, 1], M.new_zeros(()),
+                            M.new_zeros(())])
     return torch.stack([M[0, 0], M[0, 1], M[0, 2], M[1, 1], M[1, 2], M[2, 2]])
 
 
@@ -262,8 +283,13 @@ def sharded_tensor_group_step(lists: list[list], *, kind: str, lr: float, weight
     ws = [local(p) for p in params]
     gs = [local(g) for g in grads]
     ms = [local(m) for m in bufs]
-    grams = torch.stack([_gram_local(w, g, m) for w, g, m in zip(ws, gs, ms)]) \
-        if ws else torch.zeros((0, 6), **f64)
+    opm = [reference.opmath_dtype(w.dtype) for w in ws]
+    # opmath views (copies for float16/bfloat16 parameters and for the gradients of those)
+    wf = [w.to(dt) for w, dt in zip(ws, opm)]
+    gf = [g.to(dt) for g, dt in zip(gs, opm)]
+    grams = (torch.stack([_gram_local([w, g] + ([m] if m is not None else []))
+                          for w, g, m in zip(wf, gf, ms)])
+             if ws else torch.zeros((0, 6), **f64))
     grams = _all_reduce_grams(params, grams)
     f = torch.full((), -1.0 if maximize else 1.0, **f64)
     if grad_scale is not None:
@@ -283,18 +309,25 @@ def sharded_tensor_group_step(lists: list[list], *, kind: str, lr: float, weight
     param = (param[0], param[1] * f, param[2])
     if buf is not None:
         buf = (buf[0], buf[1] * f, buf[2])
-    for i, (w, g, m) in enumerate(zip(ws, gs, ms)):
+    if found_inf is None:  # skipped groups: w' = 1 w + 0 g + 0 m, exactly w (g is finite)
+        param = _keep(param, (1.0, 0.0, 0.0), skip)
+        buf = _keep(buf, (0.0, 0.0, 1.0), skip) if buf is not None else None
+    for i, (w, m) in enumerate(zip(ws, ms)):
         if w.numel() == 0:
             continue
-        dt = reference.opmath_dtype(w.dtype)
-        wf, gf = w.to(dt), g.to(dt)
-        coef = lambda c: (c[i] if torch.is_tensor(c) else torch.tensor(c, **f64)).to(dt)  # noqa
-        w_new = coef(param[0]) * wf + coef(param[1]) * gf
+        c = lambda combo, j: combo[j][i].to(opm[i])  # noqa: E731
+        # new tensors from the old (w, g, m), then the writes: 3 reads, 2 temporaries
+        w_new = torch.mul(wf[i], c(param, 0)).addcmul_(gf[i], c(param, 1))
         if m is not None:
-            w_new = w_new + coef(param[2]) * m
-            m_new = coef(buf[0]) * wf + coef(buf[1]) * gf + coef(buf[2]) * m
-            m.copy_(torch.where(skip[i], m, m_new))
-        w.copy_(torch.where(skip[i], wf, w_new))
+            m_new = torch.mul(wf[i], c(buf, 0)).addcmul_(gf[i], c(buf, 1)).addcmul_(m, c(buf, 2))
+            w_new.addcmul_(m, c(param, 2))
+        if found_inf is not None:  # GradScaler: g may be inf/nan, keep skipped groups as they are
+            w_new = torch.where(skip[i], wf[i], w_new)
+            if m is not None:
+                m_new = torch.where(skip[i], m, m_new)
+        w.copy_(w_new)
+        if m is not None:
+            m.copy_(m_new)
     if vs is not None:
         for i, v in enumerate(vs):
             v.copy_(torch.where(skip[i], v_old[i], v_new[i]).reshape(v.shape))

@@ -249,6 +249,30 @@ def scenario_fsdp_amp():
                steps_after_skip=max(steps_after_skip), max_diff=max_diff(ref, model))
 
 
+def scenario_fsdp_grad_scaler():
+    """torch.amp.GradScaler end to end under FSDP2 (its found_inf is all-reduced by DTensor),
+    including a step with an inf loss scale overflow, against the unsharded run."""
+    torch.manual_seed(0)
+    ref = Net()
+    model = shard(copy.deepcopy(ref))
+    opts = [make_opt("psiadam", ref), make_opt("psiadam", model)]
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 8) for _ in range(2)]
+    skipped = []
+    for s in range(4):
+        x, y = data(s)
+        for m, opt, scaler in zip((ref, model), opts, scalers):
+            opt.zero_grad()
+            loss = F.cross_entropy(m(x), y)
+            if s == 1:
+                loss = loss * float("inf")  # overflow: this step must be skipped everywhere
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        skipped.append(scalers[1].get_scale())
+    record("fsdp_grad_scaler", max_diff=max_diff(ref, model), scales=skipped,
+           steps=max(s["step"].item() for s in opts[1].state.values()))
+
+
 def scenario_fsdp_bnpsgd():
     torch.manual_seed(0)
     ref = BNPNet()
@@ -339,7 +363,7 @@ def main():
     MESH = init_device_mesh("cpu", (WORLD,))
     torch.set_num_threads(1)
     scenarios = [scenario_ddp, scenario_sync_stats, scenario_fsdp, scenario_fsdp_amp,
-                 scenario_fsdp_bnpsgd, scenario_errors, lambda: scenario_dcp(sys.argv[2])]
+                 scenario_fsdp_grad_scaler, scenario_fsdp_bnpsgd, scenario_errors, lambda: scenario_dcp(sys.argv[2])]
     for fn in scenarios:
         try:
             fn()

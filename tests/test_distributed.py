@@ -93,6 +93,13 @@ def test_fsdp2_grad_scaler_handoff(results, kind):
     assert r["max_diff"] < 1e-6
 
 
+def test_fsdp2_torch_grad_scaler(results):
+    r = results["fsdp_grad_scaler"]
+    assert r["steps"] == 3.0  # 4 steps, the overflowing one skipped
+    assert r["scales"][1] == r["scales"][0] / 2  # the scaler saw the overflow and backed off
+    assert r["max_diff"] < 1e-6
+
+
 def test_fsdp2_bnpsgd_equals_unsharded(results):
     r = results["fsdp_bnpsgd"]
     assert r["sharded"] and r["max_diff"] < 1e-6

@@ -14,8 +14,9 @@ optimizers keep their state as DTensors placed like the parameter (so
   matrices of all sharded tensor groups over the mesh dimensions they are sharded on, and every
   rank then solves the (identical) group update and applies it to its shard. This path is pure
   PyTorch (:func:`sharded_tensor_group_step`, the math of ``math.h``/``adam.h`` vectorized over
-  the groups); it reads w, g, m twice (Gram matmul, then the write) plus a few temporaries,
-  where the fused op reads them twice in one kernel; it needs no host synchronisation.
+  the groups, no host synchronisation), not a fused kernel: a stacked copy of (w, g, m) for the
+  Gram matmul, then ``mul``/``addcmul`` passes with two temporaries, several times the memory
+  traffic of the fused op (README: Distributed training).
 * Scalar state (``step``, a tensor group's second moment ``v`` of shape ``()``) stays a plain
   tensor: it is the same on every rank (the update is computed from all-reduced sums), torch's
   own optimizers keep ``step`` the same way under FSDP2, and ``torch.distributed.checkpoint``
@@ -32,10 +33,10 @@ from torch import Tensor
 from . import reference
 
 try:  # torch >= 2.5: public DTensor API
-    from torch.distributed.tensor import DTensor, Partial, Shard
+    from torch.distributed.tensor import DTensor, Shard
     from torch.distributed.tensor import zeros as _dtensor_zeros
 except ImportError:  # pragma: no cover - torch without torch.distributed.tensor
-    DTensor = Partial = Shard = None
+    DTensor = Shard = None
     _dtensor_zeros = None
 
 
@@ -109,6 +110,8 @@ def step_call(fn, lists: list[list], *, manifold: str | None, kind: str, **kw) -
     n = len(params)
     sharded = [i for i, p in enumerate(params) if manifold == "tensor" and is_sharded(p)]
     rest = [i for i in range(n) if i not in set(sharded)]
+    # Both parts go to the ops unchanged: rest (local shards) to the fused/reference op, sharded
+    # tensor groups to the Gram path; each bumps its own step counters.
     pick = lambda idx: [[local(l[i]) for i in idx] if l else [] for l in lists]  # noqa: E731
     if rest:
         fn(*pick(rest), manifold=manifold, **kw)

@@ -304,6 +304,16 @@ def scenario_errors():
         msg = str(e)
     record("error_shard1", message=msg, untouched=bool(torch.equal(q.detach(), q0)
                                                        and torch.equal(full(p).detach(), w)))
+    # An unreduced (Partial) gradient is refused too.
+    from torch.distributed.tensor import Partial, Replicate
+    r = nn.Parameter(distribute_tensor(torch.randn(4, 6), MESH, [Replicate()]))
+    r.grad = DTensor.from_local(torch.randn(4, 6), MESH, [Partial()])
+    try:
+        PSIAdam([{"params": [r], "manifold": "tensor"}]).step()
+        msg = ""
+    except RuntimeError as e:
+        msg = str(e)
+    record("error_partial", message=msg)
 
 
 # --- (d) DCP: save under FSDP2, load into fresh objects, continue == uninterrupted ----------------

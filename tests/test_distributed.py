@@ -109,6 +109,7 @@ def test_channel_group_sharded_on_dim1_is_refused(results):
     r = results["error_shard1"]
     assert "manifold='channel'" in r["message"] and "Shard(dim=1)" in r["message"]
     assert r["untouched"]
+    assert "Partial" in results["error_partial"]["message"]
 
 
 # --- (d) DCP ------------------------------------------------------------------------------------

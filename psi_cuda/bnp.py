@@ -13,7 +13,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor, nn
 
-from . import ops, reference
+from . import distributed, ops, reference
 
 BACKENDS = ("auto", "fused", "reference")
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -58,6 +58,12 @@ class BNP:
         layers: the modules to precondition (default: every ``nn.Linear`` and ``nn.Conv1d/2d/3d``
             of ``model``); each must be one of those types and belong to ``model``.
         backend: ``"fused"`` (C++/CUDA kernels), ``"reference"`` (pure PyTorch) or ``"auto"``.
+        sync_stats: after every training forward's update, average each layer's statistics
+            over the ranks of ``process_group`` (default: the default process group) with one
+            all-reduce, so data-parallel ranks (DDP, FSDP2) keep equal statistics. All ranks start
+            equal, so for equal per-rank batch sizes this is the moving average of the whole
+            global batch's statistics.
+        process_group: the group ``sync_stats`` averages over.
 
     Statistics update only in training mode (``model.train()``). Then call ``precondition_()``
     after ``backward()`` and before any optimizer's ``step()``; or use
@@ -65,7 +71,8 @@ class BNP:
     """
 
     def __init__(self, model: nn.Module, momentum: float = 0.1, eps: float = 1e-5,
-                 layers=None, backend: str = "auto"):
+                 layers=None, backend: str = "auto", sync_stats: bool = False,
+                 process_group=None):
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"BNP: momentum must be in (0, 1]; got {momentum}")
         if not eps > 0.0:
@@ -75,6 +82,8 @@ class BNP:
         self.momentum = float(momentum)
         self.eps = float(eps)
         self.backend = backend
+        self.sync_stats = bool(sync_stats)
+        self.process_group = process_group
         names = {id(m): n for n, m in model.named_modules()}
         if layers is None:
             modules = [m for m in model.modules() if isinstance(m, LAYER_TYPES)]
@@ -109,6 +118,8 @@ class BNP:
             x = args[0]
             if not torch.is_tensor(x):
                 return None
+            if self.sync_stats:  # before the update: a missing process group changes nothing
+                distributed.require_process_group()
             if layer.mean.device != x.device:
                 layer.to(x.device)
             # The op itself (its C++ checks name every bad argument): this runs every forward,
@@ -117,6 +128,8 @@ class BNP:
                 reference.bnp_update_stats_
             fn(x.detach(), layer.mean, layer.sqmean, layer.step,
                channel_dim=layer.channel_dim(x), momentum=self.momentum)
+            if self.sync_stats:
+                distributed.average_([layer.mean, layer.sqmean], self.process_group)
             return None
         return hook
 
@@ -146,14 +159,16 @@ class BNP:
         for layers in buckets.values():  # every check before the first write
             for layer in layers:
                 _check_layer_grads(layer)
+                check_sharding(layer, "BNP")
         for (device, _, has_bias), layers in buckets.items():
             for layer in layers:
                 if layer.mean.device != device:
                     layer.to(device)
             fn = ops.bnp_precondition_ if self._use_fused(device) else \
                 reference.bnp_precondition_
-            fn([l.module.weight.grad for l in layers],
-               [l.module.bias.grad for l in layers] if has_bias else [],
+            # DTensor gradients (FSDP2, rows sharded on dim 0): the local rows.
+            fn([distributed.local(l.module.weight.grad) for l in layers],
+               [distributed.local(l.module.bias.grad) for l in layers] if has_bias else [],
                [l.mean for l in layers], [l.sqmean for l in layers],
                groups=[l.groups for l in layers], eps=self.eps)
 
@@ -193,6 +208,24 @@ class BNP:
     def __repr__(self) -> str:
         names = ", ".join(l.name or "<model>" for l in self.layers)
         return f"BNP(momentum={self.momentum}, eps={self.eps}, layers=[{names}])"
+
+
+def check_sharding(layer: BNPLayer, who: str) -> None:
+    """A layer whose weight is a DTensor (FSDP2) must keep its output channels (rows) whole:
+    Shard(0) or Replicate; grouped convs only replicated (a shard's rows would not start at a
+    group boundary). Raises naming the layer."""
+    w = layer.module.weight
+    if not distributed.is_dtensor(w):
+        return
+    for what in ("weight", "bias"):
+        p = getattr(layer.module, what)
+        if p is None:
+            continue
+        distributed.check_param(p, "channel", f"{who}: {layer.name}.{what}", who)
+    if layer.groups != 1 and distributed.is_sharded(w):
+        raise ValueError(f"{who}: {layer.name} is a grouped conv (groups={layer.groups}) with "
+                         f"a sharded weight {tuple(w.placements)}; BNP supports sharded weights "
+                         "of groups=1 layers only (keep this layer replicated)")
 
 
 def _check_layer_grads(layer: BNPLayer) -> None:

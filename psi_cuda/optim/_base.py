@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import ops, reference
+from .. import distributed, ops, reference
 
 BACKENDS = ("auto", "fused", "reference")
 PSI_MANIFOLDS = ("channel", "tensor")
@@ -61,7 +61,9 @@ class FusedOptimizer(Optimizer):
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 if p.grad is not None:
-                    check_grad(p, f"{self.name}: param_groups[{gi}]['params'][{pi}]", self.name)
+                    where = f"{self.name}: param_groups[{gi}]['params'][{pi}]"
+                    check_grad(p, where, self.name)
+                    distributed.check_param(p, group.get("manifold"), where, self.name)
         return loss, getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
 
     def _weight_decay(self, group: dict, index: int) -> float:

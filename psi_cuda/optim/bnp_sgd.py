@@ -7,8 +7,8 @@ from functools import partial
 import torch
 from torch import nn
 
-from .. import ops, reference
-from ..bnp import BNP
+from .. import distributed, ops, reference
+from ..bnp import BNP, check_sharding
 from ._amp import check_capture, step_target, write_back
 from ._base import on_device, state_like
 from .psi_sgd import PSISGD
@@ -31,6 +31,12 @@ class BNPSGD(PSISGD):
         backend: ``"fused"``, ``"reference"`` or ``"auto"`` (fused where available).
         master_weights, capturable: as in :class:`PSISGD` (fp32 master copies of fp16/bf16
             parameters; CUDA graph capture of ``step()``).
+        sync_stats: for the default ``bnp``: average the statistics over the data-parallel
+            ranks after every training forward (``BNP(sync_stats=True)``).
+
+    Under FSDP2 (build the optimizer after ``fully_shard``) weights and biases are DTensors
+    sharded on dim 0 (output channels): each rank preconditions and steps its own rows with the
+    full per-input-channel statistics, without communication.
 
     ``state_dict()`` holds the BNP statistics too, so one checkpoint resumes training bit for
     bit. Works with ``torch.amp.GradScaler`` (unscaling and the inf/NaN skip are in the kernel).
@@ -39,7 +45,8 @@ class BNPSGD(PSISGD):
     def __init__(self, model: nn.Module, lr: float = 1e-2, momentum: float = 0.0,
                  dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
                  maximize: bool = False, bnp: BNP | None = None, backend: str = "auto",
-                 master_weights: bool = False, capturable: bool = False):
+                 master_weights: bool = False, capturable: bool = False,
+                 sync_stats: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError("BNPSGD: the first argument must be the model (an nn.Module), got "
                             f"{type(model).__name__}")
@@ -47,7 +54,8 @@ class BNPSGD(PSISGD):
                          momentum=momentum, dampening=dampening, nesterov=nesterov,
                          weight_decay=weight_decay, maximize=maximize, backend=backend,
                          master_weights=master_weights, capturable=capturable)
-        self.bnp = bnp if bnp is not None else BNP(model, backend=backend)
+        self.bnp = bnp if bnp is not None else BNP(model, backend=backend,
+                                                   sync_stats=sync_stats)
         self._layers = {id(l.module.weight): l for l in self.bnp.layers}
         self._bias_layers = {id(l.module.bias): l for l in self.bnp.layers
                              if l.module.bias is not None}
@@ -59,6 +67,8 @@ class BNPSGD(PSISGD):
         """Performs one optimization step. ``closure`` re-evaluates the model and returns the loss."""
         loss, grad_scale, found_inf = self._begin_step(closure)
         check_capture(self, self._needs_state)
+        for layer in self.bnp.layers:  # before any write
+            check_sharding(layer, self.name)
         for group in self.param_groups:
             in_group = {id(p) for p in group["params"]}
             fused = defaultdict(list)  # (device, dtype, has bias) -> layers
@@ -119,7 +129,10 @@ class BNPSGD(PSISGD):
                     bbufs.append(state_like(b, self.state[b], "momentum_buffer"))
         fn = (partial(ops.bnp_sgd_, check=False) if self._use_fused(device)
               else reference.bnp_sgd_)
-        fn(weights, biases, wgrads, bgrads, wbufs, bbufs,
+        # DTensors (FSDP2, rows sharded on dim 0): the local rows; statistics are per input
+        # channel.
+        loc = lambda ts: [distributed.local(t) for t in ts]  # noqa: E731
+        fn(loc(weights), loc(biases), loc(wgrads), loc(bgrads), loc(wbufs), loc(bbufs),
            steps, [l.mean for l in layers], [l.sqmean for l in layers],
            groups=[l.groups for l in layers], eps=self.bnp.eps, lr=group["lr"],
            momentum=momentum, dampening=group["dampening"], nesterov=group["nesterov"],

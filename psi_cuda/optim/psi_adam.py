@@ -7,7 +7,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .. import ops, reference
+from .. import distributed, ops, reference
 from ._amp import check_capture, check_flag, step_target, uses_master, write_back
 from ._base import (FusedOptimizer, check_common_options, check_sphere_options, on_device,
                     state_like, step_counter)
@@ -100,12 +100,14 @@ class PSIAdam(FusedOptimizer):
                 # _begin_step made the fused op's Python-side check: skip it.
                 fn = (partial(ops.psi_adam_, check=False) if self._use_fused(device)
                       else reference.psi_adam_)
-                fn(*lists, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                   weight_decay=weight_decay, maximize=group["maximize"], manifold=manifold,
-                   retraction=group["retraction"], transport=group["transport"],
-                   max_grad_norm=group["max_grad_norm"],
-                   grad_scale=on_device(grad_scale, device),
-                   found_inf=on_device(found_inf, device))
+                # DTensor parameters (FSDP2): local shards; sharded tensor groups all-reduce.
+                distributed.step_call(
+                    fn, lists, kind="adam", lr=group["lr"], beta1=beta1, beta2=beta2,
+                    eps=group["eps"], weight_decay=weight_decay, maximize=group["maximize"],
+                    manifold=manifold, retraction=group["retraction"],
+                    transport=group["transport"], max_grad_norm=group["max_grad_norm"],
+                    grad_scale=on_device(grad_scale, device),
+                    found_inf=on_device(found_inf, device))
             write_back(writebacks)
         return loss
 
@@ -117,9 +119,10 @@ class PSIAdam(FusedOptimizer):
             state_like(p, state, "exp_avg_sq")
         elif "exp_avg_sq" not in state:
             # One second moment per group: per row for "channel", one for "tensor".
-            shape = (p.size(0),) if manifold == "channel" else ()
-            state["exp_avg_sq"] = torch.zeros(shape, dtype=reference.opmath_dtype(p.dtype),
-                                              device=p.device)
+            # Per row: a DTensor sharded like p's rows when p is one; per tensor: a plain scalar.
+            dtype = reference.opmath_dtype(p.dtype)
+            state["exp_avg_sq"] = (distributed.rows_like(p, dtype) if manifold == "channel" else
+                                   torch.zeros((), dtype=dtype, device=p.device))
         return state
 
     def _needs_state(self, p: Tensor, group: dict) -> bool:

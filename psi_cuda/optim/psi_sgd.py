@@ -7,7 +7,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .. import ops, reference
+from .. import distributed, ops, reference
 from ._amp import check_capture, check_flag, step_target, uses_master, write_back
 from ._base import (FusedOptimizer, check_common_options, check_sphere_options, on_device,
                     state_like, step_counter)
@@ -106,12 +106,15 @@ class PSISGD(FusedOptimizer):
         # _begin_step made the fused op's Python-side check: skip it.
         fn = (partial(ops.psi_sgd_, check=False) if self._use_fused(device)
               else reference.psi_sgd_)
-        fn(*lists, lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
-           nesterov=group["nesterov"], weight_decay=weight_decay, maximize=group["maximize"],
-           manifold=manifold, retraction=group.get("retraction", "normalize"),
-           transport=group.get("transport", "project"),
-           max_grad_norm=group.get("max_grad_norm"), grad_scale=on_device(grad_scale, device),
-           found_inf=on_device(found_inf, device))
+        # DTensor parameters (FSDP2): local shards; sharded tensor groups all-reduce their sums.
+        distributed.step_call(
+            fn, lists, kind="sgd", lr=group["lr"], momentum=group["momentum"],
+            dampening=group["dampening"], nesterov=group["nesterov"], weight_decay=weight_decay,
+            maximize=group["maximize"], manifold=manifold,
+            retraction=group.get("retraction", "normalize"),
+            transport=group.get("transport", "project"),
+            max_grad_norm=group.get("max_grad_norm"), grad_scale=on_device(grad_scale, device),
+            found_inf=on_device(found_inf, device))
 
     def _init_state(self, p: Tensor, group: dict) -> dict:
         state = self.state[p]

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from psi_cuda.data import load_dataset  # noqa: E402
+from psi_cuda import train  # noqa: E402
 from psi_cuda.train import SPLIT_SEED, run, smoothed, time_to_target  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -77,12 +78,7 @@ def finite_loss(s: dict) -> float:
 
 
 def mean_std(values, fmt=".3f"):
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:{fmt}}"
-    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
+    return train.mean_std(values, fmt, pm="±")
 
 
 def machine() -> dict:
@@ -328,10 +324,8 @@ def readme_block() -> str:
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, runs in a["runs"].items():
         def steps(t):
-            hits = [r["to_target"][str(t)]["step"] for r in runs]
-            miss = sum(h is None for h in hits)
-            return mean_std(hits, ".0f") + (f" ({len(hits) - miss}/{len(hits)} reach it)"
-                                             if miss else "")
+            return train.mean_std_reached([r["to_target"][str(t)]["step"] for r in runs],
+                                          ".0f", "±", "{hit}/{total} reach it")
         secs = [r["to_target"]["0.1"]["seconds"] for r in runs]
         lines.append(f"| {name} | {steps(0.3)} | {steps(0.1)} | {steps(0.05)} | "
                      f"{mean_std(secs, '.2f')} | "
@@ -353,10 +347,9 @@ def readme_block() -> str:
         opts = b["settings"][label]
         for name, rows in by_name.items():
             def firsts(key):
-                vals = [r[key]["first_step_diff_over_1e3"] for r in rows]
-                never = sum(v is None for v in vals)
-                text = mean_std([v for v in vals if v is not None], ".0f")
-                return text if not never else f"{text}, never in {never}/{len(vals)}"
+                return train.mean_std_reached(
+                    [r[key]["first_step_diff_over_1e3"] for r in rows], ".0f", "±",
+                    "never in {miss}/{total}")
             setting = ", ".join(f"{k} {v:g}" for k, v in opts[name].items())
             lines.append(
                 f"| {label} ({setting}) | {name} | "

@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -165,28 +164,15 @@ def _epoch_printer(settings: dict[str, Any]):
     return show
 
 
-def _mean_std(values: list[float | None], fmt: str = ".4f") -> str:
-    """Mean +- sample std over the seeds (runs without a value left out)."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:{fmt}}"
-    return f"{statistics.mean(values):{fmt}} +- {statistics.stdev(values):{fmt}}"
-
-
 def _percent(fraction: float | None) -> float | None:
     return None if fraction is None else 100 * fraction
 
 
 def _reached(records: list[dict[str, Any]], target: float, key: str, fmt: str) -> str:
     """Mean +- std of the time to ``target`` over the runs that got there, and how many did."""
-    from .train import time_to_target
+    from .train import mean_std_reached, time_to_target
 
-    hits = [time_to_target(r, target)[key] for r in records]
-    text = _mean_std([h for h in hits if h is not None], fmt)
-    missed = sum(h is None for h in hits)
-    return text if not missed else f"{text} ({len(hits) - missed}/{len(hits)})"
+    return mean_std_reached([time_to_target(r, target)[key] for r in records], fmt)
 
 
 def _table(records: list[dict[str, Any]], target: float = DEFAULT_TARGET_LOSS) -> str:
@@ -194,6 +180,7 @@ def _table(records: list[dict[str, Any]], target: float = DEFAULT_TARGET_LOSS) -
     numbers, and the steps and training seconds to a trailing-mean training loss of
     ``target`` (over the seeds that reached it; how many did, in brackets, when not all)."""
     from .plots import label_of
+    from .train import mean_std as _mean_std
 
     header = ("run", "model", "batch", "lr", "psi_lr", "seeds", "epochs", "train loss",
               "test acc %", "best test acc %", f"steps to loss {target:g}",

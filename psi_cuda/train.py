@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -484,6 +485,28 @@ def run(optimizer_name: str = "psi-sgd", lr: float | None = None, psi_lr: float 
         wall_s=total, train_time=last.get("train_time"),
         samples_per_s=len(done) * n_train / train_s if train_s else None)
     return record
+
+
+def mean_std(values: list[float | None], fmt: str = ".4f", pm: str = "+-") -> str:
+    """Mean and sample std over the seeds, ``"-"`` when no run has a value (None values are
+    left out)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} {pm} {statistics.stdev(values):{fmt}}"
+
+
+def mean_std_reached(values: list[float | None], fmt: str, pm: str = "+-",
+                     missed: str = "{hit}/{total}") -> str:
+    """:func:`mean_std` over the runs that reached something (value not None), followed by
+    ``(<missed>)`` when some did not."""
+    misses = sum(v is None for v in values)
+    text = mean_std(values, fmt, pm)
+    if not misses:
+        return text
+    return f"{text} ({missed.format(hit=len(values) - misses, miss=misses, total=len(values))})"
 
 
 def smoothed(losses: list[float | None], window: int) -> list[float]:

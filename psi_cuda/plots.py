@@ -70,7 +70,7 @@ def plot_records(records: Sequence[dict[str, Any]], path: str | Path, title: str
         ax.set_yscale("log")
         bottom, top = ax.get_ylim()
         ax.set_ylim(bottom, min(top, 10.0))  # a diverged run would squash the others
-        ax.set_ylabel("training loss (mean over the last epoch of steps)")
+        ax.set_ylabel("training loss (trailing mean, 1 epoch)")
     for ax in axes[1]:
         ax.set_ylabel("test accuracy (%)")
     for ax in axes[:, 0]:

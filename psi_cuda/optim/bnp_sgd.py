@@ -87,18 +87,8 @@ class BNPSGD(PSISGD):
             for (device, _, has_bias), layers in fused.items():
                 self._fused_step(group, layers, has_bias, device, grad_scale, found_inf,
                                  writebacks)
-            plain = defaultdict(lambda: ([], [], [], []))
-            for p in group["params"]:
-                if p.grad is None or id(p) in taken:
-                    continue
-                state = self._init_state(p, group)
-                target, grad = step_target(p, state, group, writebacks)
-                params, grads, bufs, steps = plain[(p.device, target.dtype)]
-                params.append(target)
-                grads.append(grad)
-                steps.append(state["step"])
-                if group["momentum"] != 0:
-                    bufs.append(state["momentum_buffer"])
+            plain = self._sgd_lists(group, [p for p in group["params"] if id(p) not in taken],
+                                    writebacks)
             for (device, _), lists in plain.items():
                 self._sgd_call(device, lists, group, None, group["weight_decay"], grad_scale,
                                found_inf)

@@ -83,24 +83,31 @@ class PSISGD(FusedOptimizer):
         check_capture(self, self._needs_state)
         for gi, group in enumerate(self.param_groups):
             weight_decay = self._weight_decay(group, gi)
-            buckets = defaultdict(lambda: ([], [], [], []))
             writebacks = []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self._init_state(p, group)
-                target, grad = step_target(p, state, group, writebacks)
-                params, grads, bufs, steps = buckets[(p.device, target.dtype)]
-                params.append(target)
-                grads.append(grad)
-                steps.append(state["step"])
-                if group["momentum"] != 0:
-                    bufs.append(state["momentum_buffer"])
+            buckets = self._sgd_lists(group, group["params"], writebacks)
             for (device, _), lists in buckets.items():
                 self._sgd_call(device, lists, group, group["manifold"], weight_decay,
                                grad_scale, found_inf)
             write_back(writebacks)
         return loss
+
+    def _sgd_lists(self, group: dict, params, writebacks: list) -> dict:
+        """The op's (params, grads, momentum_buffers, steps) lists of ``params`` that have a
+        gradient, by (device, dtype of what the op steps: the master copy where there is one);
+        creates missing state."""
+        buckets = defaultdict(lambda: ([], [], [], []))
+        for p in params:
+            if p.grad is None:
+                continue
+            state = self._init_state(p, group)
+            target, grad = step_target(p, state, group, writebacks)
+            targets, grads, bufs, steps = buckets[(p.device, target.dtype)]
+            targets.append(target)
+            grads.append(grad)
+            steps.append(state["step"])
+            if group["momentum"] != 0:
+                bufs.append(state["momentum_buffer"])
+        return buckets
 
     def _sgd_call(self, device, lists, group, manifold, weight_decay, grad_scale, found_inf):
         # _begin_step made the fused op's Python-side check: skip it.

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from psi_cuda.optim import PSISGD
+from psi_cuda.optim import PSIAdam, PSISGD
 from conftest import DEVICES
 from helpers import tangent_grad_like
 
@@ -154,9 +154,17 @@ def test_fused_and_reference_backends_agree_on_a_model():
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
-def test_closure_and_zero_grad():
+# PSISGD and PSIAdam share these contract tests (the Adam-specific ones are in test_psi_adam.py).
+MAKERS = {
+    "psisgd": lambda params: PSISGD(params, lr=0.1, momentum=0.9),
+    "psiadam": lambda params: PSIAdam(params, lr=0.02),
+}
+
+
+@pytest.mark.parametrize("make", MAKERS.values(), ids=MAKERS.keys())
+def test_closure_and_zero_grad(make):
     model = ConvBN()
-    opt = PSISGD(groups(model, True), lr=0.1, momentum=0.9)
+    opt = make(groups(model, True))
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
 
     def closure():
@@ -201,9 +209,10 @@ def test_state_dict_resume_is_bit_for_bit(dtype):
         assert torch.equal(opt.state[p]["step"], opt2.state[q]["step"])
 
 
-def test_grad_scaler_inf_step_changes_nothing():
+@pytest.mark.parametrize("make", MAKERS.values(), ids=MAKERS.keys())
+def test_grad_scaler_inf_step_changes_nothing(make):
     model = ConvBN()
-    opt = PSISGD(groups(model, True), lr=0.1, momentum=0.9)
+    opt = make(groups(model, True))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
 
@@ -228,11 +237,13 @@ def test_grad_scaler_inf_step_changes_nothing():
     assert all(opt.state[p]["step"].item() == 1 for p in model.parameters())
 
 
-def test_grad_scaler_step_equals_unscaled_step():
+@pytest.mark.parametrize("make", MAKERS.values(), ids=MAKERS.keys())
+def test_grad_scaler_step_equals_unscaled_step(make):
     model = ConvBN()
     twin = copy.deepcopy(model)
-    opt = PSISGD(groups(model, True), lr=0.1, momentum=0.9)
-    opt2 = PSISGD(groups(twin, True), lr=0.1, momentum=0.9)
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = make(groups(model, True))
+    opt2 = make(groups(twin, True))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
     for _ in range(3):
@@ -245,6 +256,7 @@ def test_grad_scaler_step_equals_unscaled_step():
         opt2.step()
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(model.c1.weight, start[0])  # the scaled steps did move
 
 
 def test_bad_group_options_raise():

@@ -91,17 +91,25 @@ def cnn():
                          nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
 
 
-def test_model_with_bnp_hooks_compiles_fullgraph():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_model_with_bnp_hooks_compiles_fullgraph(backend):
     """BNP's forward pre-hooks (the fused statistics op) trace into one graph: training forwards
     of the compiled model update the statistics as eager forwards do, eval forwards leave them
-    alone, and BNPSGD steps after compiled forwards equal those after eager ones. The first
-    layer sees the input itself: its statistics are bitwise equal. Later layers see activations
-    of inductor's kernels (its grouped conv rounds differently from eager's), so they, and the
-    parameters stepped with them, agree to float32 rounding (rtol 1e-5); a hook that missed a
-    forward, ran twice or ran in eval would be off by O(1)."""
+    alone, and BNPSGD steps after compiled forwards equal those after eager ones.
+
+    aot_eager runs the traced graph (hooks, forward and backward) with eager's kernels, so
+    statistics and parameters are bitwise equal. inductor's own kernels (its grouped conv) round
+    activations differently; the statistics then agree to float32 rounding, and the parameters
+    to 0.1% of how far they moved: preconditioning by 1/(var + eps) amplifies those rounding
+    differences wherever a feature's variance is tiny (1e-5 of the movement measured, on two
+    x86 CPUs), so a fixed rtol on the parameters is not a sound bound. A hook that missed a
+    forward, ran twice or ran in eval would be off by O(1) in the statistics, the step
+    counters and the movement."""
     m_eager, m_comp = cnn(), cnn()
+    start = [p.detach().clone() for p in m_eager.parameters()]
     o_eager, o_comp = BNPSGD(m_eager, lr=0.01, momentum=0.9), BNPSGD(m_comp, lr=0.01, momentum=0.9)
-    compiled = torch.compile(m_comp, fullgraph=True)
+    compiled = torch.compile(m_comp, fullgraph=True, backend=backend)
+    exact = backend == "aot_eager"
     for step in range(3):
         x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(step))
         for m, o, fn in ((m_eager, o_eager, m_eager), (m_comp, o_comp, compiled)):
@@ -109,12 +117,20 @@ def test_model_with_bnp_hooks_compiles_fullgraph():
             fn(x).square().mean().backward()
             o.step()
         for i, (a, b) in enumerate(zip(o_eager.bnp.layers, o_comp.bnp.layers)):
-            same = torch.equal if i == 0 else \
+            assert torch.equal(a.step, b.step), f"step {step}: step counter of {a.name} differs"
+            same = torch.equal if exact or i == 0 else \
                 (lambda t, u: torch.allclose(t, u, rtol=1e-5, atol=1e-7))
-            for t, u in ((a.mean, b.mean), (a.sqmean, b.sqmean), (a.step, b.step)):
+            for t, u in ((a.mean, b.mean), (a.sqmean, b.sqmean)):
                 assert same(t, u), f"step {step}: statistics of layer {a.name} differ"
-        for p, q in zip(m_eager.parameters(), m_comp.parameters()):
-            assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), f"step {step}: params differ"
+        for (name, p), q, p0 in zip(m_eager.named_parameters(), m_comp.parameters(), start):
+            if exact:
+                assert torch.equal(p, q), f"step {step}: {name} differs"
+            else:
+                moved = (p - p0).abs().max().item()
+                assert moved > 0, name
+                diff = (p - q).abs().max().item()
+                assert diff <= 1e-3 * moved, f"step {step}: {name} differs by {diff:.3g}, " \
+                    f"moved {moved:.3g}"
     assert all(l.step.item() == 3.0 for l in o_comp.bnp.layers)
     m_comp.eval()
     before = [l.mean.clone() for l in o_comp.bnp.layers]

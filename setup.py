@@ -7,6 +7,10 @@ Environment:
                             list of common datacenter and consumer architectures without one)
   CUDA_HOME                 the toolkit folder holding bin/nvcc
   PSI_CUDA_DEBUG=1          build with -O0 -g
+  PSI_CUDA_BUILD_EMULATOR=1 also build psi_cuda._emu: csrc/cuda/*.cu compiled as C++ for the CPU
+                            emulator of the CUDA execution model (psi_cuda.emulated, csrc/emu/)
+  PSI_CUDA_SANITIZE=1       compile and link the C++ code with -fsanitize=address,undefined
+                            (run Python with LD_PRELOAD of the ASan runtime; see .ci/run)
 """
 import glob
 import os
@@ -30,18 +34,28 @@ def want_cuda() -> bool:
     return torch.version.cuda is not None and bool(nvcc) and os.path.exists(nvcc)
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+            "-fno-omit-frame-pointer", "-g"]
+
+
+def sanitizer_flags() -> list[str]:
+    return SANITIZE if os.environ.get("PSI_CUDA_SANITIZE") == "1" else []
+
+
 def extension():
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = HERE
     debug = os.environ.get("PSI_CUDA_DEBUG") == "1"
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx += sanitizer_flags()
     # -fopenmp: at::parallel_for is an OpenMP loop in torch's (OpenMP) builds and runs on one
     # thread in code compiled without it; libgomp.so.1 is the one torch already loaded.
     cxx += ["-fopenmp", "-DPSI_CUDA_PYTHON_MODULE"]
     # -fno-math-errno: sqrt in a loop (the AdamW step of psi_adam_) vectorizes only when it
     # need not set errno; nothing here reads errno, and results do not change.
     cxx += ["-fno-math-errno"]
-    link = ["-fopenmp"]
+    link = ["-fopenmp"] + sanitizer_flags()
     include_dirs = [os.path.join(here, "csrc", "include")]
     if not want_cuda():
         return CppExtension("psi_cuda._C", sources, include_dirs=include_dirs,
@@ -57,7 +71,27 @@ def extension():
                          extra_link_args=link, py_limited_api=False)
 
 
+def emulator_extension():
+    """psi_cuda._emu: the CUDA sources built as host C++ against the emulator (csrc/emu/)."""
+    debug = os.environ.get("PSI_CUDA_DEBUG") == "1"
+    sources = sorted(glob.glob("csrc/emu/*.cpp")) + ["csrc/checks.cpp", "csrc/bnp_checks.cpp"]
+    cxx = ["-O0", "-g"] if debug else ["-O2"]
+    cxx += ["-DPSI_CUDA_EMULATION", "-DPSI_CUDA_PYTHON_MODULE", "-fno-math-errno"]
+    cxx += sanitizer_flags()
+    return CppExtension("psi_cuda._emu", sources,
+                        include_dirs=[os.path.join(HERE, "csrc", "include")],
+                        extra_compile_args={"cxx": cxx}, extra_link_args=sanitizer_flags(),
+                        py_limited_api=False)
+
+
+def extensions():
+    exts = [extension()]
+    if os.environ.get("PSI_CUDA_BUILD_EMULATOR") == "1":
+        exts.append(emulator_extension())
+    return exts
+
+
 setup(
-    ext_modules=[extension()],
+    ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -2,6 +2,8 @@
 // fake (meta) implementations for torch.compile: psi_cuda/ops.py.
 #include <torch/library.h>
 
+#include "op_schemas.h"
+
 #ifdef PSI_CUDA_PYTHON_MODULE
 #include <Python.h>
 
@@ -14,48 +16,4 @@ PyObject* PyInit__C(void) {
 }
 #endif
 
-TORCH_LIBRARY(psi_cuda, m) {
-  // One PSI-SGD (or, with manifold=0, torch.optim.SGD) step over a list of same-device,
-  // same-dtype tensors. manifold: 0 euclidean, 1 channel (rows of p.view(p.size(0), -1)),
-  // 2 tensor. retraction: 0 normalize, 1 exp, 2 none. transport: 0 project, 1 parallel.
-  // momentum_buffers is empty when momentum == 0. state_steps are float32 scalars, incremented
-  // unless found_inf is set; a step of 0 marks a buffer's first step.
-  m.def(
-      "psi_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-      "Tensor(c!)[] state_steps, *, float lr, float momentum, float dampening, bool nesterov, "
-      "float weight_decay, bool maximize, int manifold, int retraction, int transport, "
-      "float max_grad_norm, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
-
-  // BNP (psi/bnp.h). Statistics of one layer input: per channel (dim channel_dim) batch mean and
-  // mean of squares in one pass, folded into the bias-corrected moving averages mean/sqmean
-  // (float32 or float64), step += 1. An empty batch changes nothing.
-  m.def(
-      "bnp_update_stats_(Tensor input, Tensor(a!) mean, Tensor(b!) sqmean, Tensor(c!) step, *, "
-      "int channel_dim, float momentum) -> ()");
-  // Rewrites weight and bias gradients with the BNP formula. bias_grads is empty (no-bias
-  // variant for all layers of the call) or one per weight gradient; groups: conv groups.
-  m.def(
-      "bnp_precondition_(Tensor(a!)[] weight_grads, Tensor(b!)[] bias_grads, Tensor[] means, "
-      "Tensor[] sqmeans, *, int[] groups, float eps) -> ()");
-  // BNP preconditioning fused with one torch.optim.SGD step of every weight and bias (the
-  // gradients themselves are not modified). One state step per layer; buffers empty when
-  // momentum == 0.
-  m.def(
-      "bnp_sgd_(Tensor(a!)[] weights, Tensor(b!)[] biases, Tensor[] weight_grads, "
-      "Tensor[] bias_grads, Tensor(c!)[] weight_momentum_buffers, "
-      "Tensor(d!)[] bias_momentum_buffers, Tensor(e!)[] state_steps, Tensor[] means, "
-      "Tensor[] sqmeans, *, int[] groups, float eps, float lr, float momentum, float dampening, "
-      "bool nesterov, float weight_decay, bool maximize, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
-  // One PSI-Adam (or, with manifold=0, torch.optim.AdamW) step over a list of same-device,
-  // same-dtype tensors (ALGORITHMS.md section 3). exp_avgs have the params' shapes; exp_avg_sqs
-  // hold one scalar per group (shape (rows,) for channel, () or (1,) for tensor), per element
-  // for euclidean. state_steps are float32 scalars: step t = state_step + 1 sets the bias
-  // corrections; incremented unless found_inf is set, in which case nothing changes at all.
-  m.def(
-      "psi_adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] state_steps, *, float lr, float beta1, "
-      "float beta2, float eps, float weight_decay, bool maximize, int manifold, int retraction, "
-      "int transport, float max_grad_norm, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
-}
+TORCH_LIBRARY(psi_cuda, m) { psi::define_ops(m); }

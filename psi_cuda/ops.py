@@ -16,6 +16,10 @@ RETRACTIONS = {name: code for code, name in enumerate(reference.RETRACTIONS)}
 TRANSPORTS = {name: code for code, name in enumerate(reference.TRANSPORTS)}
 
 
+# The library the wrappers below call. psi_cuda.emulated binds the same wrappers to psi_cuda_emu,
+# the CUDA kernels run by the CPU emulator, whose ops have the same schemas.
+_OPS = torch.ops.psi_cuda
+
 # Read once: a constant for torch.compile, which cannot trace the dispatcher query.
 _HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("psi_cuda::psi_sgd_", "CUDA")
 
@@ -66,7 +70,7 @@ def psi_sgd_(
     if check:
         _check_dispatchable("psi_sgd_", params=params, grads=grads,
                             momentum_buffers=momentum_buffers, state_steps=state_steps)
-    torch.ops.psi_cuda.psi_sgd_(
+    _OPS.psi_sgd_(
         params,
         grads,
         momentum_buffers,
@@ -117,7 +121,7 @@ def psi_adam_(
     if check:
         _check_dispatchable("psi_adam_", params=params, grads=grads, exp_avgs=exp_avgs,
                             exp_avg_sqs=exp_avg_sqs, state_steps=state_steps)
-    torch.ops.psi_cuda.psi_adam_(
+    _OPS.psi_adam_(
         params,
         grads,
         exp_avgs,
@@ -182,7 +186,7 @@ def bnp_update_stats_(input: Tensor, mean: Tensor, sqmean: Tensor, step: Tensor,
     One pass over ``input``; contiguous and channels-last inputs are read in place."""
     _check_dispatchable("bnp_update_stats_", input=[input], mean=[mean], sqmean=[sqmean],
                         step=[step])
-    torch.ops.psi_cuda.bnp_update_stats_(input, mean, sqmean, step, channel_dim=channel_dim,
+    _OPS.bnp_update_stats_(input, mean, sqmean, step, channel_dim=channel_dim,
                                          momentum=momentum)
 
 
@@ -192,7 +196,7 @@ def bnp_precondition_(weight_grads: list[Tensor], bias_grads: list[Tensor], mean
     empty (the uncentered no-bias variant for every layer) or one per weight gradient."""
     _check_dispatchable("bnp_precondition_", weight_grads=weight_grads, bias_grads=bias_grads,
                         means=means, sqmeans=sqmeans)
-    torch.ops.psi_cuda.bnp_precondition_(weight_grads, bias_grads, means, sqmeans,
+    _OPS.bnp_precondition_(weight_grads, bias_grads, means, sqmeans,
                                          groups=list(groups), eps=eps)
 
 
@@ -212,7 +216,7 @@ def bnp_sgd_(weights: list[Tensor], biases: list[Tensor], weight_grads: list[Ten
                             weight_momentum_buffers=weight_momentum_buffers,
                             bias_momentum_buffers=bias_momentum_buffers,
                             state_steps=state_steps, means=means, sqmeans=sqmeans)
-    torch.ops.psi_cuda.bnp_sgd_(weights, biases, weight_grads, bias_grads,
+    _OPS.bnp_sgd_(weights, biases, weight_grads, bias_grads,
                                 weight_momentum_buffers, bias_momentum_buffers, state_steps,
                                 means, sqmeans, groups=list(groups), eps=eps, lr=lr,
                                 momentum=momentum, dampening=dampening, nesterov=nesterov,

@@ -43,22 +43,19 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-
-#include <cub/block/block_reduce.cuh>
-#include <cub/warp/warp_reduce.cuh>
 
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
-#include "device_table.cuh"
 #include "psi/bnp.h"
 #include "psi/ops.h"
+// Last: in the emulation build they define CUDA's keywords, after every system header.
+#include "device_api.cuh"
+#include "device_table.cuh"
+#include "reduce.cuh"
 
 namespace psi {
 namespace {
@@ -111,8 +108,8 @@ __global__ void __launch_bounds__(kThreads)
                       int64_t rows_per_chunk, stats_acc_t<scalar_t>* __restrict__ psum,
                       stats_acc_t<scalar_t>* __restrict__ psq) {
   using acc_t = stats_acc_t<scalar_t>;
-  __shared__ acc_t ssum[kThreads];
-  __shared__ acc_t ssq[kThreads];
+  PSI_SHARED(acc_t, ssum[kThreads]);
+  PSI_SHARED(acc_t, ssq[kThreads]);
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t chunk = blockIdx.y;
   const int64_t r0 = chunk * rows_per_chunk;
@@ -150,8 +147,8 @@ __global__ void __launch_bounds__(kThreads)
                         int64_t chunks, stats_acc_t<scalar_t>* __restrict__ psum,
                         stats_acc_t<scalar_t>* __restrict__ psq) {
   using acc_t = stats_acc_t<scalar_t>;
-  using BlockReduce = cub::BlockReduce<SumSq<acc_t>, kThreads>;
-  __shared__ typename BlockReduce::TempStorage temp;
+  using StatsReduce = BlockReduce<SumSq<acc_t>, kThreads>;
+  PSI_SHARED(typename StatsReduce::TempStorage, temp);
   const int64_t n = outer * inner;
   // A thread steps kThreads elements: kThreads / inner blocks and kThreads % inner inside one.
   const int64_t step_o = kThreads / inner, step_i = kThreads % inner;
@@ -175,7 +172,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
-    const SumSq<acc_t> t = BlockReduce(temp).Reduce(SumSq<acc_t>{s, q}, SumSqOp());
+    const SumSq<acc_t> t = StatsReduce(temp).Reduce(SumSq<acc_t>{s, q}, SumSqOp());
     if (threadIdx.x == 0) {
       psum[unit] = t.s;
       psq[unit] = t.q;
@@ -193,8 +190,8 @@ __global__ void __launch_bounds__(kThreads)
                           int64_t C, int64_t chunks, int64_t c_stride, int64_t k_stride,
                           double count, stat_t* __restrict__ mean, stat_t* __restrict__ sqmean,
                           const float* step, double momentum) {
-  using WarpReduce = cub::WarpReduce<SumSq<double>>;
-  __shared__ typename WarpReduce::TempStorage temp[kWarps];
+  using FinalReduce = WarpReduce<SumSq<double>>;
+  PSI_SHARED(typename FinalReduce::TempStorage, temp[kWarps]);
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
@@ -204,7 +201,7 @@ __global__ void __launch_bounds__(kThreads)
       s += static_cast<double>(psum[c * c_stride + k * k_stride]);
       q += static_cast<double>(psq[c * c_stride + k * k_stride]);
     }
-    const SumSq<double> t = WarpReduce(temp[warp]).Reduce(SumSq<double>{s, q}, SumSqOp());
+    const SumSq<double> t = FinalReduce(temp[warp]).Reduce(SumSq<double>{s, q}, SumSqOp());
     if (lane == 0) {  // the reduction is valid in lane 0
       const double a = bnp_batch_weight(momentum, static_cast<double>(*step));
       mean[c] = static_cast<stat_t>(bnp_blend(static_cast<double>(mean[c]), t.s / count, a));
@@ -222,10 +219,9 @@ void bnp_update_stats_cuda(const at::Tensor& input, const at::Tensor& mean,
   const StatsLayout L = checked_stats_layout(input, mean, sqmean, step, channel_dim, momentum);
   const int64_t count = L.outer * L.inner;
   if (L.x.numel() == 0 || count == 0) return;
-  TORCH_CHECK(input.is_cuda(), "bnp_update_stats_: the CUDA kernel got an input on ",
-              input.device());
-  const c10::cuda::CUDAGuard guard(input.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
+  dev::check_device(input.device(), "bnp_update_stats_", "an input");
+  const dev::DeviceGuard guard(input.device());
+  const dev::Stream stream = dev::current_stream(input.device());
   const int64_t C = L.channels;
   const bool is_double = L.x.scalar_type() == at::kDouble;
 
@@ -261,13 +257,12 @@ void bnp_update_stats_cuda(const at::Tensor& input, const at::Tensor& mean,
     if (L.inner == 1) {
       const dim3 block(tx, static_cast<unsigned>(kThreads / tx));
       const dim3 grid(tiles, static_cast<unsigned>(chunks));
-      stats_rows_kernel<scalar_t><<<grid, block, 0, stream>>>(x, L.outer, C, rows_per_chunk,
+      PSI_LAUNCH(stats_rows_kernel<scalar_t>, grid, block, 0, stream, x, L.outer, C, rows_per_chunk,
                                                                psum, psq);
     } else {
-      stats_planes_kernel<scalar_t><<<grid_for(C * chunks), kThreads, 0, stream>>>(
+      PSI_LAUNCH(stats_planes_kernel<scalar_t>, grid_for(C * chunks), kThreads, 0, stream, 
           x, L.outer, C, L.inner, chunks, psum, psq);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bnp_update_stats_cuda_blend", [&] {
@@ -275,11 +270,10 @@ void bnp_update_stats_cuda(const at::Tensor& input, const at::Tensor& mean,
       using acc_t = decltype(acc_zero);
       const acc_t* psum = partials.const_data_ptr<acc_t>();
       const unsigned grid = grid_for(ceil_div(C, kWarps));
-      stats_finalize_kernel<acc_t, scalar_t><<<grid, kThreads, 0, stream>>>(
+      PSI_LAUNCH((stats_finalize_kernel<acc_t, scalar_t>), grid, kThreads, 0, stream, 
           psum, psum + C * chunks, C, chunks, c_stride, k_stride, static_cast<double>(count),
           mean.data_ptr<scalar_t>(), sqmean.data_ptr<scalar_t>(), step.const_data_ptr<float>(),
           momentum);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (is_double) {
       launch(0.0);
@@ -288,8 +282,7 @@ void bnp_update_stats_cuda(const at::Tensor& input, const at::Tensor& mean,
     }
   });
 
-  increment_step_kernel<<<1, 1, 0, stream>>>(step.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  PSI_LAUNCH(increment_step_kernel, 1, 1, 0, stream, step.data_ptr<float>());
 }
 
 // ================================================================ rows: precondition and sgd
@@ -355,9 +348,9 @@ __global__ void __launch_bounds__(kThreads)
                     const at::opmath_type<scalar_t>* tab, SgdOptions o, const float* grad_scale,
                     const float* found_inf) {
   using opmath_t = at::opmath_type<scalar_t>;
-  using BlockReduce = cub::BlockReduce<double, kThreads>;
+  using RowReduce = BlockReduce<double, kThreads>;
   if (skip_step(found_inf)) return;
-  __shared__ typename BlockReduce::TempStorage temp;
+  PSI_SHARED(typename RowReduce::TempStorage, temp);
   const opmath_t f = kSgd ? static_cast<opmath_t>(grad_factor(o.maximize, grad_scale))
                           : opmath_t(1);
   for (int64_t unit = blockIdx.x; unit < num_rows; unit += gridDim.x) {
@@ -415,7 +408,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     if (has_bias) {  // uniform over the block
-      const double acc = BlockReduce(temp).Sum(static_cast<double>(s));  // valid in thread 0
+      const double acc = RowReduce(temp).Sum(static_cast<double>(s));  // valid in thread 0
       if (threadIdx.x == 0) {
         // Every thread has read gb_ptr[r] before the reduction's barriers: safe to overwrite.
         const double gbp = bnp_bias_grad(static_cast<double>(gb), acc);
@@ -483,7 +476,7 @@ void add_layer(RowsPlan& plan, const at::Tensor& grad, const at::Tensor* bias_gr
 // Copies the layer table and the step addresses to the device without waiting (graph-safe
 // under CUDA graph capture: device_table.cuh). Returns the device buffer (layers first, then
 // steps).
-at::Tensor upload(const RowsPlan& plan, const at::Device& device, cudaStream_t stream) {
+at::Tensor upload(const RowsPlan& plan, const at::Device& device, dev::Stream stream) {
   std::vector<int64_t> words;
   words.reserve(plan.layers.size() * kMetaWords + plan.steps.size());
   for (const LayerMeta& a : plan.layers) {
@@ -498,7 +491,7 @@ at::Tensor upload(const RowsPlan& plan, const at::Device& device, cudaStream_t s
 template <typename scalar_t, bool kSgd>
 void launch_rows(const RowsPlan& plan, const LayerMeta* metas, double eps, bool centered,
                  const SgdOptions& o, const float* grad_scale, const float* found_inf,
-                 const at::Device& device, cudaStream_t stream) {
+                 const at::Device& device, dev::Stream stream) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (plan.rows == 0) return;
   const int64_t n = static_cast<int64_t>(plan.layers.size());
@@ -506,12 +499,10 @@ void launch_rows(const RowsPlan& plan, const LayerMeta* metas, double eps, bool 
       {std::max<int64_t>(1, 2 * plan.channels)},
       at::TensorOptions().dtype(c10::CppTypeToScalarType<opmath_t>::value).device(device));
   opmath_t* tab_ptr = tab.data_ptr<opmath_t>();
-  channel_table_kernel<opmath_t><<<grid_for(n), kThreads, 0, stream>>>(metas, n, tab_ptr, eps,
+  PSI_LAUNCH(channel_table_kernel<opmath_t>, grid_for(n), kThreads, 0, stream, metas, n, tab_ptr, eps,
                                                                        centered, found_inf);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  bnp_rows_kernel<scalar_t, kSgd><<<grid_for(plan.rows), kThreads, 0, stream>>>(
+  PSI_LAUNCH((bnp_rows_kernel<scalar_t, kSgd>), grid_for(plan.rows), kThreads, 0, stream, 
       metas, n, plan.rows, tab_ptr, o, grad_scale, found_inf);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }  // tab goes back to the caching allocator, stream-ordered after these kernels
 
 void bnp_precondition_cuda(at::TensorList weight_grads, at::TensorList bias_grads,
@@ -520,10 +511,9 @@ void bnp_precondition_cuda(at::TensorList weight_grads, at::TensorList bias_grad
   check_bnp_layers("bnp_precondition_", weight_grads, bias_grads, means, sqmeans, groups, eps);
   if (weight_grads.empty()) return;
   const at::Device device = weight_grads[0].device();
-  TORCH_CHECK(device.is_cuda(), "bnp_precondition_: the CUDA kernel got weight_grads on ",
-              device);
-  const c10::cuda::CUDAGuard guard(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  dev::check_device(device, "bnp_precondition_", "weight_grads");
+  const dev::DeviceGuard guard(device);
+  const dev::Stream stream = dev::current_stream(device);
   const bool centered = !bias_grads.empty();
   // Gradients in another layout are preconditioned in a contiguous copy and copied back.
   std::vector<at::Tensor> work(weight_grads.begin(), weight_grads.end());
@@ -567,9 +557,9 @@ void bnp_sgd_cuda(at::TensorList weights, at::TensorList biases, at::TensorList 
                      state_steps, o, grad_scale, found_inf);
   if (weights.empty()) return;
   const at::Device device = weights[0].device();
-  TORCH_CHECK(device.is_cuda(), "bnp_sgd_: the CUDA kernel got weights on ", device);
-  const c10::cuda::CUDAGuard guard(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  dev::check_device(device, "bnp_sgd_", "weights");
+  const dev::DeviceGuard guard(device);
+  const dev::Stream stream = dev::current_stream(device);
   const bool centered = !biases.empty();
   const bool has_momentum = momentum != 0.0;
 
@@ -606,16 +596,15 @@ void bnp_sgd_cuda(at::TensorList weights, at::TensorList biases, at::TensorList 
     launch_rows<scalar_t, true>(plan, metas, eps, centered, o, scale, inf, device, stream);
   });
   const int64_t num_steps = static_cast<int64_t>(plan.steps.size());
-  increment_steps_kernel<<<grid_for(ceil_div(num_steps, kThreads)), kThreads, 0, stream>>>(
+  PSI_LAUNCH(increment_steps_kernel, grid_for(ceil_div(num_steps, kThreads)), kThreads, 0, stream, 
       steps, num_steps, inf);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 }  // namespace psi
 
-TORCH_LIBRARY_IMPL(psi_cuda, CUDA, m) {
-  m.impl("bnp_update_stats_", &psi::bnp_update_stats_cuda);
-  m.impl("bnp_precondition_", &psi::bnp_precondition_cuda);
-  m.impl("bnp_sgd_", &psi::bnp_sgd_cuda);
+PSI_CUDA_OPS_IMPL(m) {
+  m.impl("bnp_update_stats_", PSI_CUDA_OP(psi::bnp_update_stats_cuda));
+  m.impl("bnp_precondition_", PSI_CUDA_OP(psi::bnp_precondition_cuda));
+  m.impl("bnp_sgd_", PSI_CUDA_OP(psi::bnp_sgd_cuda));
 }

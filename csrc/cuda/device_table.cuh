@@ -3,12 +3,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+
+#include "device_api.cuh"
 
 namespace psi {
 namespace {
@@ -26,12 +26,6 @@ __global__ void write_table_kernel(const TableWords words, int64_t* dst, int n) 
   }
 }
 
-inline bool stream_is_capturing(cudaStream_t stream) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
-  return status != cudaStreamCaptureStatusNone;
-}
-
 // A new device tensor holding the `n` int64 `words`, written in stream order on `stream`; the
 // host does not wait.
 //
@@ -45,24 +39,24 @@ inline bool stream_is_capturing(cudaStream_t stream) {
 // allocation of the capture that reuses it is ordered after those readers on the stream, and
 // each replay rewrites the table before reading it.
 inline at::Tensor upload_words(const int64_t* words, int64_t n, const at::Device& device,
-                               cudaStream_t stream) {
+                               dev::Stream stream) {
   at::Tensor dev = at::empty({std::max<int64_t>(n, 1)},
                              at::TensorOptions().dtype(at::kLong).device(device));
   if (n == 0) return dev;
-  if (stream_is_capturing(stream)) {
+  if (dev::is_capturing(stream)) {
     int64_t* dst = dev.data_ptr<int64_t>();
     for (int64_t begin = 0; begin < n; begin += kTableWordsPerLaunch) {
       const int64_t len = std::min<int64_t>(kTableWordsPerLaunch, n - begin);
       TableWords block{};
       std::memcpy(block.w, words + begin, static_cast<size_t>(len) * sizeof(int64_t));
-      write_table_kernel<<<1, 128, 0, stream>>>(block, dst + begin, static_cast<int>(len));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      PSI_LAUNCH(write_table_kernel, 1, 128, 0, stream, block, dst + begin,
+                 static_cast<int>(len));
     }
     return dev;
   }
-  at::Tensor host = at::empty({n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  at::Tensor host = dev::pinned_words(n, stream);
   std::memcpy(host.data_ptr<int64_t>(), words, static_cast<size_t>(n) * sizeof(int64_t));
-  dev.copy_(host, /*non_blocking=*/true);
+  dev::copy_to_device_async(dev.narrow(0, 0, n), host, stream);
   return dev;
 }
 

@@ -6,16 +6,16 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-
-#include <cub/block/block_reduce.cuh>
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
-#include "device_table.cuh"
 #include "psi/ops.h"
+// Last: in the emulation build they define CUDA's keywords, after every system header.
+#include "device_api.cuh"
+#include "device_table.cuh"
+#include "reduce.cuh"
 
 namespace psi {
 namespace {
@@ -83,7 +83,7 @@ struct GramSum {
     return Gram{a.ww + b.ww, a.wg + b.wg, a.wm + b.wm, a.gg + b.gg, a.gm + b.gm, a.mm + b.mm};
   }
 };
-using BlockGramReduce = cub::BlockReduce<Gram, kThreads>;
+using BlockGramReduce = BlockReduce<Gram, kThreads>;
 
 // Running sums of one thread in opmath precision (as the CPU kernel's vector lanes), moved to
 // double once per thread and pass (at most kChunk / kThreads elements).
@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(kThreads)
                            Gram* partials, const float* found_inf) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (skip_step(found_inf)) return;
-  __shared__ typename BlockGramReduce::TempStorage temp;
+  PSI_SHARED(typename BlockGramReduce::TempStorage, temp);
   for (int64_t unit = blockIdx.x; unit < num_chunks; unit += gridDim.x) {
     const TensorMeta& a = find_tensor<&TensorMeta::first_unit>(metas, num_tensors, unit);
     const ChunkOfGroup c = chunk_of_group(a, unit);
@@ -269,7 +269,7 @@ struct DeviceTables {
   const int64_t* steps;
 };
 
-DeviceTables upload_plan(const Plan& plan, const at::Device& device, cudaStream_t stream) {
+DeviceTables upload_plan(const Plan& plan, const at::Device& device, dev::Stream stream) {
   // Tables -> device without waiting; graph-safe under CUDA graph capture (device_table.cuh).
   std::vector<int64_t> words;
   words.reserve((plan.shorts.size() + plan.longs.size() + plan.plains.size()) * kMetaWords +

@@ -27,15 +27,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <vector>
 
-#include "multi_tensor.cuh"
 #include "psi/ops.h"
+#include "multi_tensor.cuh"  // last: see multi_tensor.cuh
 
 namespace psi {
 namespace {
@@ -57,8 +54,8 @@ __global__ void __launch_bounds__(kThreads, short_blocks_per_sm<scalar_t>())
                             SgdOptions o, const float* grad_scale, const float* found_inf) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (skip_step(found_inf)) return;
-  __shared__ typename BlockGramReduce::TempStorage temp;
-  __shared__ Update shared_up;
+  PSI_SHARED(typename BlockGramReduce::TempStorage, temp);
+  PSI_SHARED(Update, shared_up);
   for (int64_t unit = blockIdx.x; unit < num_groups; unit += gridDim.x) {
     const TensorMeta& a = find_tensor<&TensorMeta::first_unit>(metas, num_tensors, unit);
     const int64_t len = a.group;  // <= kShortGroup
@@ -101,7 +98,7 @@ __global__ void __launch_bounds__(kThreads)
                           const Gram* partials, Update* updates, SgdOptions o,
                           const float* grad_scale, const float* found_inf) {
   if (skip_step(found_inf)) return;
-  __shared__ typename BlockGramReduce::TempStorage temp;
+  PSI_SHARED(typename BlockGramReduce::TempStorage, temp);
   for (int64_t j = blockIdx.x; j < num_groups; j += gridDim.x) {
     const TensorMeta& a = find_tensor<&TensorMeta::first_group>(metas, num_tensors, j);
     const Gram* part = partials + a.first_unit + (j - a.first_group) * a.chunks;
@@ -142,12 +139,11 @@ template <typename scalar_t>
 void launch_psi_sgd(const Plan& plan, const TensorMeta* shorts, const TensorMeta* longs,
                     const TensorMeta* plains, const int64_t* steps, const SgdOptions& o,
                     const float* grad_scale, const float* found_inf, const at::Device& device,
-                    cudaStream_t stream) {
+                    dev::Stream stream) {
   if (plan.short_groups > 0) {
-    psi_short_groups_kernel<scalar_t><<<grid_for(plan.short_groups), kThreads, 0, stream>>>(
+    PSI_LAUNCH(psi_short_groups_kernel<scalar_t>, grid_for(plan.short_groups), kThreads, 0, stream, 
         shorts, static_cast<int64_t>(plan.shorts.size()), plan.short_groups, o, grad_scale,
         found_inf);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (plan.long_groups > 0) {
     const int64_t n = static_cast<int64_t>(plan.longs.size());
@@ -156,26 +152,21 @@ void launch_psi_sgd(const Plan& plan, const TensorMeta* shorts, const TensorMeta
     at::Tensor updates = at::empty({plan.long_groups * static_cast<int64_t>(sizeof(Update))}, bytes);
     Gram* partials_ptr = reinterpret_cast<Gram*>(partials.data_ptr());
     Update* updates_ptr = reinterpret_cast<Update*>(updates.data_ptr());
-    psi_long_reduce_kernel<scalar_t><<<grid_for(plan.long_chunks), kThreads, 0, stream>>>(
+    PSI_LAUNCH(psi_long_reduce_kernel<scalar_t>, grid_for(plan.long_chunks), kThreads, 0, stream, 
         longs, n, plan.long_chunks, partials_ptr, found_inf);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    psi_long_solve_kernel<<<grid_for(plan.long_groups), kThreads, 0, stream>>>(
+    PSI_LAUNCH(psi_long_solve_kernel, grid_for(plan.long_groups), kThreads, 0, stream, 
         longs, n, plan.long_groups, partials_ptr, updates_ptr, o, grad_scale, found_inf);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    psi_long_apply_kernel<scalar_t><<<grid_for(plan.long_chunks), kThreads, 0, stream>>>(
+    PSI_LAUNCH(psi_long_apply_kernel<scalar_t>, grid_for(plan.long_chunks), kThreads, 0, stream, 
         longs, n, plan.long_chunks, updates_ptr, found_inf);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }  // partials/updates go back to the caching allocator, stream-ordered after these kernels
   if (plan.plain_chunks > 0) {
-    euclidean_sgd_kernel<scalar_t><<<grid_for(plan.plain_chunks), kThreads, 0, stream>>>(
+    PSI_LAUNCH(euclidean_sgd_kernel<scalar_t>, grid_for(plan.plain_chunks), kThreads, 0, stream, 
         plains, static_cast<int64_t>(plan.plains.size()), plan.plain_chunks, o, grad_scale,
         found_inf);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const int64_t num_steps = static_cast<int64_t>(plan.steps.size());
-  increment_steps_kernel<<<grid_for(ceil_div(num_steps, kThreads)), kThreads, 0, stream>>>(
+  PSI_LAUNCH(increment_steps_kernel, grid_for(ceil_div(num_steps, kThreads)), kThreads, 0, stream, 
       steps, num_steps, found_inf);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void psi_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -190,9 +181,9 @@ void psi_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList mo
                                            grad_scale, found_inf);
   if (params.empty()) return;
   const at::Device device = params[0].device();
-  TORCH_CHECK(device.is_cuda(), "psi_sgd_: the CUDA kernel got params on ", device);
-  const c10::cuda::CUDAGuard guard(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  dev::check_device(device, "psi_sgd_", "params");
+  const dev::DeviceGuard guard(device);
+  const dev::Stream stream = dev::current_stream(device);
 
   std::vector<at::Tensor> grads_laid_out;  // keeps copies of differently laid out grads alive
   grads_laid_out.reserve(params.size());
@@ -216,4 +207,4 @@ void psi_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList mo
 }  // namespace
 }  // namespace psi
 
-TORCH_LIBRARY_IMPL(psi_cuda, CUDA, m) { m.impl("psi_sgd_", &psi::psi_sgd_cuda); }
+PSI_CUDA_OPS_IMPL(m) { m.impl("psi_sgd_", PSI_CUDA_OP(psi::psi_sgd_cuda)); }

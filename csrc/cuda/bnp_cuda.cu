@@ -536,10 +536,10 @@ void bnp_precondition_cuda(at::TensorList weight_grads, at::TensorList bias_grad
     });
   }
   for (size_t i = 0; i < work.size(); ++i) {
-    if (!work[i].is_same(weight_grads[i])) weight_grads[i].copy_(work[i]);
+    if (!work[i].is_same(weight_grads[i])) dev::copy_(weight_grads[i], work[i], stream);
   }
   for (size_t i = 0; i < bias_work.size(); ++i) {
-    if (!bias_work[i].is_same(bias_grads[i])) bias_grads[i].copy_(bias_work[i]);
+    if (!bias_work[i].is_same(bias_grads[i])) dev::copy_(bias_grads[i], bias_work[i], stream);
   }
 }
 

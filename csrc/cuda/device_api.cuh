@@ -52,6 +52,12 @@ inline void copy_to_device_async(const at::Tensor& dst, const at::Tensor& src_pi
   emu::copy_async(dst, src_pinned, s);
 }
 
+// dst <- src in stream order (after the kernels launched before it): the copy back of results
+// that kernels wrote into a temporary. On the emulated stream it is queued like a launch.
+inline void copy_(const at::Tensor& dst, const at::Tensor& src, Stream s) {
+  emu::enqueue_task(s, [dst, src]() mutable { dst.copy_(src); });
+}
+
 template <typename... P, typename... A>
 void launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, Stream s,
             A&&... args) {
@@ -99,6 +105,11 @@ inline at::Tensor pinned_words(int64_t n, Stream) {
 // allocator records the block's use, so it is not reused before the copy has run.
 inline void copy_to_device_async(const at::Tensor& dst, const at::Tensor& src_pinned, Stream) {
   const_cast<at::Tensor&>(dst).copy_(src_pinned, /*non_blocking=*/true);
+}
+
+// dst <- src in stream order (a copy on the current stream, after the kernels launched before).
+inline void copy_(const at::Tensor& dst, const at::Tensor& src, Stream) {
+  const_cast<at::Tensor&>(dst).copy_(src);
 }
 
 template <typename... P, typename... A>

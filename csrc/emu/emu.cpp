@@ -510,6 +510,8 @@ void enqueue_launch(Stream* s, const char* name, dim3 grid, dim3 block, size_t d
   });
 }
 
+void enqueue_task(Stream* s, std::function<void()> task) { s->queue.push_back(std::move(task)); }
+
 at::Tensor pinned_empty_words(int64_t n, Stream* s) {
   TORCH_CHECK(!is_capturing(s),
               "emulated CUDA: pinned host memory allocated while the stream is capturing "

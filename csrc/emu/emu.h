@@ -106,6 +106,10 @@ struct LaunchRecord {
 void enqueue_launch(Stream* s, const char* name, dim3 grid, dim3 block, size_t dynamic_smem,
                     std::function<void()> body);
 
+// Queues host work that stands for a stream-ordered device operation (a copy_ between device
+// tensors): it runs in stream order with the kernels.
+void enqueue_task(Stream* s, std::function<void()> task);
+
 // Pinned host buffer of `bytes` (a CPU tensor of int64 words) from the emulated caching host
 // allocator; an error under capture, as cudaHostAlloc is.
 at::Tensor pinned_empty_words(int64_t n, Stream* s);

@@ -1,0 +1,182 @@
+"""BNP ops: the CUDA kernels (csrc/cuda/bnp_cuda.cu), run in the CPU emulator, against the CPU
+kernels with the tolerances of tests/test_bnp_cuda.py, and across schedules bit for bit; on the
+cases of tests/test_bnp_cuda.py and on the kernels' boundaries (row and plane paths, rows of more
+than one block, grid-stride tables, many layers)."""
+import pytest
+import torch
+
+from psi_cuda import emulated, ops
+from emulated_helpers import (SCHEDULE_IDS, SCHEDULES, ScheduleCache,
+                              assert_launches_within_limits, needs_emulator)
+from test_bnp_cuda import DTYPES, LAYERS, SGD_OPTIONS, STATS_CASES, close, opmath
+
+pytestmark = needs_emulator
+
+_cache = ScheduleCache()
+
+# More statistics inputs: inner == 1 with C above one tile of 32 channels and rows over several
+# chunks; inner > 1 with planes over one kStatsChunk (16384) and an inner size of 1..32.
+EXTRA_STATS = [((3000, 37), 1, None), ((1, 70), 1, None), ((2, 3, 9000), 1, None),
+               ((5, 4, 17), 1, None), ((3, 6, 2, 2), 1, None)]
+
+
+def stats_inputs(case, dtype):
+    shape, cd, fmt = case
+    torch.manual_seed(0)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).to(dtype=dtype)
+    if fmt == "t":
+        x = x.t()
+    elif fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    return x, cd
+
+
+def run_stats(fn, case, dtype):
+    x, cd = stats_inputs(case, dtype)
+    C = x.size(cd)
+    sdt = opmath(dtype)
+    mean, sqmean = torch.zeros(C, dtype=sdt), torch.ones(C, dtype=sdt)
+    step = torch.zeros((), dtype=torch.float32)
+    for _ in range(3):  # first update (a = 1) and two blended ones
+        fn(x, mean, sqmean, step, channel_dim=cd, momentum=0.1)
+        x = x * 0.5 + 1
+    return [[mean, sqmean, step]]
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", STATS_CASES + EXTRA_STATS, ids=str)
+def test_update_stats(case, dtype, sched):
+    expected = run_stats(ops.bnp_update_stats_, case, dtype)
+
+    def emulate():
+        return run_stats(emulated.bnp_update_stats_, case, dtype)
+
+    with emulated.schedule(*sched):
+        out = emulate()
+    assert_launches_within_limits()
+    sdt = opmath(dtype)
+    for a, e in zip(out[0], expected[0]):
+        close(a, e, sdt if dtype in (torch.float32, torch.float64) else torch.float32)
+    _cache.check(("stats", str(case), dtype), emulate, sched, out)
+
+
+# The layers of tests/test_bnp_cuda.py plus rows longer than a block (kThreads = 256) in both
+# row layouts, and a Linear with many rows.
+EXTRA_LAYERS = [((3, 700), 1, None), ((4, 40, 3, 3), 1, torch.channels_last), ((300, 6), 1, None)]
+
+
+def make_layers(dtype, with_bias, layers):
+    torch.manual_seed(1)
+    ws, bs, gws, gbs, means, sqmeans, groups = [], [], [], [], [], [], []
+    for shape, g, fmt in layers:
+        cin = shape[1] * g
+        w = torch.randn(shape, dtype=torch.float64).to(dtype=dtype)
+        gw = torch.randn(shape, dtype=torch.float64).to(dtype=dtype)
+        if fmt == "t":
+            gw = gw.t().contiguous().t()
+        elif fmt is not None:
+            w = w.contiguous(memory_format=fmt)
+            gw = gw.contiguous(memory_format=fmt)
+        ws.append(w)
+        gws.append(gw)
+        bs.append(torch.randn(shape[0], dtype=torch.float64).to(dtype=dtype))
+        gbs.append(torch.randn(shape[0], dtype=torch.float64).to(dtype=dtype))
+        mu = torch.randn(cin, dtype=torch.float64)
+        means.append(mu.to(dtype=opmath(dtype)))
+        sqmeans.append((mu * mu + torch.rand(cin, dtype=torch.float64) + 0.1).to(opmath(dtype)))
+        groups.append(g)
+    if not with_bias:
+        bs, gbs = [], []
+    return ws, bs, gws, gbs, means, sqmeans, groups
+
+
+def run_precondition(fn, dtype, with_bias, layers):
+    _, _, gws, gbs, means, sqmeans, groups = make_layers(dtype, with_bias, layers)
+    fn(gws, gbs, means, sqmeans, groups=groups, eps=1e-5)
+    return [gws, gbs]
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_precondition(dtype, with_bias, sched):
+    layers = LAYERS + EXTRA_LAYERS
+    expected = run_precondition(ops.bnp_precondition_, dtype, with_bias, layers)
+
+    def emulate():
+        return run_precondition(emulated.bnp_precondition_, dtype, with_bias, layers)
+
+    with emulated.schedule(*sched):
+        out = emulate()
+    assert_launches_within_limits()
+    for a_list, e_list in zip(out, expected):
+        for a, e in zip(a_list, e_list):
+            close(a, e, dtype)
+    _cache.check(("precondition", dtype, with_bias), emulate, sched, out)
+
+
+def run_sgd(fn, dtype, with_bias, opts, scaled, layers, found_inf=0.0):
+    ws, bs, gws, gbs, means, sqmeans, groups = make_layers(dtype, with_bias, layers)
+    st = opmath(dtype)
+    mom = opts["momentum"] != 0
+    wbufs = [torch.randn_like(w, dtype=st) for w in ws] if mom else []
+    bbufs = [torch.randn_like(b, dtype=st) for b in bs] if mom else []
+    # Mixed first and later steps: the update is chosen per layer from its step.
+    steps = [torch.tensor(float(i % 2)) for i in range(len(ws))]
+    scale = torch.tensor(4.0) if scaled else None
+    inf = torch.tensor(found_inf) if scaled else None
+    fn(ws, bs, gws, gbs, wbufs, bbufs, steps, means, sqmeans, groups=groups, eps=1e-5, lr=0.1,
+       grad_scale=scale, found_inf=inf, **opts)
+    return [ws, bs, wbufs, bbufs, steps]
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in
+                                                                      o.items()))
+@pytest.mark.parametrize("scaled", [False, True])
+def test_sgd(dtype, with_bias, opts, scaled, sched):
+    layers = LAYERS + EXTRA_LAYERS
+    expected = run_sgd(ops.bnp_sgd_, dtype, with_bias, opts, scaled, layers)
+
+    def emulate():
+        return run_sgd(emulated.bnp_sgd_, dtype, with_bias, opts, scaled, layers)
+
+    with emulated.schedule(*sched):
+        out = emulate()
+    assert_launches_within_limits()
+    for a_list, e_list in zip(out, expected):
+        for a, e in zip(a_list, e_list):
+            close(a, e, dtype if a.dtype == dtype else a.dtype)
+    _cache.check(("sgd", dtype, with_bias, str(opts), scaled), emulate, sched, out)
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
+def test_sgd_found_inf_changes_nothing(sched):
+    layers = LAYERS + EXTRA_LAYERS
+    before = run_sgd(lambda *a, **k: None, torch.float32, True, dict(momentum=0.9), True, layers)
+    with emulated.schedule(*sched):
+        after = run_sgd(emulated.bnp_sgd_, torch.float32, True, dict(momentum=0.9), True, layers,
+                        found_inf=1.0)
+    for b_list, a_list in zip(before, after):
+        for b, a in zip(b_list, a_list):
+            assert torch.equal(b, a)
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
+def test_many_layers(sched):
+    """A table of 60 layers of uneven row counts (the binary search over first rows)."""
+    layers = [((k % 9 + 1, k % 5 + 2), 1, None) for k in range(60)]
+    expected = run_sgd(ops.bnp_sgd_, torch.float32, True, dict(momentum=0.9), False, layers)
+
+    def emulate():
+        return run_sgd(emulated.bnp_sgd_, torch.float32, True, dict(momentum=0.9), False, layers)
+
+    with emulated.schedule(*sched):
+        out = emulate()
+    for a_list, e_list in zip(out, expected):
+        for a, e in zip(a_list, e_list):
+            close(a, e, torch.float32)
+    _cache.check(("many", ), emulate, sched, out)

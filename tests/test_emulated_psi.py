@@ -1,0 +1,214 @@
+"""psi_sgd_ and psi_adam_: the CUDA kernels (csrc/cuda/psi_*_cuda.cu), run in the CPU emulator,
+against the CPU kernels (tolerance) and across thread/block schedules (bit for bit).
+
+The cases hit every kernel path and boundary: groups of 1, 2, 2047, 2048, 2049 elements (the
+short-group limit kShortGroup = 2048), 8191, 8192, 8193 and 3 * 8192 + 1 (chunk edges of the
+long-group path, kChunk = 8192), long and tiny groups in one call, tables with many tensors (the
+binary search over first units), lists of 1 and 500 tensors, empty tensors, zero rows,
+channels-last params, transposed grads, all four dtypes, every option set, grad_scale/found_inf
+and a step tensor passed twice.
+"""
+import pytest
+import torch
+
+from psi_cuda import emulated, ops
+from emulated_helpers import (SCHEDULE_IDS, SCHEDULES, ScheduleCache,
+                              assert_launches_within_limits, needs_emulator)
+from helpers import assert_close_rel, tangent_grad_like
+import test_psi_adam as adam_cases
+import test_psi_sgd as sgd_cases
+
+pytestmark = needs_emulator
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+SMALL_SHAPES = [(7, 3, 3, 3), (5, 1), (3, 17), (2, 9000), (64, 129), (0, 4), (33,), (1, 1)]
+BOUNDARY_LENGTHS = [1, 2, 2047, 2048, 2049, 8191, 8192, 8193, 3 * 8192 + 1]
+
+_cache = ScheduleCache()
+
+
+def make(op, shapes, dtype, manifold, momentum=0.9, **flags):
+    if op == "psi_sgd_":
+        return list(sgd_cases.make_case(shapes, dtype, "cpu", manifold, momentum, **flags))
+    return list(adam_cases.make_case(shapes, dtype, "cpu", manifold, **flags))
+
+
+def step_kw(op, manifold, **kw):
+    """Arguments of a step of `op` on a case made by make(): momentum 0.9 for psi_sgd_."""
+    extra = dict(momentum=0.9) if op == "psi_sgd_" else {}
+    return dict(lr=0.1, manifold=manifold, **extra, **kw)
+
+
+def clone_all(case):
+    return [[t.clone() for t in lst] for lst in case]
+
+
+def run(fn, case, steps, kw):
+    out = clone_all(case)
+    for _ in range(steps):
+        fn(*out, **kw)
+    return out
+
+
+def check(key, op, case, kw, sched, dtype, steps=2):
+    """Emulated CUDA == CPU kernel (tolerance, steps exactly) and == forward schedule (bits)."""
+    expected = run(getattr(ops, op), case, steps, kw)
+
+    def emulate():
+        return run(getattr(emulated, op), case, steps, kw)
+
+    with emulated.schedule(*sched):
+        out = emulate()
+    assert_launches_within_limits()
+    for i, (a_list, e_list) in enumerate(zip(out, expected)):
+        for j, (a, e) in enumerate(zip(a_list, e_list)):
+            assert a.stride() == case[i][j].stride()
+            if i == len(out) - 1:  # state steps
+                assert torch.equal(a, e), f"state_steps[{j}]: {a.item()} != {e.item()}"
+                continue
+            # NaN where the CPU kernel has NaN (eps=0 on an underflowed second moment), else
+            # close; optimizer state at the params' tolerance (it is made of rounded params).
+            nan = torch.isnan(e)
+            assert torch.equal(torch.isnan(a), nan), f"{op} list {i} tensor {j}: NaN pattern"
+            assert_close_rel(a[~nan], e[~nan], dtype, f"{op} list {i} tensor {j} {tuple(a.shape)}")
+    _cache.check(key, emulate, sched, out)
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
+@pytest.mark.parametrize("manifold", ["channel", "tensor"])
+@pytest.mark.parametrize("length", BOUNDARY_LENGTHS)
+@pytest.mark.parametrize("op", ["psi_sgd_", "psi_adam_"])
+def test_group_length_boundaries(op, length, manifold, sched):
+    shapes = [(2, length)] if manifold == "channel" else [(length,)]
+    case = make(op, shapes, torch.float32, manifold)
+    check(("len", op, length, manifold), op, case, step_kw(op, manifold), sched, torch.float32)
+
+
+# One call mixing a group of many chunks with tiny, empty and short-limit groups; a table of 37
+# tensors with uneven unit counts; one tensor; 500 tensors.
+LISTS = {
+    "mixed": [(2, 3 * 8192 + 1), (5, 3), (1, 1), (0, 4), (4, 2049), (64, 129), (7, 3, 3, 3)],
+    "uneven37": [(k % 7 + 1, (k * 13) % 40 + 1) for k in range(37)],
+    "one": [(3, 5)],
+    "many500": [(2, 3)] * 500,
+}
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
+@pytest.mark.parametrize("manifold", ["channel", "tensor", None])
+@pytest.mark.parametrize("name", list(LISTS))
+@pytest.mark.parametrize("op", ["psi_sgd_", "psi_adam_"])
+def test_lists(op, name, manifold, sched):
+    case = make(op, LISTS[name], torch.float32, manifold)
+    check(("list", op, name, manifold), op, case, step_kw(op, manifold), sched, torch.float32)
+
+
+def _option_id(o):
+    return ",".join(f"{k}={v}" for k, v in o.items()) or "defaults"
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("manifold", ["channel", "tensor", None])
+@pytest.mark.parametrize("opts", sgd_cases.OPTIONS, ids=_option_id)
+def test_psi_sgd_options(opts, manifold, dtype, sched):
+    case = make("psi_sgd_", SMALL_SHAPES, dtype, manifold, opts["momentum"])
+    check(("sgd-opt", _option_id(opts), manifold, dtype), "psi_sgd_", case,
+          dict(lr=0.1, manifold=manifold, **opts), sched, dtype)
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("manifold", ["channel", "tensor", None])
+@pytest.mark.parametrize("opts", adam_cases.OPTIONS, ids=_option_id)
+def test_psi_adam_options(opts, manifold, dtype, sched):
+    case = make("psi_adam_", SMALL_SHAPES, dtype, manifold)
+    check(("adam-opt", _option_id(opts), manifold, dtype), "psi_adam_", case,
+          dict(lr=0.01, manifold=manifold, **opts), sched, dtype)
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", ["psi_sgd_", "psi_adam_"])
+def test_layouts(op, dtype, sched):
+    """Channels-last params with zero rows; transposed (non-contiguous) grads."""
+    shapes = [(6, 4, 3, 3), (5, 9), (3, 2100)]
+    case = make(op, shapes, dtype, "channel", zero_rows=True, channels_last=True)
+    grads = case[1]
+    grads[1] = grads[1].t().contiguous().t()  # same shape, transposed strides
+    grads[2] = grads[2].t().contiguous().t()
+    check(("layout", op, dtype), op, case, step_kw(op, "channel"), sched, dtype)
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
+@pytest.mark.parametrize("manifold", ["channel", "tensor", None])
+@pytest.mark.parametrize("op", ["psi_sgd_", "psi_adam_"])
+def test_grad_scale(op, manifold, sched):
+    case = make(op, SMALL_SHAPES, torch.float32, manifold)
+    case[1] = [g * 4 for g in case[1]]
+    kw = step_kw(op, manifold, grad_scale=torch.tensor(4.0), found_inf=torch.tensor(0.0))
+    check(("scale", op, manifold), op, case, kw, sched, torch.float32)
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
+@pytest.mark.parametrize("manifold", ["channel", "tensor", None])
+@pytest.mark.parametrize("op", ["psi_sgd_", "psi_adam_"])
+def test_found_inf_changes_nothing(op, manifold, sched):
+    case = make(op, SMALL_SHAPES + [(2, 3 * 8192 + 1)], torch.float32, manifold)
+    case[-1] = [torch.tensor(float(i % 3)) for i in range(len(case[-1]))]
+    before = clone_all(case)
+    with emulated.schedule(*sched):
+        getattr(emulated, op)(*case, **step_kw(op, manifold, grad_scale=torch.tensor(2.0),
+                                                   found_inf=torch.tensor(1.0)))
+    for b_list, a_list in zip(before, case):
+        for b, a in zip(b_list, a_list):
+            assert torch.equal(b, a)
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
+@pytest.mark.parametrize("op", ["psi_sgd_", "psi_adam_"])
+def test_step_tensor_passed_twice(op, sched):
+    """One step tensor shared by two params is read by both (first-step rule) and incremented
+    twice, as on the CPU."""
+    case = make(op, [(3, 5), (4, 7), (2, 2049)], torch.float32, "channel")
+    shared = torch.tensor(0.0)
+    case[-1] = [shared, shared, torch.tensor(0.0)]
+    expected = clone_all(case)
+    # clone_all breaks the sharing: restore it in both copies.
+    expected[-1][1] = expected[-1][0]
+    getattr(ops, op)(*expected, **step_kw(op, "channel"))
+    with emulated.schedule(*sched):
+        getattr(emulated, op)(*case, **step_kw(op, "channel"))
+    assert shared.item() == 2.0 and expected[-1][0].item() == 2.0
+    for i in range(len(case) - 1):
+        for a, e in zip(case[i], expected[i]):
+            assert_close_rel(a, e, torch.float32, f"list {i}")
+
+
+def _psisgd_step_launches(shape_list):
+    """The launches of one PSISGD step over `shape_list` (name, shape, manifold): one psi_sgd_
+    call per manifold, as the optimizer buckets its groups."""
+    names = []
+    for manifold in ("channel", None):
+        shapes = [shape for _, shape, m in shape_list if m == manifold]
+        case = make("psi_sgd_", shapes, torch.float32, manifold, 0.9)
+        emulated.psi_sgd_(*case, lr=0.1, momentum=0.9, manifold=manifold)
+        names += [r["kernel"] for r in assert_launches_within_limits()]
+    return names
+
+
+def test_resnet50_launches_do_not_grow_with_tensors():
+    """Launches per step are a constant of the call (one per kind of work present), not of the
+    number of tensors: the 161 tensors of ResNet-50 take the same launches as 5 of them that
+    have the same kinds of work (short rows, rows over 2048 elements, Euclidean)."""
+    from psi_cuda.bench import resnet50
+
+    full = resnet50()
+    few = [full[0], full[1], full[-3], full[-1]] + [e for e in full if e[1] == (512, 512, 3, 3)][:1]
+    launches = {"few": _psisgd_step_launches(few), "full": _psisgd_step_launches(full)}
+    print(f"ResNet-50 PSISGD step: {len(launches['full'])} launches: {launches['full']}")
+    assert launches["few"] == launches["full"]
+    assert launches["full"] == [
+        "psi_short_groups_kernel<scalar_t>", "psi_long_reduce_kernel<scalar_t>",
+        "psi_long_solve_kernel", "psi_long_apply_kernel<scalar_t>", "increment_steps_kernel",
+        "euclidean_sgd_kernel<scalar_t>", "increment_steps_kernel"]

@@ -108,8 +108,8 @@ __global__ void __launch_bounds__(kThreads)
                       int64_t rows_per_chunk, stats_acc_t<scalar_t>* __restrict__ psum,
                       stats_acc_t<scalar_t>* __restrict__ psq) {
   using acc_t = stats_acc_t<scalar_t>;
-  PSI_SHARED(acc_t, ssum[kThreads]);
-  PSI_SHARED(acc_t, ssq[kThreads]);
+  PSI_SHARED(acc_t[kThreads], ssum);
+  PSI_SHARED(acc_t[kThreads], ssq);
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t chunk = blockIdx.y;
   const int64_t r0 = chunk * rows_per_chunk;
@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(kThreads)
                           double count, stat_t* __restrict__ mean, stat_t* __restrict__ sqmean,
                           const float* step, double momentum) {
   using FinalReduce = WarpReduce<SumSq<double>>;
-  PSI_SHARED(typename FinalReduce::TempStorage, temp[kWarps]);
+  PSI_SHARED(typename FinalReduce::TempStorage[kWarps], temp);
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;

@@ -6,6 +6,7 @@
 //
 //   PSI_LAUNCH(kernel, grid, block, smem, stream, args...)   kernel<<<grid, block, smem,
 //                                                           stream>>>(args...) + launch check
+//   PSI_SHARED(type, name)                                 __shared__ type name (arrays: T[N])
 //   PSI_CUDA_OPS_IMPL(m) { m.impl("op", PSI_CUDA_OP(fn)); }  registration: the CUDA dispatch key
 //                                                           of psi_cuda, or the psi_cuda_emu ops
 #pragma once
@@ -121,6 +122,11 @@ void launch(const char*, void (*kernel)(P...), dim3 grid, dim3 block, size_t sme
 
 #define PSI_CUDA_OPS_IMPL(m) TORCH_LIBRARY_IMPL(psi_cuda, CUDA, m)
 #define PSI_CUDA_OP(fn) (&fn)
+
+template <typename T>
+using shared_type = T;
+// A __shared__ object; arrays are written as the type: PSI_SHARED(float[256], buf).
+#define PSI_SHARED(type, name) __shared__ ::psi::dev::shared_type<type> name
 
 #endif
 

@@ -457,10 +457,14 @@ struct PinnedBlock {
 };
 std::unordered_map<void*, PinnedBlock> g_pinned;
 
+// A released block is poisoned and held until the op ends (then freed), so a copy that reads it
+// too late reads 0xFF bytes, deterministically, rather than freed memory.
+std::vector<void*> g_quarantine;
+
 void release_pinned(void* p) {
   auto it = g_pinned.find(p);
   std::memset(p, 0xFF, it->second.bytes);
-  std::free(p);
+  g_quarantine.push_back(p);
   g_pinned.erase(it);
 }
 
@@ -574,6 +578,8 @@ OpScope::~OpScope() {
     frees.swap(g_deferred);
   }
   for (void* p : frees) std::free(p);
+  for (void* p : g_quarantine) std::free(p);
+  g_quarantine.clear();
   g_op_mutex.unlock();
 }
 

@@ -7,7 +7,8 @@
 //     thread of the schedule runs. A barrier releases when every live thread of the block waits
 //     at the same __syncthreads() call; reaching it after other threads exited, or at different
 //     call sites, is reported as an error.
-//   * __shared__ variables are declared with PSI_SHARED(type, name): one static object per
+//   * __shared__ variables are declared with PSI_SHARED(type, name) (arrays: PSI_SHARED(T[N],
+//     name)): one static object per
 //     kernel, filled with 0xFF bytes (NaN for floating point) at the start of every block, so a
 //     block that reads what it did not write reads poison; the bytes are recorded per launch.
 //   * Warp collectives (__shfl_*_sync, __ballot_sync, __syncwarp) wait for every lane of their
@@ -66,6 +67,9 @@ inline unsigned block_threads() { return g_block_dim.x * g_block_dim.y * g_block
 
 // __syncthreads() at file:line: waits until every live thread of the block is there.
 void syncthreads(const char* file, int line);
+
+template <typename T>
+using shared_type = T;
 
 // Registers a __shared__ object of the running kernel; poisons it once per block.
 void shared_var(void* p, size_t bytes);
@@ -161,8 +165,9 @@ size_t run_grid(const char* name, dim3 grid, dim3 block, const std::function<voi
 #define __launch_bounds__(...)
 // Use PSI_SHARED(type, name): a plain __shared__ would be a per-thread local here.
 #define __shared__ __shared__is_not_emulated_use_PSI_SHARED
-#define PSI_SHARED(type, name) \
-  static type name;            \
+// PSI_SHARED(float[256], buf): arrays are written as the type (shared_type makes that legal).
+#define PSI_SHARED(type, name)                       \
+  static ::psi::emu::shared_type<type> name;         \
   ::psi::emu::shared_var(&name, sizeof(name))
 
 #define threadIdx (::psi::emu::g_thread_idx)

@@ -35,7 +35,9 @@ def want_cuda() -> bool:
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+# vptr is left out: it checks the dynamic types of torch's objects against type information of
+# an uninstrumented libtorch, which it cannot see.
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=all",
             "-fno-omit-frame-pointer", "-g"]
 
 
@@ -47,7 +49,7 @@ def extension():
     here = HERE
     debug = os.environ.get("PSI_CUDA_DEBUG") == "1"
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx = ["-O0", "-g"] if debug else ["-O1"] if sanitizer_flags() else ["-O3"]
     cxx += sanitizer_flags()
     # -fopenmp: at::parallel_for is an OpenMP loop in torch's (OpenMP) builds and runs on one
     # thread in code compiled without it; libgomp.so.1 is the one torch already loaded.
@@ -75,7 +77,7 @@ def emulator_extension():
     """psi_cuda._emu: the CUDA sources built as host C++ against the emulator (csrc/emu/)."""
     debug = os.environ.get("PSI_CUDA_DEBUG") == "1"
     sources = sorted(glob.glob("csrc/emu/*.cpp")) + ["csrc/checks.cpp", "csrc/bnp_checks.cpp"]
-    cxx = ["-O0", "-g"] if debug else ["-O2"]
+    cxx = ["-O0", "-g"] if debug else ["-O1"] if sanitizer_flags() else ["-O2"]
     cxx += ["-DPSI_CUDA_EMULATION", "-DPSI_CUDA_PYTHON_MODULE", "-fno-math-errno"]
     cxx += sanitizer_flags()
     return CppExtension("psi_cuda._emu", sources,

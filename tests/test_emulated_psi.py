@@ -212,3 +212,25 @@ def test_resnet50_launches_do_not_grow_with_tensors():
         "psi_short_groups_kernel<scalar_t>", "psi_long_reduce_kernel<scalar_t>",
         "psi_long_solve_kernel", "psi_long_apply_kernel<scalar_t>", "increment_steps_kernel",
         "euclidean_sgd_kernel<scalar_t>", "increment_steps_kernel"]
+
+
+@pytest.mark.parametrize("op", ["psi_sgd_", "psi_adam_"])
+def test_float32_step_counter_saturates_harmlessly(op):
+    """state_steps are float32 (as torch's capturable optimizers keep them): past 2**24 the
+    increment rounds away and the counter stays at 16777216, on the CPU and in the CUDA kernels.
+    What reads the step cannot tell: the first-step rule needs step == 0, and Adam's bias
+    corrections 1 - beta**t are 1 in double for t > 2**24 at the default betas, so a step at
+    2**24 equals a step at 2**25 bit for bit."""
+    big = float(2 ** 24)
+    results = []
+    for fn in (getattr(ops, op), getattr(emulated, op)):
+        for t in (big, 2 * big):
+            torch.manual_seed(0)
+            case = make(op, [(3, 5), (4,)], torch.float32, "channel")
+            case[-1] = [torch.tensor(t) for _ in case[-1]]
+            fn(*case, **step_kw(op, "channel"))
+            assert all(s.item() == t for s in case[-1])  # t + 1 rounds to t
+            results.append(case[0])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b) or op == "psi_sgd_" and torch.allclose(a, b, rtol=1e-6)

@@ -155,3 +155,21 @@ def test_capture_path_equals_pinned_path(op):
     for a_list, b_list in zip(eager, captured):
         for a, b in zip(a_list, b_list):
             assert torch.equal(a, b)
+
+
+def test_index_arithmetic_past_2_to_31_elements():
+    """chunk_of_group and find_tensor (csrc/cuda/multi_tensor.cuh), as the kernels run them, on
+    groups and unit counts past 2**31 (no such tensor is allocated): 64-bit all the way."""
+    chunk = 8192
+    for group_len in (3 * 2**31 + 5, 2**40 + 1, 8192, 8193):
+        chunks = -(-group_len // chunk)
+        for first in (0, 2**33):
+            for local in (0, 1, chunks - 1, chunks, 5 * chunks + chunks - 1):
+                got = torch.ops.psi_cuda_emu._chunk_of_group(group_len, first, first + local)
+                g, start = divmod(local, chunks)
+                begin = g * group_len + start * chunk
+                assert got == [g, begin, min(chunk, group_len - start * chunk)], (group_len, local)
+    firsts = [0, 5, 2**31 - 1, 2**31, 2**32 + 7, 2**40]
+    for unit, want in [(0, 0), (4, 0), (5, 1), (2**31 - 2, 1), (2**31 - 1, 2), (2**31, 3),
+                       (2**32 + 6, 3), (2**32 + 7, 4), (2**40 - 1, 4), (2**40 + 2**35, 5)]:
+        assert torch.ops.psi_cuda_emu._find_tensor(firsts, unit) == want, unit

@@ -13,8 +13,9 @@
 //                         double), reads the step on the device, a = bnp_batch_weight(momentum,
 //                         step), blends mean/sqmean with bnp_blend.
 //   increment_step_kernel step += 1 (after the finalize kernel, which read it: stream order).
-// Partial sums are accumulated in float (double for float64 input) per thread and per block,
-// without atomics: the result does not depend on timing.
+// Each thread sums in float (double for float64 input) and moves its sums to double every
+// kStatsFlush elements; block sums and partials are double, without atomics: the result does not
+// depend on timing.
 //
 // bnp_precondition_ / bnp_sgd_: one multi-tensor launch per phase. The host builds a table with
 // one LayerMeta per layer that has rows (device addresses, row layout, the index of its first
@@ -93,9 +94,34 @@ struct SumSqOp {
   }
 };
 
-// Accumulator of the statistics: float, double for float64 input.
+// Running sums of one thread: float (double for float64 input), moved to double every
+// kStatsFlush elements, as the CPU kernel flushes its lanes (a float sum of many values near a
+// large mean would lose the variance, sqmean - mean^2). Block reductions and partials: double.
 template <typename scalar_t>
 using stats_acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+constexpr int kStatsFlush = 64;
+
+template <typename acc_t>
+struct StatsAcc {
+  acc_t s = 0, q = 0;
+  double ds = 0, dq = 0;
+  int run = 0;
+  __device__ __forceinline__ void add(acc_t v) {
+    s += v;
+    q += v * v;
+    if (++run == kStatsFlush) flush();
+  }
+  __device__ __forceinline__ void flush() {
+    ds += static_cast<double>(s);
+    dq += static_cast<double>(q);
+    s = q = 0;
+    run = 0;
+  }
+  __device__ __forceinline__ SumSq<double> total() {
+    flush();
+    return SumSq<double>{ds, dq};
+  }
+};
 
 // ================================================================ bnp_update_stats_
 
@@ -105,26 +131,25 @@ using stats_acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double,
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     stats_rows_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t C,
-                      int64_t rows_per_chunk, stats_acc_t<scalar_t>* __restrict__ psum,
-                      stats_acc_t<scalar_t>* __restrict__ psq) {
+                      int64_t rows_per_chunk, double* __restrict__ psum,
+                      double* __restrict__ psq) {
   using acc_t = stats_acc_t<scalar_t>;
-  PSI_SHARED(acc_t[kThreads], ssum);
-  PSI_SHARED(acc_t[kThreads], ssq);
+  PSI_SHARED(double[kThreads], ssum);
+  PSI_SHARED(double[kThreads], ssq);
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t chunk = blockIdx.y;
   const int64_t r0 = chunk * rows_per_chunk;
   const int64_t r1 = min64(rows, r0 + rows_per_chunk);
-  acc_t s = 0, q = 0;
+  StatsAcc<acc_t> acc;
   if (c < C) {
     for (int64_t r = r0 + threadIdx.y; r < r1; r += blockDim.y) {
-      const acc_t v = static_cast<acc_t>(x[r * C + c]);
-      s += v;
-      q += v * v;
+      acc.add(static_cast<acc_t>(x[r * C + c]));
     }
   }
+  const SumSq<double> t = acc.total();
   const unsigned tid = threadIdx.y * blockDim.x + threadIdx.x;
-  ssum[tid] = s;
-  ssq[tid] = q;
+  ssum[tid] = t.s;
+  ssq[tid] = t.q;
   __syncthreads();
   for (unsigned h = blockDim.y / 2; h > 0; h /= 2) {  // fixed tree over threadIdx.y
     if (threadIdx.y < h) {
@@ -144,10 +169,9 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     stats_planes_kernel(const scalar_t* __restrict__ x, int64_t outer, int64_t C, int64_t inner,
-                        int64_t chunks, stats_acc_t<scalar_t>* __restrict__ psum,
-                        stats_acc_t<scalar_t>* __restrict__ psq) {
+                        int64_t chunks, double* __restrict__ psum, double* __restrict__ psq) {
   using acc_t = stats_acc_t<scalar_t>;
-  using StatsReduce = BlockReduce<SumSq<acc_t>, kThreads>;
+  using StatsReduce = BlockReduce<SumSq<double>, kThreads>;
   PSI_SHARED(typename StatsReduce::TempStorage, temp);
   const int64_t n = outer * inner;
   // A thread steps kThreads elements: kThreads / inner blocks and kThreads % inner inside one.
@@ -156,14 +180,12 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t c = unit / chunks;
     const int64_t j0 = (unit % chunks) * kStatsChunk;
     const int64_t j1 = min64(n, j0 + kStatsChunk);
-    acc_t s = 0, q = 0;
+    StatsAcc<acc_t> acc;
     int64_t j = j0 + threadIdx.x;
     if (j < j1) {
       int64_t o = j / inner, i = j % inner;
       for (; j < j1; j += kThreads) {
-        const acc_t v = static_cast<acc_t>(x[(o * C + c) * inner + i]);
-        s += v;
-        q += v * v;
+        acc.add(static_cast<acc_t>(x[(o * C + c) * inner + i]));
         o += step_o;
         i += step_i;
         if (i >= inner) {
@@ -172,7 +194,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
-    const SumSq<acc_t> t = StatsReduce(temp).Reduce(SumSq<acc_t>{s, q}, SumSqOp());
+    const SumSq<double> t = StatsReduce(temp).Reduce(acc.total(), SumSqOp());
     if (threadIdx.x == 0) {
       psum[unit] = t.s;
       psq[unit] = t.q;
@@ -223,7 +245,6 @@ void bnp_update_stats_cuda(const at::Tensor& input, const at::Tensor& mean,
   const dev::DeviceGuard guard(input.device());
   const dev::Stream stream = dev::current_stream(input.device());
   const int64_t C = L.channels;
-  const bool is_double = L.x.scalar_type() == at::kDouble;
 
   // Work split; partials of (chunk k, channel c) at [c * c_stride + k * k_stride].
   int64_t chunks = 0, c_stride = 0, k_stride = 0;
@@ -245,41 +266,29 @@ void bnp_update_stats_cuda(const at::Tensor& input, const at::Tensor& mean,
     k_stride = 1;
   }
   const at::Tensor partials = at::empty(
-      {2 * C * chunks},
-      at::TensorOptions().dtype(is_double ? at::kDouble : at::kFloat).device(input.device()));
+      {2 * C * chunks}, at::TensorOptions().dtype(at::kDouble).device(input.device()));
+  double* psum = partials.data_ptr<double>();
+  double* psq = psum + C * chunks;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, L.x.scalar_type(),
                                   "bnp_update_stats_cuda", [&] {
-    using acc_t = stats_acc_t<scalar_t>;
-    acc_t* psum = partials.data_ptr<acc_t>();
-    acc_t* psq = psum + C * chunks;
     const scalar_t* x = L.x.const_data_ptr<scalar_t>();
     if (L.inner == 1) {
       const dim3 block(tx, static_cast<unsigned>(kThreads / tx));
       const dim3 grid(tiles, static_cast<unsigned>(chunks));
-      PSI_LAUNCH(stats_rows_kernel<scalar_t>, grid, block, 0, stream, x, L.outer, C, rows_per_chunk,
-                                                               psum, psq);
+      PSI_LAUNCH(stats_rows_kernel<scalar_t>, grid, block, 0, stream, x, L.outer, C,
+                 rows_per_chunk, psum, psq);
     } else {
-      PSI_LAUNCH(stats_planes_kernel<scalar_t>, grid_for(C * chunks), kThreads, 0, stream, 
-          x, L.outer, C, L.inner, chunks, psum, psq);
+      PSI_LAUNCH(stats_planes_kernel<scalar_t>, grid_for(C * chunks), kThreads, 0, stream, x,
+                 L.outer, C, L.inner, chunks, psum, psq);
     }
   });
 
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bnp_update_stats_cuda_blend", [&] {
-    const auto launch = [&](auto acc_zero) {
-      using acc_t = decltype(acc_zero);
-      const acc_t* psum = partials.const_data_ptr<acc_t>();
-      const unsigned grid = grid_for(ceil_div(C, kWarps));
-      PSI_LAUNCH((stats_finalize_kernel<acc_t, scalar_t>), grid, kThreads, 0, stream, 
-          psum, psum + C * chunks, C, chunks, c_stride, k_stride, static_cast<double>(count),
-          mean.data_ptr<scalar_t>(), sqmean.data_ptr<scalar_t>(), step.const_data_ptr<float>(),
-          momentum);
-    };
-    if (is_double) {
-      launch(0.0);
-    } else {
-      launch(0.0f);
-    }
+    PSI_LAUNCH((stats_finalize_kernel<double, scalar_t>), grid_for(ceil_div(C, kWarps)),
+               kThreads, 0, stream, psum, psq, C, chunks, c_stride, k_stride,
+               static_cast<double>(count), mean.data_ptr<scalar_t>(),
+               sqmean.data_ptr<scalar_t>(), step.const_data_ptr<float>(), momentum);
   });
 
   PSI_LAUNCH(increment_step_kernel, 1, 1, 0, stream, step.data_ptr<float>());

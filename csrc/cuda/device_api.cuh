@@ -49,6 +49,9 @@ inline void check_device(const at::Device& d, const char* op, const char* what) 
 
 inline at::Tensor pinned_words(int64_t n, Stream s) { return emu::pinned_empty_words(n, s); }
 
+template <typename... P>
+void ensure_loaded(void (*)(P...)) {}  // nothing to load
+
 inline void copy_to_device_async(const at::Tensor& dst, const at::Tensor& src_pinned, Stream s) {
   emu::copy_async(dst, src_pinned, s);
 }
@@ -87,10 +90,26 @@ inline Stream current_stream(const at::Device& d) {
   return c10::cuda::getCurrentCUDAStream(d.index()).stream();
 }
 
+// Whether `s` is being captured into a CUDA graph. On the legacy default stream the query fails
+// with cudaErrorStreamCaptureImplicit while another thread captures in global mode: that counts
+// as capturing (the caller then takes the path that is legal under capture).
 inline bool is_capturing(Stream s) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(s, &status));
+  const cudaError_t err = cudaStreamIsCapturing(s, &status);
+  if (err == cudaErrorStreamCaptureImplicit) {
+    (void)cudaGetLastError();  // clear the sticky-free error state of this thread
+    return true;
+  }
+  C10_CUDA_CHECK(err);
   return status != cudaStreamCaptureStatusNone;
+}
+
+// Loads `kernel`'s module now (once per process), so that its first launch does not fall inside
+// a stream capture under CUDA's lazy module loading.
+template <typename... P>
+void ensure_loaded(void (*kernel)(P...)) {
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(kernel)));
 }
 
 inline void check_device(const at::Device& d, const char* op, const char* what) {

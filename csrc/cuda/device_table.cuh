@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -53,6 +54,14 @@ inline at::Tensor upload_words(const int64_t* words, int64_t n, const at::Device
                  static_cast<int>(len));
     }
     return dev;
+  }
+  // The capture path's kernel must not load for the first time inside a capture (lazy module
+  // loading): load it on each device at its first eager upload.
+  static std::atomic<uint64_t> loaded{0};
+  const uint64_t bit = uint64_t{1} << (std::max<int>(device.index(), 0) % 64);
+  if ((loaded.load() & bit) == 0) {
+    dev::ensure_loaded(write_table_kernel);
+    loaded.fetch_or(bit);
   }
   at::Tensor host = dev::pinned_words(n, stream);
   std::memcpy(host.data_ptr<int64_t>(), words, static_cast<size_t>(n) * sizeof(int64_t));

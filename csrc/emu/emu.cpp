@@ -206,9 +206,13 @@ void fiber_main_ucontext(unsigned hi, unsigned lo) {
 }
 #endif
 
+// Set when a block ends in an error: its fibers were abandoned with live frames, whose ASan
+// shadow (stack redzones) must be cleared before the stacks are reused.
+bool g_stacks_dirty = false;
+
 void start_fiber(Fiber& f) {
 #ifdef PSI_EMU_ASAN
-  __asan_unpoison_memory_region(f.stack, kStackBytes);  // frames of an abandoned fiber
+  if (g_stacks_dirty) __asan_unpoison_memory_region(f.stack, kStackBytes);
 #endif
 #if defined(__x86_64__)
   uint32_t csr[2];
@@ -251,6 +255,7 @@ std::string where(const Fiber* f) {
 // ---- warp collectives --------------------------------------------------------------------------
 
 [[noreturn]] void block_error(const std::string& what) {
+  g_stacks_dirty = true;
   throw std::runtime_error("emulated CUDA: " + where(nullptr) + ": " + what);
 }
 
@@ -342,6 +347,7 @@ void run_block() {
                   t / (g_block_dim.x * g_block_dim.y)};
     start_fiber(f);
   }
+  g_stacks_dirty = false;
   R.shared.clear();
   R.failed = false;
   std::vector<unsigned> order(R.n);
@@ -357,6 +363,7 @@ void run_block() {
       if (f.state != Fiber::kReady) continue;
       resume(&f);
       if (R.failed) {
+        g_stacks_dirty = true;
         throw std::runtime_error("emulated CUDA: " + where(&f) + ": " + R.error);
       }
     }

@@ -9,31 +9,33 @@
 
 #include <string>
 
-#include "../cuda/device_api.cuh"  // last: CUDA's keywords
-#include "../cuda/reduce.cuh"
+#include <vector>
+
+// Last: CUDA's keywords (multi_tensor.cuh includes device_api.cuh and reduce.cuh).
+#include "../cuda/multi_tensor.cuh"
 
 namespace psi {
 namespace {
 
-constexpr int kThreads = 64;
+constexpr int kSelfThreads = 64;
 
 // Thread t reads the element thread t + 1 wrote, with (kSync) or without a barrier between.
 template <bool kSync>
 __global__ void neighbour_kernel(float* out) {
-  PSI_SHARED(float[kThreads], buf);
+  PSI_SHARED(float[kSelfThreads], buf);
   const unsigned t = threadIdx.x;
   buf[t] = static_cast<float>(t);
   if (kSync) __syncthreads();
-  out[blockIdx.x * kThreads + t] = buf[(t + 1) % kThreads];
+  out[blockIdx.x * kSelfThreads + t] = buf[(t + 1) % kSelfThreads];
 }
 
 // Reads shared memory no thread of this block wrote (another block did, earlier).
 __global__ void stale_shared_kernel(float* out) {
-  PSI_SHARED(float[kThreads], buf);
+  PSI_SHARED(float[kSelfThreads], buf);
   const unsigned t = threadIdx.x;
   if (blockIdx.x == 0) buf[t] = 1.0f;
   __syncthreads();
-  out[blockIdx.x * kThreads + t] = buf[t];
+  out[blockIdx.x * kSelfThreads + t] = buf[t];
 }
 
 __global__ void divergent_barrier_kernel(float*) {
@@ -51,7 +53,7 @@ __global__ void barrier_after_exit_kernel(float*) {
 
 // Every thread stores the block sum: only thread 0's is defined (cub's contract).
 __global__ void reduce_everywhere_kernel(float* out) {
-  using Reduce = BlockReduce<float, kThreads>;
+  using Reduce = BlockReduce<float, kSelfThreads>;
   PSI_SHARED(typename Reduce::TempStorage, temp);
   out[threadIdx.x] = Reduce(temp).Sum(static_cast<float>(threadIdx.x));
 }
@@ -116,6 +118,25 @@ void upload_and_read(float* out, int n, bool record_use, dev::Stream s) {
   PSI_LAUNCH(copy_words_kernel, 1, 32, 0, s, dev.const_data_ptr<int64_t>(), out, n);
 }
 
+// The index arithmetic of the multi-tensor kernels on sizes past 2^31 elements, without
+// allocating them: chunk_of_group and find_tensor (multi_tensor.cuh) as the kernels call them.
+std::vector<int64_t> chunk_of_group_at(int64_t group_len, int64_t first_unit, int64_t unit) {
+  TensorMeta a{};
+  a.group = group_len;
+  a.chunks = ceil_div(group_len, kChunk);
+  a.first_unit = first_unit;
+  const ChunkOfGroup c = chunk_of_group(a, unit);
+  return {c.group, c.begin, c.len};
+}
+
+int64_t find_tensor_at(const std::vector<int64_t>& first_units, int64_t unit) {
+  std::vector<TensorMeta> metas(first_units.size());
+  for (size_t i = 0; i < metas.size(); ++i) metas[i].first_unit = first_units[i];
+  const TensorMeta& found = find_tensor<&TensorMeta::first_unit>(
+      metas.data(), static_cast<int64_t>(metas.size()), unit);
+  return &found - metas.data();
+}
+
 void selftest(const std::string& name, const at::Tensor& out) {
   TORCH_CHECK(out.is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous(),
               "_selftest: out must be a contiguous float32 CPU tensor");
@@ -125,43 +146,43 @@ void selftest(const std::string& name, const at::Tensor& out) {
     TORCH_CHECK(out.numel() >= n, "_selftest ", name, ": out needs ", n, " elements");
   };
   if (name == "race") {
-    need(2 * kThreads);
-    PSI_LAUNCH(neighbour_kernel<false>, 2, kThreads, 0, s, o);
+    need(2 * kSelfThreads);
+    PSI_LAUNCH(neighbour_kernel<false>, 2, kSelfThreads, 0, s, o);
   } else if (name == "synced") {
-    need(2 * kThreads);
-    PSI_LAUNCH(neighbour_kernel<true>, 2, kThreads, 0, s, o);
+    need(2 * kSelfThreads);
+    PSI_LAUNCH(neighbour_kernel<true>, 2, kSelfThreads, 0, s, o);
   } else if (name == "stale_shared") {
-    need(2 * kThreads);
-    PSI_LAUNCH(stale_shared_kernel, 2, kThreads, 0, s, o);
+    need(2 * kSelfThreads);
+    PSI_LAUNCH(stale_shared_kernel, 2, kSelfThreads, 0, s, o);
   } else if (name == "divergent_barrier") {
-    PSI_LAUNCH(divergent_barrier_kernel, 1, kThreads, 0, s, o);
+    PSI_LAUNCH(divergent_barrier_kernel, 1, kSelfThreads, 0, s, o);
   } else if (name == "barrier_after_exit") {
-    PSI_LAUNCH(barrier_after_exit_kernel, 1, kThreads, 0, s, o);
+    PSI_LAUNCH(barrier_after_exit_kernel, 1, kSelfThreads, 0, s, o);
   } else if (name == "reduce_everywhere") {
-    need(kThreads);
-    PSI_LAUNCH(reduce_everywhere_kernel, 1, kThreads, 0, s, o);
+    need(kSelfThreads);
+    PSI_LAUNCH(reduce_everywhere_kernel, 1, kSelfThreads, 0, s, o);
   } else if (name == "warp_ops") {
-    need(5 * kThreads);
-    PSI_LAUNCH(warp_ops_kernel, 1, kThreads, 0, s, o);
+    need(5 * kSelfThreads);
+    PSI_LAUNCH(warp_ops_kernel, 1, kSelfThreads, 0, s, o);
   } else if (name == "lane_outside_mask") {
-    PSI_LAUNCH(lane_outside_mask_kernel, 1, kThreads, 0, s, o);
+    PSI_LAUNCH(lane_outside_mask_kernel, 1, kSelfThreads, 0, s, o);
   } else if (name == "mask_names_exited_lane") {
-    PSI_LAUNCH(mask_names_exited_lane_kernel, 1, kThreads, 0, s, o);
+    PSI_LAUNCH(mask_names_exited_lane_kernel, 1, kSelfThreads, 0, s, o);
   } else if (name == "mismatched_masks") {
-    PSI_LAUNCH(mismatched_masks_kernel, 1, kThreads, 0, s, o);
+    PSI_LAUNCH(mismatched_masks_kernel, 1, kSelfThreads, 0, s, o);
   } else if (name == "warp_sync_against_barrier") {
-    PSI_LAUNCH(warp_sync_against_barrier_kernel, 1, kThreads, 0, s, o);
+    PSI_LAUNCH(warp_sync_against_barrier_kernel, 1, kSelfThreads, 0, s, o);
   } else if (name == "partial_warp_full_mask") {
     PSI_LAUNCH(warp_ops_kernel, 1, 40, 0, s, o);  // the second warp has 8 lanes
   } else if (name == "block_too_large") {
     PSI_LAUNCH(neighbour_kernel<true>, 1, 1025, 0, s, o);
   } else if (name == "grid_y_too_large") {
-    PSI_LAUNCH(neighbour_kernel<true>, dim3(1, 65536), kThreads, 0, s, o);
+    PSI_LAUNCH(neighbour_kernel<true>, dim3(1, 65536), kSelfThreads, 0, s, o);
   } else if (name == "empty_grid") {
-    PSI_LAUNCH(neighbour_kernel<true>, 0, kThreads, 0, s, o);
+    PSI_LAUNCH(neighbour_kernel<true>, 0, kSelfThreads, 0, s, o);
   } else if (name == "shared_too_large") {
-    need(kThreads);
-    PSI_LAUNCH(big_shared_kernel, 1, kThreads, 0, s, o);
+    need(kSelfThreads);
+    PSI_LAUNCH(big_shared_kernel, 1, kSelfThreads, 0, s, o);
   } else if (name == "pinned_recorded" || name == "pinned_unrecorded") {
     need(16);
     upload_and_read(o, 16, name == "pinned_recorded", s);
@@ -175,6 +196,10 @@ void selftest(const std::string& name, const at::Tensor& out) {
 
 TORCH_LIBRARY_FRAGMENT(psi_cuda_emu, m) {
   m.def("_selftest(str name, Tensor(a!) out) -> ()");
+  m.def("_chunk_of_group(int group_len, int first_unit, int unit) -> int[]",
+        [](int64_t g, int64_t f, int64_t u) { return psi::chunk_of_group_at(g, f, u); });
+  m.def("_find_tensor(int[] first_units, int unit) -> int",
+        [](std::vector<int64_t> firsts, int64_t u) { return psi::find_tensor_at(firsts, u); });
 }
 
 TORCH_LIBRARY_IMPL(psi_cuda_emu, CPU, m) {

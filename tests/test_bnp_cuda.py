@@ -67,10 +67,10 @@ LAYERS = [((7, 5), 1, None), ((6, 4, 3, 3), 1, None), ((6, 4, 3, 3), 1, torch.ch
           ((5, 7), 1, "t"), ((8, 2, 1, 1), 4, None)]
 
 
-def make_layers(dtype, device, with_bias, grad_fmt=True):
+def make_layers(dtype, device, with_bias, grad_fmt=True, layers=LAYERS):
     torch.manual_seed(1)
     ws, bs, gws, gbs, means, sqmeans, groups = [], [], [], [], [], [], []
-    for shape, g, fmt in LAYERS:
+    for shape, g, fmt in layers:
         cin = shape[1] * g
         w = torch.randn(shape, dtype=torch.float64).to(device=device, dtype=dtype)
         gw = torch.randn(shape, dtype=torch.float64).to(device=device, dtype=dtype)

@@ -8,6 +8,7 @@ import torch
 from psi_cuda import emulated, ops
 from emulated_helpers import (SCHEDULE_IDS, SCHEDULES, ScheduleCache,
                               assert_launches_within_limits, needs_emulator)
+import test_bnp_cuda as bnp_cuda_cases
 from test_bnp_cuda import DTYPES, LAYERS, SGD_OPTIONS, STATS_CASES, close, opmath
 
 pytestmark = needs_emulator
@@ -67,28 +68,7 @@ EXTRA_LAYERS = [((3, 700), 1, None), ((4, 40, 3, 3), 1, torch.channels_last), ((
 
 
 def make_layers(dtype, with_bias, layers):
-    torch.manual_seed(1)
-    ws, bs, gws, gbs, means, sqmeans, groups = [], [], [], [], [], [], []
-    for shape, g, fmt in layers:
-        cin = shape[1] * g
-        w = torch.randn(shape, dtype=torch.float64).to(dtype=dtype)
-        gw = torch.randn(shape, dtype=torch.float64).to(dtype=dtype)
-        if fmt == "t":
-            gw = gw.t().contiguous().t()
-        elif fmt is not None:
-            w = w.contiguous(memory_format=fmt)
-            gw = gw.contiguous(memory_format=fmt)
-        ws.append(w)
-        gws.append(gw)
-        bs.append(torch.randn(shape[0], dtype=torch.float64).to(dtype=dtype))
-        gbs.append(torch.randn(shape[0], dtype=torch.float64).to(dtype=dtype))
-        mu = torch.randn(cin, dtype=torch.float64)
-        means.append(mu.to(dtype=opmath(dtype)))
-        sqmeans.append((mu * mu + torch.rand(cin, dtype=torch.float64) + 0.1).to(opmath(dtype)))
-        groups.append(g)
-    if not with_bias:
-        bs, gbs = [], []
-    return ws, bs, gws, gbs, means, sqmeans, groups
+    return bnp_cuda_cases.make_layers(dtype, "cpu", with_bias, layers=layers)
 
 
 def run_precondition(fn, dtype, with_bias, layers):

@@ -212,7 +212,15 @@ bool g_stacks_dirty = false;
 
 void start_fiber(Fiber& f) {
 #ifdef PSI_EMU_ASAN
-  if (g_stacks_dirty) __asan_unpoison_memory_region(f.stack, kStackBytes);
+  // The previous fiber on this stack ended inside fiber_main and yield, whose frames never
+  // return: their redzones stay poisoned where the first frame of this fiber is written. An
+  // abandoned block may have left poison anywhere.
+  constexpr size_t kTop = 16 * 1024;
+  if (g_stacks_dirty) {
+    __asan_unpoison_memory_region(f.stack, kStackBytes);
+  } else {
+    __asan_unpoison_memory_region(f.stack + kStackBytes - kTop, kTop);
+  }
 #endif
 #if defined(__x86_64__)
   uint32_t csr[2];

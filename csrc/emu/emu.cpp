@@ -207,20 +207,15 @@ void fiber_main_ucontext(unsigned hi, unsigned lo) {
 #endif
 
 // Set when a block ends in an error: its fibers were abandoned with live frames, whose ASan
-// shadow (stack redzones) must be cleared before the stacks are reused.
+// shadow (stack redzones) must be cleared before any stack is reused (run_block).
 bool g_stacks_dirty = false;
 
 void start_fiber(Fiber& f) {
 #ifdef PSI_EMU_ASAN
   // The previous fiber on this stack ended inside fiber_main and yield, whose frames never
-  // return: their redzones stay poisoned where the first frame of this fiber is written. An
-  // abandoned block may have left poison anywhere.
+  // return: their redzones stay poisoned where the first frame of this fiber is written.
   constexpr size_t kTop = 16 * 1024;
-  if (g_stacks_dirty) {
-    __asan_unpoison_memory_region(f.stack, kStackBytes);
-  } else {
-    __asan_unpoison_memory_region(f.stack + kStackBytes - kTop, kTop);
-  }
+  __asan_unpoison_memory_region(f.stack + kStackBytes - kTop, kTop);
 #endif
 #if defined(__x86_64__)
   uint32_t csr[2];
@@ -348,6 +343,11 @@ void run_block() {
     R.fibers.resize(R.n);
     for (size_t i = old; i < R.n; ++i) R.fibers[i].stack = new_stack();
   }
+#ifdef PSI_EMU_ASAN
+  if (g_stacks_dirty) {  // an abandoned block may have left poison anywhere on any stack
+    for (const Fiber& f : R.fibers) __asan_unpoison_memory_region(f.stack, kStackBytes);
+  }
+#endif
   for (unsigned t = 0; t < R.n; ++t) {
     Fiber& f = R.fibers[t];
     f.tid = t;

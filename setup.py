@@ -45,12 +45,20 @@ def sanitizer_flags() -> list[str]:
     return SANITIZE if os.environ.get("PSI_CUDA_SANITIZE") == "1" else []
 
 
+def host_opt_flags(release: str) -> list[str]:
+    """-O0 -g under PSI_CUDA_DEBUG, -O1 with the sanitizers, else `release`; then the sanitizer
+    flags (if any)."""
+    if os.environ.get("PSI_CUDA_DEBUG") == "1":
+        opt = ["-O0", "-g"]
+    else:
+        opt = ["-O1"] if sanitizer_flags() else [release]
+    return opt + sanitizer_flags()
+
+
 def extension():
-    here = HERE
     debug = os.environ.get("PSI_CUDA_DEBUG") == "1"
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O0", "-g"] if debug else ["-O1"] if sanitizer_flags() else ["-O3"]
-    cxx += sanitizer_flags()
+    cxx = host_opt_flags("-O3")
     # -fopenmp: at::parallel_for is an OpenMP loop in torch's (OpenMP) builds and runs on one
     # thread in code compiled without it; libgomp.so.1 is the one torch already loaded.
     cxx += ["-fopenmp", "-DPSI_CUDA_PYTHON_MODULE"]
@@ -58,7 +66,7 @@ def extension():
     # need not set errno; nothing here reads errno, and results do not change.
     cxx += ["-fno-math-errno"]
     link = ["-fopenmp"] + sanitizer_flags()
-    include_dirs = [os.path.join(here, "csrc", "include")]
+    include_dirs = [os.path.join(HERE, "csrc", "include")]
     if not want_cuda():
         return CppExtension("psi_cuda._C", sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx}, extra_link_args=link,
@@ -75,11 +83,9 @@ def extension():
 
 def emulator_extension():
     """psi_cuda._emu: the CUDA sources built as host C++ against the emulator (csrc/emu/)."""
-    debug = os.environ.get("PSI_CUDA_DEBUG") == "1"
     sources = sorted(glob.glob("csrc/emu/*.cpp")) + ["csrc/checks.cpp", "csrc/bnp_checks.cpp"]
-    cxx = ["-O0", "-g"] if debug else ["-O1"] if sanitizer_flags() else ["-O2"]
+    cxx = host_opt_flags("-O2")
     cxx += ["-DPSI_CUDA_EMULATION", "-DPSI_CUDA_PYTHON_MODULE", "-fno-math-errno"]
-    cxx += sanitizer_flags()
     return CppExtension("psi_cuda._emu", sources,
                         include_dirs=[os.path.join(HERE, "csrc", "include")],
                         extra_compile_args={"cxx": cxx}, extra_link_args=sanitizer_flags(),

@@ -186,8 +186,7 @@ def bnp_update_stats_(input: Tensor, mean: Tensor, sqmean: Tensor, step: Tensor,
     One pass over ``input``; contiguous and channels-last inputs are read in place."""
     _check_dispatchable("bnp_update_stats_", input=[input], mean=[mean], sqmean=[sqmean],
                         step=[step])
-    _OPS.bnp_update_stats_(input, mean, sqmean, step, channel_dim=channel_dim,
-                                         momentum=momentum)
+    _OPS.bnp_update_stats_(input, mean, sqmean, step, channel_dim=channel_dim, momentum=momentum)
 
 
 def bnp_precondition_(weight_grads: list[Tensor], bias_grads: list[Tensor], means: list[Tensor],
@@ -196,8 +195,8 @@ def bnp_precondition_(weight_grads: list[Tensor], bias_grads: list[Tensor], mean
     empty (the uncentered no-bias variant for every layer) or one per weight gradient."""
     _check_dispatchable("bnp_precondition_", weight_grads=weight_grads, bias_grads=bias_grads,
                         means=means, sqmeans=sqmeans)
-    _OPS.bnp_precondition_(weight_grads, bias_grads, means, sqmeans,
-                                         groups=list(groups), eps=eps)
+    _OPS.bnp_precondition_(weight_grads, bias_grads, means, sqmeans, groups=list(groups),
+                           eps=eps)
 
 
 def bnp_sgd_(weights: list[Tensor], biases: list[Tensor], weight_grads: list[Tensor],
@@ -217,11 +216,11 @@ def bnp_sgd_(weights: list[Tensor], biases: list[Tensor], weight_grads: list[Ten
                             bias_momentum_buffers=bias_momentum_buffers,
                             state_steps=state_steps, means=means, sqmeans=sqmeans)
     _OPS.bnp_sgd_(weights, biases, weight_grads, bias_grads,
-                                weight_momentum_buffers, bias_momentum_buffers, state_steps,
-                                means, sqmeans, groups=list(groups), eps=eps, lr=lr,
-                                momentum=momentum, dampening=dampening, nesterov=nesterov,
-                                weight_decay=weight_decay, maximize=maximize,
-                                grad_scale=grad_scale, found_inf=found_inf)
+                  weight_momentum_buffers, bias_momentum_buffers, state_steps,
+                  means, sqmeans, groups=list(groups), eps=eps, lr=lr,
+                  momentum=momentum, dampening=dampening, nesterov=nesterov,
+                  weight_decay=weight_decay, maximize=maximize,
+                  grad_scale=grad_scale, found_inf=found_inf)
 
 
 @torch.library.register_fake("psi_cuda::bnp_update_stats_")

@@ -276,8 +276,8 @@ void bnp_update_stats_cuda(const at::Tensor& input, const at::Tensor& mean,
     if (L.inner == 1) {
       const dim3 block(tx, static_cast<unsigned>(kThreads / tx));
       const dim3 grid(tiles, static_cast<unsigned>(chunks));
-      PSI_LAUNCH(stats_rows_kernel<scalar_t>, grid, block, 0, stream, x, L.outer, C,
-                 rows_per_chunk, psum, psq);
+      PSI_LAUNCH(stats_rows_kernel<scalar_t>, grid, block, 0, stream, x, L.outer, C, rows_per_chunk,
+                 psum, psq);
     } else {
       PSI_LAUNCH(stats_planes_kernel<scalar_t>, grid_for(C * chunks), kThreads, 0, stream, x,
                  L.outer, C, L.inner, chunks, psum, psq);
@@ -285,10 +285,10 @@ void bnp_update_stats_cuda(const at::Tensor& input, const at::Tensor& mean,
   });
 
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bnp_update_stats_cuda_blend", [&] {
-    PSI_LAUNCH((stats_finalize_kernel<double, scalar_t>), grid_for(ceil_div(C, kWarps)),
-               kThreads, 0, stream, psum, psq, C, chunks, c_stride, k_stride,
-               static_cast<double>(count), mean.data_ptr<scalar_t>(),
-               sqmean.data_ptr<scalar_t>(), step.const_data_ptr<float>(), momentum);
+    PSI_LAUNCH((stats_finalize_kernel<double, scalar_t>), grid_for(ceil_div(C, kWarps)), kThreads,
+               0, stream, psum, psq, C, chunks, c_stride, k_stride, static_cast<double>(count),
+               mean.data_ptr<scalar_t>(), sqmean.data_ptr<scalar_t>(), step.const_data_ptr<float>(),
+               momentum);
   });
 
   PSI_LAUNCH(increment_step_kernel, 1, 1, 0, stream, step.data_ptr<float>());
@@ -508,10 +508,10 @@ void launch_rows(const RowsPlan& plan, const LayerMeta* metas, double eps, bool 
       {std::max<int64_t>(1, 2 * plan.channels)},
       at::TensorOptions().dtype(c10::CppTypeToScalarType<opmath_t>::value).device(device));
   opmath_t* tab_ptr = tab.data_ptr<opmath_t>();
-  PSI_LAUNCH(channel_table_kernel<opmath_t>, grid_for(n), kThreads, 0, stream, metas, n, tab_ptr, eps,
-                                                                       centered, found_inf);
-  PSI_LAUNCH((bnp_rows_kernel<scalar_t, kSgd>), grid_for(plan.rows), kThreads, 0, stream, 
-      metas, n, plan.rows, tab_ptr, o, grad_scale, found_inf);
+  PSI_LAUNCH(channel_table_kernel<opmath_t>, grid_for(n), kThreads, 0, stream, metas, n, tab_ptr,
+             eps, centered, found_inf);
+  PSI_LAUNCH((bnp_rows_kernel<scalar_t, kSgd>), grid_for(plan.rows), kThreads, 0, stream, metas, n,
+             plan.rows, tab_ptr, o, grad_scale, found_inf);
 }  // tab goes back to the caching allocator, stream-ordered after these kernels
 
 void bnp_precondition_cuda(at::TensorList weight_grads, at::TensorList bias_grads,
@@ -605,8 +605,8 @@ void bnp_sgd_cuda(at::TensorList weights, at::TensorList biases, at::TensorList 
     launch_rows<scalar_t, true>(plan, metas, eps, centered, o, scale, inf, device, stream);
   });
   const int64_t num_steps = static_cast<int64_t>(plan.steps.size());
-  PSI_LAUNCH(increment_steps_kernel, grid_for(ceil_div(num_steps, kThreads)), kThreads, 0, stream, 
-      steps, num_steps, inf);
+  PSI_LAUNCH(increment_steps_kernel, grid_for(ceil_div(num_steps, kThreads)), kThreads, 0, stream,
+             steps, num_steps, inf);
 }
 
 }  // namespace

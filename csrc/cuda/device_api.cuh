@@ -97,15 +97,15 @@ inline bool is_capturing(Stream s) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   const cudaError_t err = cudaStreamIsCapturing(s, &status);
   if (err == cudaErrorStreamCaptureImplicit) {
-    (void)cudaGetLastError();  // clear the sticky-free error state of this thread
+    (void)cudaGetLastError();  // clear this thread's last error (not a sticky one)
     return true;
   }
   C10_CUDA_CHECK(err);
   return status != cudaStreamCaptureStatusNone;
 }
 
-// Loads `kernel`'s module now (once per process), so that its first launch does not fall inside
-// a stream capture under CUDA's lazy module loading.
+// Loads `kernel`'s module on the current device now, so that its first launch does not fall
+// inside a stream capture under CUDA's lazy module loading.
 template <typename... P>
 void ensure_loaded(void (*kernel)(P...)) {
   cudaFuncAttributes attributes;

@@ -50,8 +50,7 @@ inline at::Tensor upload_words(const int64_t* words, int64_t n, const at::Device
       const int64_t len = std::min<int64_t>(kTableWordsPerLaunch, n - begin);
       TableWords block{};
       std::memcpy(block.w, words + begin, static_cast<size_t>(len) * sizeof(int64_t));
-      PSI_LAUNCH(write_table_kernel, 1, 128, 0, stream, block, dst + begin,
-                 static_cast<int>(len));
+      PSI_LAUNCH(write_table_kernel, 1, 128, 0, stream, block, dst + begin, static_cast<int>(len));
     }
     return dev;
   }
@@ -65,7 +64,7 @@ inline at::Tensor upload_words(const int64_t* words, int64_t n, const at::Device
   }
   at::Tensor host = dev::pinned_words(n, stream);
   std::memcpy(host.data_ptr<int64_t>(), words, static_cast<size_t>(n) * sizeof(int64_t));
-  dev::copy_to_device_async(dev.narrow(0, 0, n), host, stream);
+  dev::copy_to_device_async(dev, host, stream);  // n > 0: dev holds n words
   return dev;
 }
 

@@ -141,9 +141,9 @@ void launch_psi_sgd(const Plan& plan, const TensorMeta* shorts, const TensorMeta
                     const float* grad_scale, const float* found_inf, const at::Device& device,
                     dev::Stream stream) {
   if (plan.short_groups > 0) {
-    PSI_LAUNCH(psi_short_groups_kernel<scalar_t>, grid_for(plan.short_groups), kThreads, 0, stream, 
-        shorts, static_cast<int64_t>(plan.shorts.size()), plan.short_groups, o, grad_scale,
-        found_inf);
+    PSI_LAUNCH(psi_short_groups_kernel<scalar_t>, grid_for(plan.short_groups), kThreads, 0, stream,
+               shorts, static_cast<int64_t>(plan.shorts.size()), plan.short_groups, o, grad_scale,
+               found_inf);
   }
   if (plan.long_groups > 0) {
     const int64_t n = static_cast<int64_t>(plan.longs.size());
@@ -152,21 +152,21 @@ void launch_psi_sgd(const Plan& plan, const TensorMeta* shorts, const TensorMeta
     at::Tensor updates = at::empty({plan.long_groups * static_cast<int64_t>(sizeof(Update))}, bytes);
     Gram* partials_ptr = reinterpret_cast<Gram*>(partials.data_ptr());
     Update* updates_ptr = reinterpret_cast<Update*>(updates.data_ptr());
-    PSI_LAUNCH(psi_long_reduce_kernel<scalar_t>, grid_for(plan.long_chunks), kThreads, 0, stream, 
-        longs, n, plan.long_chunks, partials_ptr, found_inf);
-    PSI_LAUNCH(psi_long_solve_kernel, grid_for(plan.long_groups), kThreads, 0, stream, 
-        longs, n, plan.long_groups, partials_ptr, updates_ptr, o, grad_scale, found_inf);
-    PSI_LAUNCH(psi_long_apply_kernel<scalar_t>, grid_for(plan.long_chunks), kThreads, 0, stream, 
-        longs, n, plan.long_chunks, updates_ptr, found_inf);
+    PSI_LAUNCH(psi_long_reduce_kernel<scalar_t>, grid_for(plan.long_chunks), kThreads, 0, stream,
+               longs, n, plan.long_chunks, partials_ptr, found_inf);
+    PSI_LAUNCH(psi_long_solve_kernel, grid_for(plan.long_groups), kThreads, 0, stream, longs, n,
+               plan.long_groups, partials_ptr, updates_ptr, o, grad_scale, found_inf);
+    PSI_LAUNCH(psi_long_apply_kernel<scalar_t>, grid_for(plan.long_chunks), kThreads, 0, stream,
+               longs, n, plan.long_chunks, updates_ptr, found_inf);
   }  // partials/updates go back to the caching allocator, stream-ordered after these kernels
   if (plan.plain_chunks > 0) {
-    PSI_LAUNCH(euclidean_sgd_kernel<scalar_t>, grid_for(plan.plain_chunks), kThreads, 0, stream, 
-        plains, static_cast<int64_t>(plan.plains.size()), plan.plain_chunks, o, grad_scale,
-        found_inf);
+    PSI_LAUNCH(euclidean_sgd_kernel<scalar_t>, grid_for(plan.plain_chunks), kThreads, 0, stream,
+               plains, static_cast<int64_t>(plan.plains.size()), plan.plain_chunks, o, grad_scale,
+               found_inf);
   }
   const int64_t num_steps = static_cast<int64_t>(plan.steps.size());
-  PSI_LAUNCH(increment_steps_kernel, grid_for(ceil_div(num_steps, kThreads)), kThreads, 0, stream, 
-      steps, num_steps, found_inf);
+  PSI_LAUNCH(increment_steps_kernel, grid_for(ceil_div(num_steps, kThreads)), kThreads, 0, stream,
+             steps, num_steps, found_inf);
 }
 
 void psi_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,

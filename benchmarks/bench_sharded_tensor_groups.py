@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
 from psi_cuda import distributed, ops
+from psi_cuda.optim import PSIAdam, PSISGD
 
 SGD = dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False,
            retraction="normalize", transport="project", max_grad_norm=None)
@@ -54,13 +55,13 @@ def main():
                              **{k: v for k, v in SGD.items()}), args.steps)
     rows["PSISGD sharded path"] = median_ms(
         lambda: distributed.step_call(ops.psi_sgd_, [wd, gd, md, steps], manifold="tensor",
-                                      kind="sgd", lr=1e-3, **SGD), args.steps)
+                                      solve=PSISGD.solve, lr=1e-3, **SGD), args.steps)
     rows["PSIAdam fused op"] = median_ms(
         lambda: ops.psi_adam_(w, g, m, vs, steps, lr=1e-3, manifold="tensor", **ADAM),
         args.steps)
     rows["PSIAdam sharded path"] = median_ms(
         lambda: distributed.step_call(ops.psi_adam_, [wd, gd, md, vs, steps],
-                                      manifold="tensor", kind="adam", lr=1e-3, **ADAM),
+                                      manifold="tensor", solve=PSIAdam.solve, lr=1e-3, **ADAM),
         args.steps)
     n = args.count * torch.Size(args.shape).numel()
     print(f"{args.count} tensor groups of {tuple(args.shape)} ({n / 1e6:.1f}M values), "

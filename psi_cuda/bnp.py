@@ -1,4 +1,4 @@
-"""Batch Normalization Preconditioning (ALGORITHMS.md section 4) for any torch optimizer.
+"""Batch Normalization Preconditioning (docs/ALGORITHMS.md section 4) for any torch optimizer.
 
 ``BNP(model)`` attaches a forward pre-hook to every Linear/Conv layer: in training mode it folds
 the per-channel mean and mean of squares of the layer's input into moving averages (one pass over
@@ -9,13 +9,13 @@ without a BatchNorm layer and at any batch size (1 included).
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from . import distributed, ops, reference
 
-BACKENDS = ("auto", "fused", "reference")
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -77,8 +77,8 @@ class BNP:
             raise ValueError(f"BNP: momentum must be in (0, 1]; got {momentum}")
         if not eps > 0.0:
             raise ValueError(f"BNP: eps must be > 0; got {eps}")
-        if backend not in BACKENDS:
-            raise ValueError(f"BNP: backend must be one of {BACKENDS}; got {backend!r}")
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"BNP: backend must be one of {ops.BACKENDS}; got {backend!r}")
         self.momentum = float(momentum)
         self.eps = float(eps)
         self.backend = backend
@@ -122,9 +122,9 @@ class BNP:
                 distributed.require_process_group()
             if layer.mean.device != x.device:
                 layer.to(x.device)
-            # The op itself (its C++ checks name every bad argument): this runs every forward,
-            # so it skips the Python-side wrapper.
-            fn = torch.ops.psi_cuda.bnp_update_stats_ if self._use_fused(x.device) else \
+            # The C++ checks name every bad argument: this runs every forward, so it skips the
+            # Python-side check.
+            fn = partial(ops.bnp_update_stats_, check=False) if self._use_fused(x.device) else \
                 reference.bnp_update_stats_
             fn(x.detach(), layer.mean, layer.sqmean, layer.step,
                channel_dim=layer.channel_dim(x), momentum=self.momentum)

@@ -26,11 +26,14 @@ optimizers keep their state as DTensors placed like the parameter (so
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import reference
+from . import _gram, reference
 
 try:  # torch >= 2.5: public DTensor API
     from torch.distributed.tensor import DTensor, Shard
@@ -98,17 +101,20 @@ def rows_like(p: Tensor, dtype: torch.dtype) -> Tensor:
     return out
 
 
-def step_call(fn, lists: list[list], *, manifold: str | None, kind: str, **kw) -> None:
+def step_call(fn, lists: list[list], *, manifold: str | None, solve: GroupSolve | None,
+              **kw) -> None:
     """Calls the op ``fn`` (fused or reference) on ``lists`` (params first, each list empty or
     one entry per param). Plain tensors go straight through; DTensors are replaced by their
-    local shards, and sharded tensor groups take :func:`sharded_tensor_group_step` (``kind``:
-    ``"sgd"`` or ``"adam"``, the op's keyword options in ``kw``)."""
+    local shards, and sharded tensor groups take :func:`sharded_tensor_group_step` with the
+    optimizer's ``solve`` (the op's keyword options in ``kw``)."""
     params = lists[0]
     if not any(is_dtensor(p) for p in params):
         fn(*lists, manifold=manifold, **kw)
         return
     n = len(params)
     sharded = [i for i, p in enumerate(params) if manifold == "tensor" and is_sharded(p)]
+    if sharded and solve is None:
+        raise NotImplementedError("this optimizer has no step for sharded tensor groups")
     rest = [i for i in range(n) if i not in set(sharded)]
     # Both parts go to the ops unchanged: rest (local shards) to the fused/reference op, sharded
     # tensor groups to the Gram path; each bumps its own step counters.
@@ -117,139 +123,7 @@ def step_call(fn, lists: list[list], *, manifold: str | None, kind: str, **kw) -
         fn(*pick(rest), manifold=manifold, **kw)
     if sharded:
         sharded_tensor_group_step([[l[i] for i in sharded] if l else [] for l in lists],
-                                  kind=kind, **kw)
-
-
-# --- sharded tensor groups: the math of csrc/include/psi/math.h and adam.h, vectorized ---------
-# A Combo (c_w, c_g, c_m) is a vector of a group written c_w w + c_g g + c_m m; entries are float64
-# tensors of shape (k,), one per group, or Python floats.
-
-_GRAM_KEYS = ("ww", "wg", "wm", "gg", "gm", "mm")
-
-
-def _dot(a, b, G):
-    return (a[0] * (b[0] * G["ww"] + b[1] * G["wg"] + b[2] * G["wm"])
-            + a[1] * (b[0] * G["wg"] + b[1] * G["gg"] + b[2] * G["gm"])
-            + a[2] * (b[0] * G["wm"] + b[1] * G["gm"] + b[2] * G["mm"]))
-
-
-def _norm(a, G):
-    s = _dot(a, a, G)
-    return torch.where(s > 0, s.clamp_min(0).sqrt(), torch.zeros_like(s))
-
-
-def _add(a, b):
-    return tuple(x + y for x, y in zip(a, b))
-
-
-def _scale(s, a):
-    return tuple(s * x for x in a)
-
-
-def _move_on_sphere(G, n, d, buf, *, lr, retraction, transport):
-    """math.h move_on_sphere: returns (param combo, buf combo or None, ok)."""
-    u = (1.0 / n, 0.0, 0.0)
-    if retraction == "none":
-        param = _add((1.0, 0.0, 0.0), _scale(-lr * n, d))
-        r = _norm(param, G)
-        ok = r > 0
-        u_new = _scale(1.0 / r, param)
-        geodesic = torch.zeros_like(ok)
-    else:
-        v = _add(u, _scale(-lr, d))
-        r = _norm(v, G)
-        u_new = _scale(1.0 / r, v)
-        ok = r > 0
-        geodesic = torch.zeros_like(ok)
-        if retraction == "exp":
-            d_norm = _norm(d, G)
-            t = lr * d_norm
-            geodesic = t >= reference.EXP_MIN_ANGLE
-            u_exp = _add(_scale(torch.cos(t), u), _scale(-torch.sin(t) / d_norm, d))
-            u_new = tuple(torch.where(geodesic, a, b) for a, b in zip(u_exp, u_new))
-            ok = ok | geodesic
-        param = _scale(n, u_new)
-    if buf is None:
-        return param, None, ok
-    new_buf = _add(buf, _scale(-_dot(buf, u_new, G), u_new))
-    if retraction == "exp" and transport == "parallel":
-        e = _scale(-1.0 / d_norm, d)
-        par = _add(buf, _scale(-_dot(buf, e, G),
-                               _add(_scale(torch.sin(t), u), _scale(1.0 - torch.cos(t), e))))
-        new_buf = tuple(torch.where(geodesic, a, b) for a, b in zip(par, new_buf))
-    return param, new_buf, ok
-
-
-def _tangent(G, n, max_grad_norm):
-    q = (-G["wg"] / n, n, torch.zeros_like(n))
-    if max_grad_norm:
-        qn = _norm(q, G)
-        q = _scale(torch.where(qn > max_grad_norm, max_grad_norm / qn, torch.ones_like(qn)), q)
-    return q
-
-
-def _keep(combo, unchanged, skip):
-    """The combination, or ``unchanged`` (w, or m) for the skipped groups."""
-    return tuple(torch.where(skip, torch.as_tensor(u, dtype=x.dtype, device=x.device), x)
-                 for x, u in zip(combo, unchanged))
-
-
-def _sgd_solve(G, numel, first, *, lr, momentum, dampening, nesterov, retraction, transport,
-               max_grad_norm, **_):
-    """math.h psi_sgd_update (G already scaled by f): (param, buf, skip)."""
-    skip = ~(G["ww"] > 0) | (numel < 2)
-    n = torch.where(skip, torch.ones_like(G["ww"]), G["ww"].clamp_min(0).sqrt())
-    q = _tangent(G, n, max_grad_norm)
-    buf, d = None, q
-    if momentum != 0:
-        later = _add((0.0, 0.0, momentum), _scale(1.0 - dampening, q))
-        buf = tuple(torch.where(first, a, b) for a, b in zip(q, later))
-        d = _add(q, _scale(momentum, buf)) if nesterov else buf
-    param, buf, ok = _move_on_sphere(G, n, d, buf, lr=lr, retraction=retraction,
-                                     transport=transport)
-    return param, buf, skip | ~ok
-
-
-def _adam_solve(G, numel, v, t, *, lr, beta1, beta2, eps, retraction, transport,
-                max_grad_norm, **_):
-    """adam.h psi_adam_update (G already scaled by f): (param, buf, v_new, skip)."""
-    skip = ~(G["ww"] > 0) | (numel < 2)
-    n = torch.where(skip, torch.ones_like(G["ww"]), G["ww"].clamp_min(0).sqrt())
-    q = _tangent(G, n, max_grad_norm)
-    q_sq = _dot(q, q, G).clamp_min(0)
-    m = _add((0.0, 0.0, beta1), _scale(1.0 - beta1, q))
-    v_new = beta2 * v + (1.0 - beta2) * q_sq
-    bc1, bc2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
-    denom = (v_new / bc2).sqrt() + eps
-    coef = torch.where(denom > 0, 1.0 / (bc1 * denom), torch.zeros_like(denom))
-    d = _scale(coef, m)
-    param, buf, ok = _move_on_sphere(G, n, d, m, lr=lr, retraction=retraction,
-                                     transport=transport)
-    return param, buf, v_new, skip | ~ok
-
-
-_GRAM_BLOCK = 1024  # like the kernels (group_loops.h kFlush): opmath sums per block, then double
-
-
-def _gram_local(ws: list[Tensor]) -> Tensor:
-    """The 6 Gram entries (_GRAM_KEYS order) of this rank's shard of (w, g[, m]) (opmath
-    tensors): products summed in opmath over blocks of 1024 elements (one batched matmul), the
-    block sums added in float64, as the fused kernels do."""
-    flat = [t.reshape(-1) for t in ws]
-    n = flat[0].numel()
-    nb = n // _GRAM_BLOCK
-    k = len(flat)
-    M = torch.zeros((k, k), dtype=torch.float64, device=flat[0].device)
-    if nb:
-        X = torch.stack([t[:nb * _GRAM_BLOCK].view(nb, _GRAM_BLOCK) for t in flat], dim=1)
-        M += torch.bmm(X, X.transpose(1, 2)).sum(0, dtype=torch.float64)
-    if n > nb * _GRAM_BLOCK:
-        T = torch.stack([t[nb * _GRAM_BLOCK:] for t in flat]).to(torch.float64)
-        M += T @ T.T
-    if k == 2:  # no buffer: its entries are 0
-        return torch.stack([M[0, 0], M[0, 1], M.new_zeros(()), M[1, 1], M.new_zeros(()),
-                            M.new_zeros(())])
-    return torch.stack([M[0, 0], M[0, 1], M[0, 2], M[1, 1], M[1, 2], M[2, 2]])
+                                  solve=solve, **kw)
 
 
 def _all_reduce_grams(params: list[Tensor], grams: Tensor) -> Tensor:
@@ -267,20 +141,39 @@ def _all_reduce_grams(params: list[Tensor], grams: Tensor) -> Tensor:
     return grams
 
 
+@dataclass(frozen=True)
+class GroupSolve:
+    """What an optimizer hands :func:`step_call` for its sharded tensor groups: the step of a
+    group from its (all-reduced) Gram sums, vectorized over the groups (``psi_cuda._gram``).
+
+    ``fn(G, numel, step_old, scalars_old, *, lr, **options)`` gets the Gram entries ``G`` (a dict
+    of float64 tensors of shape ``(k,)``, with the gradient already multiplied by the factor ``f``
+    of maximize and grad_scale), the groups' element counts and old step counters, the old values
+    of the per-group scalar state, the learning rate and the op's other keyword options; it returns
+    ``(param, buf, scalars_new, skip)``: the combos of the new parameter and buffer (``buf`` None
+    without a buffer), the new scalar state, and the groups to leave unchanged.
+
+    ``buffer``: index, in the op's lists, of the state shaped like the parameter that takes part
+    in the step (SGD's momentum buffer, Adam's first moment); its list may be empty (no momentum).
+    ``scalars``: indices of lists of per-group scalar state (shape ``()``, Adam's second moment).
+    """
+    fn: Callable
+    buffer: int | None = 2
+    scalars: tuple[int, ...] = ()
+
+
 @torch.no_grad()
-def sharded_tensor_group_step(lists: list[list], *, kind: str, lr: float, weight_decay=0.0,
-                              maximize=False, grad_scale=None, found_inf=None, **opts) -> None:
-    """One PSI-SGD (``kind="sgd"``: lists params, grads, momentum_buffers, steps) or PSI-Adam
-    (``kind="adam"``: params, grads, exp_avgs, exp_avg_sqs, steps) step of tensor groups whose
-    parameters are sharded DTensors: local Gram sums, one all-reduce, the group solve on every
-    rank, the update of the local shards. State steps and ``exp_avg_sqs`` are plain tensors."""
-    if kind == "sgd":
-        params, grads, bufs, steps = lists
-        vs = None
-        if opts["momentum"] == 0:
-            bufs = [None] * len(params)
-    else:
-        params, grads, bufs, vs, steps = lists
+def sharded_tensor_group_step(lists: list[list], *, solve: GroupSolve, lr: float,
+                              weight_decay=0.0, maximize=False, grad_scale=None, found_inf=None,
+                              **opts) -> None:
+    """One step of tensor groups whose parameters are sharded DTensors: local Gram sums, one
+    all-reduce, ``solve`` on every rank (the same result everywhere), the update of the local
+    shards. ``lists`` are the op's (params, grads, *state lists, steps); state steps and scalar
+    state are plain tensors."""
+    params, grads, steps = lists[0], lists[1], lists[-1]
+    bufs = lists[solve.buffer] if solve.buffer is not None else []
+    bufs = bufs if bufs else [None] * len(params)
+    scalar_lists = [lists[i] for i in solve.scalars]
     device = local(params[0]).device
     f64 = dict(dtype=torch.float64, device=device)
     ws = [local(p) for p in params]
@@ -290,22 +183,19 @@ def sharded_tensor_group_step(lists: list[list], *, kind: str, lr: float, weight
     # opmath views (copies for float16/bfloat16 parameters and for the gradients of those)
     wf = [w.to(dt) for w, dt in zip(ws, opm)]
     gf = [g.to(dt) for g, dt in zip(gs, opm)]
-    grams = (torch.stack([_gram_local([w, g] + ([m] if m is not None else []))
+    grams = (torch.stack([_gram.gram_local([w, g] + ([m] if m is not None else []))
                           for w, g, m in zip(wf, gf, ms)])
              if ws else torch.zeros((0, 6), **f64))
     grams = _all_reduce_grams(params, grams)
     f = torch.full((), -1.0 if maximize else 1.0, **f64)
     if grad_scale is not None:
         f = f / grad_scale.to(**f64)
-    G = dict(zip(_GRAM_KEYS, grams.unbind(1)))
+    G = dict(zip(_gram.GRAM_KEYS, grams.unbind(1)))
     G["wg"], G["gm"], G["gg"] = G["wg"] * f, G["gm"] * f, G["gg"] * f * f
     numel = torch.tensor([p.numel() for p in params], **f64)
     step_old = torch.stack([s.reshape(()) for s in steps]).to(**f64)
-    if kind == "sgd":
-        param, buf, skip = _sgd_solve(G, numel, step_old == 0, lr=lr, **opts)
-    else:
-        v_old = torch.stack([v.reshape(()) for v in vs]).to(**f64)
-        param, buf, v_new, skip = _adam_solve(G, numel, v_old, step_old + 1, lr=lr, **opts)
+    scalars_old = [torch.stack([v.reshape(()) for v in vs]).to(**f64) for vs in scalar_lists]
+    param, buf, scalars_new, skip = solve.fn(G, numel, step_old, scalars_old, lr=lr, **opts)
     if found_inf is not None:
         skip = skip | (found_inf.to(device).reshape(()) != 0)
     # The coefficients of the raw gradient carry the factor f (math.h fold_grad_factor).
@@ -313,8 +203,8 @@ def sharded_tensor_group_step(lists: list[list], *, kind: str, lr: float, weight
     if buf is not None:
         buf = (buf[0], buf[1] * f, buf[2])
     if found_inf is None:  # skipped groups: w' = 1 w + 0 g + 0 m, exactly w (g is finite)
-        param = _keep(param, (1.0, 0.0, 0.0), skip)
-        buf = _keep(buf, (0.0, 0.0, 1.0), skip) if buf is not None else None
+        param = _gram.keep(param, (1.0, 0.0, 0.0), skip)
+        buf = _gram.keep(buf, (0.0, 0.0, 1.0), skip) if buf is not None else None
     for i, (w, m) in enumerate(zip(ws, ms)):
         if w.numel() == 0:
             continue
@@ -331,9 +221,9 @@ def sharded_tensor_group_step(lists: list[list], *, kind: str, lr: float, weight
         w.copy_(w_new)
         if m is not None:
             m.copy_(m_new)
-    if vs is not None:
+    for vs, old, new in zip(scalar_lists, scalars_old, scalars_new):
         for i, v in enumerate(vs):
-            v.copy_(torch.where(skip[i], v_old[i], v_new[i]).reshape(v.shape))
+            v.copy_(torch.where(skip[i], old[i], new[i]).reshape(v.shape))
     inc = torch.ones((), dtype=torch.float32, device=device)
     if found_inf is not None:
         inc = (found_inf.to(device).reshape(()) == 0).to(torch.float32)
@@ -367,5 +257,5 @@ def average_(tensors: list[Tensor], group=None) -> None:
         offset += t.numel()
 
 
-__all__ = ["average_", "check_param", "is_dtensor", "is_sharded", "local", "rows_like",
+__all__ = ["GroupSolve", "average_", "check_param", "is_dtensor", "is_sharded", "local", "rows_like",
            "sharded_tensor_group_step", "step_call"]

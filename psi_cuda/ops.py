@@ -11,6 +11,7 @@ from torch import Tensor
 from . import _C  # noqa: F401  (loading the library registers the ops)
 from . import reference
 
+BACKENDS = ("auto", "fused", "reference")  # the backend= option of the optimizers and BNP
 MANIFOLDS = {None: 0, **{name: code for code, name in enumerate(reference.MANIFOLDS)}}
 RETRACTIONS = {name: code for code, name in enumerate(reference.RETRACTIONS)}
 TRANSPORTS = {name: code for code, name in enumerate(reference.TRANSPORTS)}
@@ -180,12 +181,14 @@ def _psi_sgd_fake(params, grads, momentum_buffers, state_steps, *, lr, momentum,
 
 
 def bnp_update_stats_(input: Tensor, mean: Tensor, sqmean: Tensor, step: Tensor, *,
-                      channel_dim: int, momentum: float) -> None:
+                      channel_dim: int, momentum: float, check: bool = True) -> None:
     """Folds the per-channel batch mean and mean of squares of ``input`` (channels on
     ``channel_dim``) into the bias-corrected moving averages ``mean``/``sqmean``; ``step += 1``.
-    One pass over ``input``; contiguous and channels-last inputs are read in place."""
-    _check_dispatchable("bnp_update_stats_", input=[input], mean=[mean], sqmean=[sqmean],
-                        step=[step])
+    One pass over ``input``; contiguous and channels-last inputs are read in place.
+    ``check=False`` skips the Python-side check (the kernels check every argument)."""
+    if check:
+        _check_dispatchable("bnp_update_stats_", input=[input], mean=[mean], sqmean=[sqmean],
+                            step=[step])
     _OPS.bnp_update_stats_(input, mean, sqmean, step, channel_dim=channel_dim, momentum=momentum)
 
 

@@ -14,6 +14,7 @@ EXP_MIN_ANGLE = 1e-7  # below this the exponential map falls back to "normalize"
 
 # Option names, in the order of their integer codes in csrc/include/psi/math.h (ops.py maps them).
 MANIFOLDS = ("euclidean", "channel", "tensor")  # None also means "euclidean"
+PSI_MANIFOLDS = MANIFOLDS[1:]  # the scale-invariant ones
 RETRACTIONS = ("normalize", "exp", "none")
 TRANSPORTS = ("project", "parallel")
 
@@ -97,7 +98,7 @@ def move_on_sphere(w, u, n, d, buf, *, lr, retraction, transport):
 def check_sphere_options(manifold, retraction, transport) -> None:
     """The option checks of psi_sgd_ and psi_adam_ (the ops reject the same values)."""
     if manifold not in (None,) + MANIFOLDS:
-        raise ValueError(f"manifold must be 'channel', 'tensor' or None; got {manifold!r}")
+        raise ValueError(f"manifold must be one of {MANIFOLDS} or None; got {manifold!r}")
     if retraction not in RETRACTIONS or transport not in TRANSPORTS:
         raise ValueError(f"unknown retraction {retraction!r} or transport {transport!r}")
     if transport == "parallel" and retraction != "exp":
@@ -204,7 +205,7 @@ def psi_sgd_foreach_(params, grads, momentum_buffers, state_steps, *, lr, moment
     weight_decay (Euclidean only, as in ``psi_sgd_``); anything else raises ValueError.
     """
     if manifold not in (None,) + MANIFOLDS:
-        raise ValueError(f"manifold must be 'channel', 'tensor' or None; got {manifold!r}")
+        raise ValueError(f"manifold must be one of {MANIFOLDS} or None; got {manifold!r}")
     unsupported = {"retraction": retraction != "normalize", "transport": transport != "project",
                    "max_grad_norm": bool(max_grad_norm), "grad_scale": grad_scale is not None,
                    "found_inf": found_inf is not None}

@@ -135,7 +135,7 @@ def test_captured_bnp_sgd_replays_like_eager_steps(amp):
 def test_capture_without_capturable_is_an_error():
     p = torch.randn(4, 3, device="cuda", requires_grad=True)
     p.grad = torch.randn_like(p)
-    opt = PSISGD([p], lr=0.1, momentum=0.9)
+    opt = PSISGD([p], manifold="channel", lr=0.1, momentum=0.9)
     opt.step()
     before = p.clone()
     graph = torch.cuda.CUDAGraph()
@@ -180,7 +180,7 @@ def test_capturable_on_cpu_changes_nothing(cls):
 def test_flags_must_be_bool(cls, key):
     p = torch.randn(3, 2, requires_grad=True)
     with pytest.raises(ValueError, match=rf"param_groups\[0\]\['{key}'\] must be True or False"):
-        cls([{"params": [p], key: "yes"}], lr=0.1)
+        cls([{"params": [p], key: "yes", "manifold": "channel"}], lr=0.1)
 
 
 def bnp_sgd_on_cpu(**kw):

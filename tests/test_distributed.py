@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from psi_cuda import distributed, ops
+from psi_cuda.optim import PSIAdam, PSISGD
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
@@ -183,7 +184,8 @@ def test_sharded_tensor_groups_match_fused_op(one_rank_mesh, dtype, kind, opts):
             ops.psi_sgd_(w_fused, g_f, state_fused if mom else [], steps_f, lr=lr,
                          manifold="tensor", grad_scale=scale, **opts)
             distributed.step_call(ops.psi_sgd_, [w_dt, g_d, state_dt if mom else [], steps_d],
-                                  manifold="tensor", kind="sgd", lr=lr, grad_scale=scale,
+                                  manifold="tensor", solve=PSISGD.solve, lr=lr,
+                                  grad_scale=scale,
                                   **{**dict(momentum=0.0, dampening=0.0, nesterov=False,
                                             weight_decay=0.0, maximize=False,
                                             retraction="normalize", transport="project",
@@ -192,7 +194,8 @@ def test_sharded_tensor_groups_match_fused_op(one_rank_mesh, dtype, kind, opts):
             ops.psi_adam_(w_fused, g_f, state_fused, v_f, steps_f, lr=lr, manifold="tensor",
                           grad_scale=scale, **opts)
             distributed.step_call(ops.psi_adam_, [w_dt, g_d, state_dt, v_d, steps_d],
-                                  manifold="tensor", kind="adam", lr=lr, grad_scale=scale,
+                                  manifold="tensor", solve=PSIAdam.solve, lr=lr,
+                                  grad_scale=scale,
                                   **{**dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                                             maximize=False, retraction="normalize",
                                             transport="project", max_grad_norm=None), **opts})
@@ -222,8 +225,8 @@ def test_sharded_tensor_group_found_inf_changes_nothing(one_rank_mesh):
     m = [torch.zeros_like(x) for x in w]
     v = [torch.zeros(()) for _ in w]
     steps = [torch.ones(()) for _ in w]
-    distributed.step_call(ops.psi_adam_, [w, g, m, v, steps], manifold="tensor", kind="adam",
-                          lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+    distributed.step_call(ops.psi_adam_, [w, g, m, v, steps], manifold="tensor",
+                          solve=PSIAdam.solve, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                           maximize=False, retraction="normalize", transport="project",
                           max_grad_norm=None, found_inf=torch.ones(()))
     for a, b in zip(w, ws):

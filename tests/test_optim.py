@@ -54,7 +54,7 @@ def test_matches_geoopt_riemannian_sgd_on_sphere(device):
     w0 = w0 / w0.norm(dim=1, keepdim=True)
     ours = w0.clone().requires_grad_()
     theirs = geoopt.ManifoldParameter(w0.clone(), manifold=geoopt.Sphere())
-    opt = PSISGD([ours], lr=0.2)
+    opt = PSISGD([ours], manifold="channel", lr=0.2)
     gopt = geoopt.optim.RiemannianSGD([theirs], lr=0.2)
     for _ in range(15):
         g = torch.randn_like(w0)
@@ -264,21 +264,21 @@ def test_bad_group_options_raise():
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['manifold'\] must be"):
         PSISGD([{"params": [w], "manifold": "sphere"}], lr=0.1)
     with pytest.raises(ValueError, match=r"transport='parallel' needs retraction='exp'"):
-        PSISGD([w], lr=0.1, transport="parallel")
+        PSISGD([w], manifold="channel", lr=0.1, transport="parallel")
     with pytest.raises(ValueError, match=r"\['lr'\] must be >= 0"):
-        PSISGD([w], lr=-0.1)
+        PSISGD([w], manifold="channel", lr=-0.1)
     with pytest.raises(ValueError, match=r"backend must be one of"):
-        PSISGD([w], lr=0.1, backend="triton")
+        PSISGD([w], manifold="channel", lr=0.1, backend="triton")
     with pytest.raises(ValueError, match=r"max_grad_norm"):
-        PSISGD([w], lr=0.1, max_grad_norm=-1.0)
+        PSISGD([w], manifold="channel", lr=0.1, max_grad_norm=-1.0)
     with pytest.raises(ValueError, match=r"dtype torch.int64"):
-        PSISGD([torch.zeros(3, 3, dtype=torch.int64)], lr=0.1)
+        PSISGD([torch.zeros(3, 3, dtype=torch.int64)], manifold="channel", lr=0.1)
 
 
 def test_sparse_grad_raises_and_changes_nothing():
     emb = nn.Embedding(10, 4, sparse=True)
     dense = torch.randn(5, 3, requires_grad=True)
-    opt = PSISGD([{"params": [dense]}, {"params": emb.parameters(), "manifold": None}],
+    opt = PSISGD([{"params": [dense], "manifold": "channel"}, {"params": emb.parameters(), "manifold": None}],
                  lr=0.1, momentum=0.9)
     before = (dense.detach().clone(), emb.weight.detach().clone())
     dense.grad = torch.randn(5, 3)
@@ -295,16 +295,16 @@ def test_weight_decay_on_psi_group_warns_and_is_ignored():
     g = tangent_grad_like(w, "channel")
     a.grad, b.grad = g.clone(), g.clone()
     with pytest.warns(UserWarning, match="weight_decay has no meaning"):
-        PSISGD([a], lr=0.1, weight_decay=0.5).step()
+        PSISGD([a], manifold="channel", lr=0.1, weight_decay=0.5).step()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        PSISGD([b], lr=0.1).step()
+        PSISGD([b], manifold="channel", lr=0.1).step()
     assert torch.equal(a, b)
 
 
 def test_vector_in_channel_group_warns():
     with pytest.warns(UserWarning, match="cannot move"):
-        PSISGD([torch.randn(7, requires_grad=True)], lr=0.1)
+        PSISGD([torch.randn(7, requires_grad=True)], manifold="channel", lr=0.1)
 
 
 def test_maximize_flips_the_step():
@@ -312,6 +312,6 @@ def test_maximize_flips_the_step():
     g = tangent_grad_like(w, "channel")
     a, b = w.clone().requires_grad_(), w.clone().requires_grad_()
     a.grad, b.grad = g.clone(), -g
-    PSISGD([a], lr=0.1, maximize=True).step()
-    PSISGD([b], lr=0.1).step()
+    PSISGD([a], manifold="channel", lr=0.1, maximize=True).step()
+    PSISGD([b], manifold="channel", lr=0.1).step()
     torch.testing.assert_close(a, b, rtol=0, atol=1e-14)

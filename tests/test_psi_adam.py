@@ -480,35 +480,35 @@ def test_bad_group_options_raise():
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['manifold'\] must be"):
         PSIAdam([{"params": [w], "manifold": "sphere"}])
     with pytest.raises(ValueError, match=r"transport='parallel' needs retraction='exp'"):
-        PSIAdam([w], transport="parallel")
+        PSIAdam([w], manifold="channel", transport="parallel")
     with pytest.raises(ValueError, match=r"\['lr'\] must be >= 0"):
-        PSIAdam([w], lr=-0.1)
+        PSIAdam([w], manifold="channel", lr=-0.1)
     with pytest.raises(ValueError, match=r"\['betas'\] must be two numbers in \[0, 1\)"):
-        PSIAdam([w], betas=(0.9, 1.0))
+        PSIAdam([w], manifold="channel", betas=(0.9, 1.0))
     with pytest.raises(ValueError, match=r"\['betas'\]"):
-        PSIAdam([{"params": [w], "betas": (0.9,)}])
+        PSIAdam([{"params": [w], "betas": (0.9,), "manifold": "channel"}])
     with pytest.raises(ValueError, match=r"\['eps'\] must be >= 0"):
-        PSIAdam([w], eps=-1e-8)
+        PSIAdam([w], manifold="channel", eps=-1e-8)
     with pytest.raises(ValueError, match=r"\['weight_decay'\] must be >= 0"):
-        PSIAdam([w], weight_decay=-1.0)
+        PSIAdam([w], manifold="channel", weight_decay=-1.0)
     with pytest.raises(ValueError, match=r"\['retraction'\] must be one of"):
-        PSIAdam([w], retraction="cayley")
+        PSIAdam([w], manifold="channel", retraction="cayley")
     with pytest.raises(ValueError, match=r"amsgrad"):
-        PSIAdam([w], amsgrad=True)
+        PSIAdam([w], manifold="channel", amsgrad=True)
     with pytest.raises(ValueError, match=r"backend must be one of"):
-        PSIAdam([w], backend="triton")
+        PSIAdam([w], manifold="channel", backend="triton")
     with pytest.raises(ValueError, match=r"max_grad_norm"):
-        PSIAdam([w], max_grad_norm=-1.0)
+        PSIAdam([w], manifold="channel", max_grad_norm=-1.0)
     with pytest.raises(ValueError, match=r"dtype torch.int64"):
-        PSIAdam([torch.zeros(3, 3, dtype=torch.int64)])
+        PSIAdam([torch.zeros(3, 3, dtype=torch.int64)], manifold="channel")
     with pytest.raises(ValueError, match=r"0-dim tensor"):
-        PSIAdam([torch.zeros((), requires_grad=True)])
+        PSIAdam([torch.zeros((), requires_grad=True)], manifold="channel")
 
 
 def test_sparse_grad_raises_and_changes_nothing():
     emb = nn.Embedding(10, 4, sparse=True)
     dense = torch.randn(5, 3, requires_grad=True)
-    opt = PSIAdam([{"params": [dense]}, {"params": emb.parameters(), "manifold": None}], lr=0.1)
+    opt = PSIAdam([{"params": [dense], "manifold": "channel"}, {"params": emb.parameters(), "manifold": None}], lr=0.1)
     before = (dense.detach().clone(), emb.weight.detach().clone())
     dense.grad = torch.randn(5, 3)
     emb(torch.tensor([1, 2])).sum().backward()
@@ -525,10 +525,10 @@ def test_weight_decay_on_psi_group_warns_and_is_ignored():
     g = tangent_grad_like(w, "channel")
     a.grad, b.grad = g.clone(), g.clone()
     with pytest.warns(UserWarning, match="weight_decay has no meaning"):
-        PSIAdam([a], lr=0.1, weight_decay=0.5).step()
+        PSIAdam([a], manifold="channel", lr=0.1, weight_decay=0.5).step()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        PSIAdam([b], lr=0.1).step()
+        PSIAdam([b], manifold="channel", lr=0.1).step()
     assert torch.equal(a, b)
     assert not torch.equal(a, w)
 
@@ -538,8 +538,8 @@ def test_maximize_flips_the_step():
     g = tangent_grad_like(w, "channel")
     a, b = w.clone().requires_grad_(), w.clone().requires_grad_()
     a.grad, b.grad = g.clone(), -g
-    PSIAdam([a], lr=0.1, maximize=True).step()
-    PSIAdam([b], lr=0.1).step()
+    PSIAdam([a], manifold="channel", lr=0.1, maximize=True).step()
+    PSIAdam([b], manifold="channel", lr=0.1).step()
     torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
     assert not torch.equal(a, w)
 
@@ -548,7 +548,7 @@ def test_step_moves_less_than_lr_per_group():
     """|d| <= about 1 (Adam's normalization): no group turns by much more than lr per step."""
     w = torch.randn(16, 20, dtype=torch.float64)
     p = w.clone().requires_grad_()
-    opt = PSIAdam([p], lr=0.05)
+    opt = PSIAdam([p], manifold="channel", lr=0.05)
     for _ in range(10):
         prev = p.detach().clone()
         p.grad = tangent_grad_like(p.detach(), "channel") * 100.0

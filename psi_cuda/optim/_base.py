@@ -1,42 +1,107 @@
-"""What PSISGD, PSIAdam and BNPSGD share: backends, option and gradient checks done before any
-write, GradScaler hand-off, the weight-decay warning, and a bit-for-bit ``load_state_dict``."""
+"""The optimizer skeleton: ``FusedOptimizer.step`` is written once here. An optimizer names the
+state it keeps, makes it, and says which op it calls with which options (docs/ARCHITECTURE.md,
+"adding an optimizer"); this module does the rest: building the groups (from a model or from
+params), the option and gradient checks made before any write, grouping by device and dtype,
+master weights, GradScaler hand-off, sharded tensor groups, and a bit-for-bit
+``load_state_dict``."""
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from itertools import chain
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .. import distributed, ops, reference
+from ..groups import param_groups
+from ._amp import check_capture, check_flag, step_target, uses_master, write_back
 
-BACKENDS = ("auto", "fused", "reference")
-PSI_MANIFOLDS = ("channel", "tensor")
+BACKENDS = ops.BACKENDS
+PSI_MANIFOLDS = reference.PSI_MANIFOLDS
 PARAM_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+class _Required:
+    """The default of ``manifold``: a plain parameter list must say what its groups are."""
+
+    def __repr__(self) -> str:
+        return "<required>"
+
+    def __reduce__(self):  # pickle and deepcopy keep the one instance
+        return "REQUIRED"
+
+
+REQUIRED = _Required()
+
+
 class FusedOptimizer(Optimizer):
-    """Base of the psi_cuda optimizers. Subclasses set ``name`` and implement ``_check_options``
-    (their own group options) and ``step``."""
+    """Base of PSISGD and PSIAdam (BNPSGD builds on PSISGD).
+
+    A subclass sets ``name``, ``op`` (the name of its function in ``psi_cuda.ops`` and in
+    ``psi_cuda.reference``; both take ``(params, grads, *state lists, state_steps)``) and
+    ``solve`` (a ``distributed.GroupSolve``: the step of a tensor group from its Gram sums, for
+    FSDP2-sharded tensor groups), and implements:
+
+    * ``_check_options(group, where)``: its own options; ``ValueError`` naming the key.
+    * ``_state_keys(p, group)``: the names of the state lists it passes to ``op`` after the
+      gradients, in order (an empty list is passed for a key it returns ``None`` for);
+    * ``_init_state(p, group)``: makes the missing state of ``p`` (``step_counter``,
+      ``state_like``, ...);
+    * ``_op_options(group, weight_decay)``: the op's keyword options for the group.
+    """
 
     name = "FusedOptimizer"
+    op = ""
+    solve: distributed.GroupSolve | None = None
     # GradScaler hands over grad_scale/found_inf instead of unscaling: the kernels unscale and
     # skip the step on inf/NaN.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, defaults: dict, backend: str):
+    def __init__(self, params, defaults: dict, backend: str, model_options: dict):
         if backend not in BACKENDS:
             raise ValueError(f"{self.name}: backend must be one of {BACKENDS}; got {backend!r}")
         self.backend = backend
         self._warned_decay = False
+        params = self._groups_from(params, defaults, model_options)
         super().__init__(params, defaults)
 
+    def _groups_from(self, params, defaults: dict, model_options: dict):
+        """``params`` as torch.optim takes them; a model becomes ``psi_cuda.param_groups(model)``
+        with ``model_options`` (psi_lr, verify, sample_input) passed through."""
+        if isinstance(params, nn.Module):
+            if defaults["manifold"] is not REQUIRED:
+                raise TypeError(f"{self.name}(model, manifold=...): with a model the groups and "
+                                "their manifolds come from psi_cuda.param_groups(model); pass "
+                                "the parameters instead to give one manifold to all")
+            return param_groups(params, defaults["lr"], weight_decay=defaults["weight_decay"],
+                                **model_options)
+        given = sorted(k for k, v in model_options.items() if v not in (None, False))
+        if given:
+            raise TypeError(f"{self.name}: {', '.join(given)} apply when the first argument is "
+                            "the model (an nn.Module); got parameters. Pass the model, or give "
+                            "psi_cuda.param_groups(model, ...) those options")
+        return params
+
     def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        index = len(self.param_groups) - 1
-        group = self.param_groups[index]
+        index = len(self.param_groups)
         where = f"{self.name}: param_groups[{index}]"
+        if not isinstance(param_group, dict):
+            raise TypeError(f"{where} must be a dict; got {type(param_group).__name__}")
+        if "manifold" not in param_group and self.defaults.get("manifold") is REQUIRED:
+            raise ValueError(
+                f"{where} has no 'manifold' and {self.name} was not given one. A plain parameter "
+                "list does not say which weights are scale invariant: pass the model "
+                f"({self.name}(model, lr=...)) or psi_cuda.param_groups(model, lr) to find them, "
+                "or say it: manifold='channel' (every row of each tensor is scale invariant, "
+                "e.g. conv weights feeding BatchNorm), 'tensor' (each whole tensor), or None "
+                "(Euclidean, torch.optim behaviour), as a keyword or per group")
+        if param_group.get("manifold") == "euclidean":
+            param_group = {**param_group, "manifold": None}
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
         self._check_options(group, where)
         check_params(group, where, self.name)
 
@@ -50,6 +115,60 @@ class FusedOptimizer(Optimizer):
 
     def _use_fused(self, device: torch.device) -> bool:
         return ops.use_fused(self.backend, device, self.name)
+
+    # -------------------------------------------------------------------- the step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Performs one optimization step. ``closure`` re-evaluates the model and returns the
+        loss."""
+        loss, grad_scale, found_inf = self._begin_step(closure)
+        check_capture(self, self._needs_state)
+        for gi, group in enumerate(self.param_groups):
+            writebacks = []
+            self._step_group(group, gi, grad_scale, found_inf, writebacks)
+            write_back(writebacks)
+        return loss
+
+    def _step_group(self, group: dict, index: int, grad_scale, found_inf, writebacks: list,
+                    params=None, manifold: Any = REQUIRED) -> None:
+        """Steps ``params`` (default: the group's) of ``group`` with the optimizer's op, one call
+        per (device, dtype)."""
+        manifold = group["manifold"] if manifold is REQUIRED else manifold
+        weight_decay = self._weight_decay(group, index, manifold)
+        buckets = self._lists(group, group["params"] if params is None else params, writebacks)
+        options = self._op_options(group, weight_decay)
+        for (device, _), lists in buckets.items():
+            # _begin_step made the fused op's Python-side check: skip it.
+            fn = (partial(getattr(ops, self.op), check=False) if self._use_fused(device)
+                  else getattr(reference, self.op))
+            # DTensor parameters (FSDP2): local shards; sharded tensor groups all-reduce sums.
+            distributed.step_call(fn, lists, manifold=manifold, solve=self.solve,
+                                  grad_scale=on_device(grad_scale, device),
+                                  found_inf=on_device(found_inf, device), **options)
+
+    def _lists(self, group: dict, params, writebacks: list) -> dict:
+        """The op's lists (params, grads, *state lists, steps) of ``params`` that have a
+        gradient, by (device, dtype of what the op steps: the master copy where there is one);
+        makes missing state."""
+        buckets: dict = {}
+        for p in params:
+            if p.grad is None:
+                continue
+            self._init_state(p, group)
+            state = self.state[p]
+            target, grad = step_target(p, state, group, writebacks)
+            keys = self._state_keys(p, group)
+            lists = buckets.get((p.device, target.dtype))
+            if lists is None:
+                lists = buckets[(p.device, target.dtype)] = [[] for _ in range(len(keys) + 3)]
+            lists[0].append(target)
+            lists[1].append(grad)
+            for i, key in enumerate(keys):
+                if key is not None:
+                    lists[2 + i].append(state[key])
+            lists[-1].append(state["step"])
+        return buckets
 
     def _begin_step(self, closure):
         """Runs the closure, checks every gradient before anything is touched (a bad one must
@@ -66,10 +185,9 @@ class FusedOptimizer(Optimizer):
                     distributed.check_param(p, group.get("manifold"), where, self.name)
         return loss, getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
 
-    def _weight_decay(self, group: dict, index: int) -> float:
+    def _weight_decay(self, group: dict, index: int, manifold) -> float:
         """The group's weight decay; PSI groups ignore it (it only changes the representative),
         with a warning the first time."""
-        manifold = group.get("manifold")
         if manifold is None:
             return group["weight_decay"]
         # Only eager steps warn: dynamo cannot trace warnings.warn (a graph break).
@@ -77,9 +195,28 @@ class FusedOptimizer(Optimizer):
                 and not torch.compiler.is_compiling():
             warnings.warn(f"{self.name}: weight_decay has no meaning on the PSI manifold and is "
                           f"ignored for param_groups[{index}] (manifold={manifold!r})",
-                          stacklevel=3)
+                          stacklevel=4)
             self._warned_decay = True
         return 0.0
+
+    # -------------------------------------------------------------------- state
+
+    def _state_keys(self, p: Tensor, group: dict) -> list:
+        raise NotImplementedError
+
+    def _init_state(self, p: Tensor, group: dict) -> None:
+        raise NotImplementedError
+
+    def _op_options(self, group: dict, weight_decay: float) -> dict:
+        raise NotImplementedError
+
+    def _needs_state(self, p: Tensor, group: dict) -> bool:
+        """Whether the next step would create state for ``p`` (the pre-capture check)."""
+        state = self.state.get(p, {})
+        keys = ["step"] + [k for k in self._state_keys(p, group) if k is not None]
+        if uses_master(p, group):
+            keys.append("master")
+        return any(k not in state for k in keys)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads state; unlike torch's default it keeps the state's own dtype (fp32 state for
@@ -136,8 +273,8 @@ def check_common_options(group: dict, where: str) -> None:
     """Options every psi_cuda optimizer shares; ValueError naming the offending key."""
     manifold = group.get("manifold")
     if manifold not in (None,) + PSI_MANIFOLDS:
-        raise ValueError(f"{where}['manifold'] must be 'channel', 'tensor' or None; "
-                         f"got {manifold!r}")
+        raise ValueError(f"{where}['manifold'] must be one of {PSI_MANIFOLDS} or None "
+                         f"(Euclidean); got {manifold!r}")
     if not 0.0 <= group["lr"]:
         raise ValueError(f"{where}['lr'] must be >= 0; got {group['lr']}")
     if not 0.0 <= group["weight_decay"]:
@@ -145,7 +282,8 @@ def check_common_options(group: dict, where: str) -> None:
 
 
 def check_sphere_options(group: dict, where: str) -> None:
-    """retraction / transport / max_grad_norm of the PSI optimizers."""
+    """retraction / transport / max_grad_norm / master_weights / capturable of the PSI
+    optimizers."""
     if group["retraction"] not in ops.RETRACTIONS:
         raise ValueError(f"{where}['retraction'] must be one of {tuple(ops.RETRACTIONS)}; "
                          f"got {group['retraction']!r}")
@@ -157,11 +295,14 @@ def check_sphere_options(group: dict, where: str) -> None:
     mgn = group["max_grad_norm"]
     if mgn is not None and not mgn > 0:
         raise ValueError(f"{where}['max_grad_norm'] must be None or > 0; got {mgn}")
+    check_flag(group, "master_weights", where)
+    check_flag(group, "capturable", where)
 
 
 def check_params(group: dict, where: str, name: str) -> None:
-    """Parameter dtypes, and shapes that cannot be channel groups."""
+    """Parameter dtypes, and shapes that cannot be channel groups (one warning per group)."""
     manifold = group.get("manifold")
+    frozen = []
     for pi, p in enumerate(group["params"]):
         if not p.is_floating_point() or p.dtype not in PARAM_DTYPES:
             raise ValueError(f"{where}['params'][{pi}] has dtype {p.dtype}; {name} needs "
@@ -170,9 +311,16 @@ def check_params(group: dict, where: str, name: str) -> None:
             raise ValueError(f"{where}['params'][{pi}] is a 0-dim tensor; manifold='channel' "
                              "needs at least one dimension (use manifold=None or 'tensor')")
         if manifold == "channel" and p.dim() == 1 and p.numel() > 0:
-            warnings.warn(f"{where}['params'][{pi}] has shape {tuple(p.shape)}: its channel "
-                          "groups have length 1 and cannot move; give it manifold=None",
-                          stacklevel=3)
+            frozen.append((pi, tuple(p.shape)))
+    if frozen:
+        shapes = sorted(set(s for _, s in frozen))
+        listed = ", ".join(str(s) for s in shapes[:8]) + (", ..." if len(shapes) > 8 else "")
+        indices = [i for i, _ in frozen]
+        warnings.warn(f"{where} (manifold='channel'): {len(frozen)} of its "
+                      f"{len(group['params'])} tensors are 1-D (shapes {listed}; params "
+                      f"{indices[:8]}{' ...' if len(indices) > 8 else ''}): their channel "
+                      "groups have length 1 and cannot move. Put them in a group with "
+                      "manifold=None (psi_cuda.param_groups(model, lr) does)", stacklevel=4)
 
 
 def check_grad(p: Tensor, where: str, name: str) -> None:

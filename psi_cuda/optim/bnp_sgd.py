@@ -9,14 +9,14 @@ from torch import nn
 
 from .. import distributed, ops, reference
 from ..bnp import BNP, check_sharding
-from ._amp import check_capture, step_target, write_back
+from ._amp import step_target, uses_master
 from ._base import on_device, state_like
 from .psi_sgd import PSISGD
 
 
 class BNPSGD(PSISGD):
     r"""SGD whose step on the BNP-preconditioned layers of ``model`` uses the BNP gradient
-    (ALGORITHMS.md section 4), fused with the momentum update in one pass over each layer.
+    (docs/ALGORITHMS.md section 4), fused with the momentum update in one pass over each layer.
 
     Equivalent to ``bnp.precondition_()`` followed by ``torch.optim.SGD`` with the same options
     (weight decay is added to the preconditioned gradient, as torch's SGD would), but the
@@ -62,38 +62,34 @@ class BNPSGD(PSISGD):
 
     name = "BNPSGD"
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Performs one optimization step. ``closure`` re-evaluates the model and returns the loss."""
-        loss, grad_scale, found_inf = self._begin_step(closure)
-        check_capture(self, self._needs_state)
+    def _begin_step(self, closure):
+        out = super()._begin_step(closure)
         for layer in self.bnp.layers:  # before any write
             check_sharding(layer, self.name)
-        for group in self.param_groups:
-            in_group = {id(p) for p in group["params"]}
-            fused = defaultdict(list)  # (device, dtype, has bias) -> layers
-            taken = set()
-            for p in group["params"]:
-                layer = self._layers.get(id(p))
-                if layer is None or p.grad is None:
-                    continue
-                b = layer.module.bias
-                has_bias = b is not None and b.grad is not None and id(b) in in_group
-                fused[(p.device, p.dtype, has_bias)].append(layer)
-                taken.add(id(p))
-                if has_bias:
-                    taken.add(id(b))
-            writebacks = []
-            for (device, _, has_bias), layers in fused.items():
-                self._fused_step(group, layers, has_bias, device, grad_scale, found_inf,
-                                 writebacks)
-            plain = self._sgd_lists(group, [p for p in group["params"] if id(p) not in taken],
-                                    writebacks)
-            for (device, _), lists in plain.items():
-                self._sgd_call(device, lists, group, None, group["weight_decay"], grad_scale,
-                               found_inf)
-            write_back(writebacks)
-        return loss
+        return out
+
+    def _step_group(self, group: dict, index: int, grad_scale, found_inf, writebacks: list,
+                    params=None, manifold=None) -> None:
+        """The preconditioned layers' weights (and biases) with the fused BNP op, one call per
+        (device, dtype, has bias); the other parameters with PSISGD's Euclidean step."""
+        in_group = {id(p) for p in group["params"]}
+        fused = defaultdict(list)  # (device, dtype, has bias) -> layers
+        taken = set()
+        for p in group["params"]:
+            layer = self._layers.get(id(p))
+            if layer is None or p.grad is None:
+                continue
+            b = layer.module.bias
+            has_bias = b is not None and b.grad is not None and id(b) in in_group
+            fused[(p.device, p.dtype, has_bias)].append(layer)
+            taken.add(id(p))
+            if has_bias:
+                taken.add(id(b))
+        for (device, _, has_bias), layers in fused.items():
+            self._fused_step(group, layers, has_bias, device, grad_scale, found_inf, writebacks)
+        super()._step_group(group, index, grad_scale, found_inf, writebacks,
+                            params=[p for p in group["params"] if id(p) not in taken],
+                            manifold=None)
 
     def _fused_step(self, group, layers, has_bias, device, grad_scale, found_inf, writebacks):
         momentum = group["momentum"]
@@ -102,7 +98,8 @@ class BNPSGD(PSISGD):
             if layer.mean.device != device:
                 layer.to(device)
             w = layer.module.weight
-            state = self._init_state(w, group)
+            self._init_state(w, group)
+            state = self.state[w]
             target, grad = step_target(w, state, group, writebacks)
             weights.append(target)
             wgrads.append(grad)
@@ -133,10 +130,11 @@ class BNPSGD(PSISGD):
         """Whether the next step would create state for ``p``; the bias of a preconditioned
         layer shares its weight's step counter."""
         layer = self._bias_layers.get(id(p))
-        shares_step = layer is not None and layer.module.weight.grad is not None
+        if layer is None or layer.module.weight.grad is None:
+            return super()._needs_state(p, group)
         state = self.state.get(p, {})
-        return any(k not in state for k in self._state_keys(p, group)
-                   if not (shares_step and k == "step"))
+        keys = [k for k in self._state_keys(p, group) if k is not None]
+        return any(k not in state for k in keys + (["master"] if uses_master(p, group) else []))
 
     def state_dict(self) -> dict:
         """The optimizer state plus the BNP statistics (key ``"bnp"``)."""

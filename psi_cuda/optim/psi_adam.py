@@ -1,25 +1,43 @@
 """PSIAdam: Adam on the PSI manifold for scale-invariant weights, torch.optim.AdamW for the rest."""
 from __future__ import annotations
 
-from collections import defaultdict
-from functools import partial
-
 import torch
 from torch import Tensor
 
-from .. import distributed, ops, reference
-from ._amp import check_capture, check_flag, step_target, uses_master, write_back
-from ._base import (FusedOptimizer, check_common_options, check_sphere_options, on_device,
+from .. import _gram, distributed, reference
+from ._base import (REQUIRED, FusedOptimizer, check_common_options, check_sphere_options,
                     state_like, step_counter)
 
 
-class PSIAdam(FusedOptimizer):
-    r"""Adam on the PSI manifold (ALGORITHMS.md section 3).
+def sharded_adam_solve(G, numel, step_old, scalars, *, lr, beta1, beta2, eps, retraction,
+                       transport, max_grad_norm, **_):
+    """adam.h psi_adam_update of tensor groups from their Gram sums (G already scaled by f):
+    (param, buf, [v_new], skip)."""
+    (v,), t = scalars, step_old + 1
+    skip = ~(G["ww"] > 0) | (numel < 2)
+    n = torch.where(skip, torch.ones_like(G["ww"]), G["ww"].clamp_min(0).sqrt())
+    q = _gram.tangent(G, n, max_grad_norm)
+    q_sq = _gram.dot(q, q, G).clamp_min(0)
+    m = _gram.add((0.0, 0.0, beta1), _gram.scale(1.0 - beta1, q))
+    v_new = beta2 * v + (1.0 - beta2) * q_sq
+    bc1, bc2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
+    denom = (v_new / bc2).sqrt() + eps
+    coef = torch.where(denom > 0, 1.0 / (bc1 * denom), torch.zeros_like(denom))
+    d = _gram.scale(coef, m)
+    param, buf, ok = _gram.move_on_sphere(G, n, d, m, lr=lr, retraction=retraction,
+                                          transport=transport)
+    return param, buf, [v_new], skip | ~ok
 
-    Groups are chosen by the ``manifold`` key as in :class:`PSISGD` (``"channel"`` default,
-    ``"tensor"``, or ``None`` for Euclidean). A PSI group keeps a first moment ``m`` (tangent,
-    scale-free, transported after every step) and ONE second-moment scalar ``v`` computed on the
-    scale-free tangent gradient ``q``:
+
+class PSIAdam(FusedOptimizer):
+    r"""Adam on the PSI manifold (docs/ALGORITHMS.md section 3).
+
+    Groups are made as in :class:`PSISGD`: ``PSIAdam(model, lr=...)`` finds the scale-invariant
+    weights with ``psi_cuda.param_groups``; parameters or param groups need a ``manifold``
+    (``"channel"``, ``"tensor"``, or ``None`` for Euclidean) per group or as a keyword.
+
+    A PSI group keeps a first moment ``m`` (tangent, scale-free, transported after every step)
+    and ONE second-moment scalar ``v`` computed on the scale-free tangent gradient ``q``:
 
         m = b1 m + (1 - b1) q ;  v = b2 v + (1 - b2) |q|^2
         d = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) ;  u' = R_u(-lr d)
@@ -33,12 +51,13 @@ class PSIAdam(FusedOptimizer):
     ``"tensor"``, like the parameter for Euclidean groups).
 
     Args:
-        params: parameters or param groups (dicts, optionally with a ``manifold`` key);
-            ``psi_cuda.param_groups(model, lr)`` builds them.
+        params: the model (an ``nn.Module``), or parameters / param groups (dicts, each with a
+            ``manifold`` key unless ``manifold=`` is given).
         lr, betas, eps, weight_decay, maximize: as in ``torch.optim.AdamW``.
         amsgrad: not supported (must be False).
-        retraction, transport, max_grad_norm, backend, master_weights, capturable: as in
-            :class:`PSISGD` (with ``master_weights``, state also holds ``master``).
+        retraction, transport, max_grad_norm, backend, master_weights, capturable, manifold,
+            psi_lr, verify, sample_input: as in :class:`PSISGD` (with ``master_weights``, state
+            also holds ``master``).
 
     Works with ``torch.amp.GradScaler`` without an unscale pass: scaled gradients are unscaled
     inside the kernel and a step with inf/NaN gradients changes nothing (steps, moments and
@@ -46,21 +65,25 @@ class PSIAdam(FusedOptimizer):
     """
 
     name = "PSIAdam"
+    op = "psi_adam_"
+    solve = distributed.GroupSolve(sharded_adam_solve, buffer=2, scalars=(3,))
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False,
                  maximize: bool = False, retraction: str = "normalize",
                  transport: str = "project", max_grad_norm: float | None = None,
                  backend: str = "auto", master_weights: bool = False,
-                 capturable: bool = False):
+                 capturable: bool = False, *, manifold=REQUIRED, psi_lr: float | None = None,
+                 verify: bool = False, sample_input=None):
         if amsgrad:
             raise ValueError("PSIAdam: amsgrad=True is not supported (use torch.optim.AdamW "
                              "for amsgrad)")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         maximize=maximize, retraction=retraction, transport=transport,
-                        max_grad_norm=max_grad_norm, manifold="channel",
+                        max_grad_norm=max_grad_norm, manifold=manifold,
                         master_weights=master_weights, capturable=capturable)
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend,
+                         dict(psi_lr=psi_lr, verify=verify, sample_input=sample_input))
 
     def _check_options(self, group: dict, where: str) -> None:
         check_common_options(group, where)
@@ -71,50 +94,15 @@ class PSIAdam(FusedOptimizer):
         if not 0.0 <= group["eps"]:
             raise ValueError(f"{where}['eps'] must be >= 0; got {group['eps']}")
         check_sphere_options(group, where)
-        check_flag(group, "master_weights", where)
-        check_flag(group, "capturable", where)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Performs one optimization step. ``closure`` re-evaluates the model and returns the loss."""
-        loss, grad_scale, found_inf = self._begin_step(closure)
-        check_capture(self, self._needs_state)
-        for gi, group in enumerate(self.param_groups):
-            manifold = group["manifold"]
-            weight_decay = self._weight_decay(group, gi)
-            buckets = defaultdict(lambda: ([], [], [], [], []))
-            writebacks = []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self._init_state(p, manifold)
-                target, grad = step_target(p, state, group, writebacks)
-                params, grads, exp_avgs, exp_avg_sqs, steps = buckets[(p.device, target.dtype)]
-                params.append(target)
-                grads.append(grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
-            beta1, beta2 = group["betas"]
-            for (device, _), lists in buckets.items():
-                # _begin_step made the fused op's Python-side check: skip it.
-                fn = (partial(ops.psi_adam_, check=False) if self._use_fused(device)
-                      else reference.psi_adam_)
-                # DTensor parameters (FSDP2): local shards; sharded tensor groups all-reduce.
-                distributed.step_call(
-                    fn, lists, kind="adam", lr=group["lr"], beta1=beta1, beta2=beta2,
-                    eps=group["eps"], weight_decay=weight_decay, maximize=group["maximize"],
-                    manifold=manifold, retraction=group["retraction"],
-                    transport=group["transport"], max_grad_norm=group["max_grad_norm"],
-                    grad_scale=on_device(grad_scale, device),
-                    found_inf=on_device(found_inf, device))
-            write_back(writebacks)
-        return loss
+    def _state_keys(self, p: Tensor, group: dict) -> list:
+        return ["exp_avg", "exp_avg_sq"]
 
-    def _init_state(self, p: Tensor, manifold: str | None) -> dict:
+    def _init_state(self, p: Tensor, group: dict) -> None:
         state = self.state[p]
         step_counter(p, state)
         state_like(p, state, "exp_avg")
+        manifold = group["manifold"]
         if manifold is None:
             state_like(p, state, "exp_avg_sq")
         elif "exp_avg_sq" not in state:
@@ -123,10 +111,10 @@ class PSIAdam(FusedOptimizer):
             dtype = reference.opmath_dtype(p.dtype)
             state["exp_avg_sq"] = (distributed.rows_like(p, dtype) if manifold == "channel" else
                                    torch.zeros((), dtype=dtype, device=p.device))
-        return state
 
-    def _needs_state(self, p: Tensor, group: dict) -> bool:
-        """Whether the next step would create state for ``p`` (see ``_init_state``)."""
-        state = self.state.get(p, {})
-        needed = ["step", "exp_avg", "exp_avg_sq"] + (["master"] if uses_master(p, group) else [])
-        return any(k not in state for k in needed)
+    def _op_options(self, group: dict, weight_decay: float) -> dict:
+        beta1, beta2 = group["betas"]
+        return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=weight_decay, maximize=group["maximize"],
+                    retraction=group["retraction"], transport=group["transport"],
+                    max_grad_norm=group["max_grad_norm"])

@@ -1,35 +1,63 @@
 """PSISGD: SGD on the PSI manifold for scale-invariant weights, torch.optim.SGD for the rest."""
 from __future__ import annotations
 
-from collections import defaultdict
-from functools import partial
-
 import torch
 from torch import Tensor
 
-from .. import distributed, ops, reference
-from ._amp import check_capture, check_flag, step_target, uses_master, write_back
-from ._base import (FusedOptimizer, check_common_options, check_sphere_options, on_device,
+from .. import _gram
+from ..distributed import GroupSolve
+from ._base import (REQUIRED, FusedOptimizer, check_common_options, check_sphere_options,
                     state_like, step_counter)
 
 
+def sharded_sgd_solve(G, numel, step_old, scalars, *, lr, momentum, dampening, nesterov,
+                      retraction, transport, max_grad_norm, **_):
+    """math.h psi_sgd_update of tensor groups from their Gram sums (G already scaled by f):
+    (param, buf, [], skip)."""
+    first = step_old == 0
+    skip = ~(G["ww"] > 0) | (numel < 2)
+    n = torch.where(skip, torch.ones_like(G["ww"]), G["ww"].clamp_min(0).sqrt())
+    q = _gram.tangent(G, n, max_grad_norm)
+    buf, d = None, q
+    if momentum != 0:
+        later = _gram.add((0.0, 0.0, momentum), _gram.scale(1.0 - dampening, q))
+        buf = tuple(torch.where(first, a, b) for a, b in zip(q, later))
+        d = _gram.add(q, _gram.scale(momentum, buf)) if nesterov else buf
+    param, buf, ok = _gram.move_on_sphere(G, n, d, buf, lr=lr, retraction=retraction,
+                                          transport=transport)
+    return param, buf, [], skip | ~ok
+
+
 class PSISGD(FusedOptimizer):
-    r"""Stochastic gradient descent on the PSI manifold (ALGORITHMS.md section 2).
+    r"""Stochastic gradient descent on the PSI manifold (docs/ALGORITHMS.md section 2).
 
-    Each parameter group has a ``manifold``:
+    Give it the model and it finds the scale-invariant weights itself::
 
-    * ``"channel"`` (default): every row of ``p.view(p.size(0), -1)`` (an output channel) is a
+        opt = PSISGD(model, lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+    builds its groups with ``psi_cuda.param_groups(model, lr, psi_lr=..., weight_decay=...,
+    verify=..., sample_input=...)``: weights that feed a normalization take PSI steps, everything
+    else (norm affine parameters, biases, the classifier, embeddings) takes
+    ``torch.optim.SGD`` steps with ``weight_decay``.
+
+    Given parameters or param groups instead, each group needs a ``manifold``, from the group
+    dict or from the ``manifold=`` keyword (a plain parameter list without it is an error: it
+    does not say which weights are scale invariant):
+
+    * ``"channel"``: every row of ``p.reshape(p.size(0), -1)`` (an output channel) is a
       scale-invariant group: its step is taken on the unit sphere of that row, so ``c * w`` and
       ``w`` stay equivalent for every positive ``c``, and its norm is kept.
     * ``"tensor"``: the whole tensor is one group (weights feeding LayerNorm/RMSNorm).
-    * ``None``: Euclidean, exactly ``torch.optim.SGD`` (weight decay, maximize, nesterov, ...).
+    * ``None`` (or ``"euclidean"``): exactly ``torch.optim.SGD`` (weight decay, maximize,
+      nesterov, ...).
 
-    ``psi_cuda.param_groups(model, lr)`` builds these groups for a model. Weight decay has no
-    meaning on the quotient and is ignored (with a warning) for PSI groups. Momentum buffers are
-    stored scale-free, tangent to the sphere, and transported after every step.
+    Weight decay has no meaning on the quotient and is ignored (with a warning) for PSI groups.
+    Momentum buffers are stored scale-free, tangent to the sphere, and transported after every
+    step.
 
     Args:
-        params: parameters or param groups (dicts, optionally with a ``manifold`` key).
+        params: the model (an ``nn.Module``), or parameters / param groups (dicts, each with a
+            ``manifold`` key unless ``manifold=`` is given).
         lr: learning rate (for PSI groups: about the angle, in radians, a group turns per step).
         momentum, dampening, nesterov, weight_decay, maximize: as in ``torch.optim.SGD``.
         retraction: ``"normalize"`` (default), ``"exp"`` (geodesic) or ``"none"`` (plain
@@ -47,6 +75,10 @@ class PSISGD(FusedOptimizer):
             one eager step first, so the state exists. Step counters are device tensors in any
             case and the kernels never wait for the host; on CPU parameters this changes
             nothing. Capturing a step with ``capturable=False`` is an error.
+        manifold: (keyword) the manifold of groups that do not name one.
+        psi_lr, verify, sample_input: (keyword, with a model only) passed to
+            ``psi_cuda.param_groups``: the learning rate of the PSI groups (default ``lr``), and
+            the numerical check of every scale-invariant candidate.
 
     Works with ``torch.amp.GradScaler`` without an unscale pass: scaled gradients are unscaled
     inside the kernel and a step with inf/NaN gradients changes nothing (master copies included).
@@ -54,17 +86,22 @@ class PSISGD(FusedOptimizer):
     """
 
     name = "PSISGD"
+    op = "psi_sgd_"
+    solve = GroupSolve(sharded_sgd_solve, buffer=2)
 
     def __init__(self, params, lr: float = 1e-2, momentum: float = 0.0, dampening: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0, maximize: bool = False,
                  retraction: str = "normalize", transport: str = "project",
                  max_grad_norm: float | None = None, backend: str = "auto",
-                 master_weights: bool = False, capturable: bool = False):
+                 master_weights: bool = False, capturable: bool = False, *,
+                 manifold=REQUIRED, psi_lr: float | None = None, verify: bool = False,
+                 sample_input=None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
                         weight_decay=weight_decay, maximize=maximize, retraction=retraction,
-                        transport=transport, max_grad_norm=max_grad_norm, manifold="channel",
+                        transport=transport, max_grad_norm=max_grad_norm, manifold=manifold,
                         master_weights=master_weights, capturable=capturable)
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend,
+                         dict(psi_lr=psi_lr, verify=verify, sample_input=sample_input))
 
     def _check_options(self, group: dict, where: str) -> None:
         check_common_options(group, where)
@@ -73,69 +110,18 @@ class PSISGD(FusedOptimizer):
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(f"{where}: nesterov needs momentum > 0 and dampening == 0")
         check_sphere_options(group, where)
-        check_flag(group, "master_weights", where)
-        check_flag(group, "capturable", where)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Performs one optimization step. ``closure`` re-evaluates the model and returns the loss."""
-        loss, grad_scale, found_inf = self._begin_step(closure)
-        check_capture(self, self._needs_state)
-        for gi, group in enumerate(self.param_groups):
-            weight_decay = self._weight_decay(group, gi)
-            writebacks = []
-            buckets = self._sgd_lists(group, group["params"], writebacks)
-            for (device, _), lists in buckets.items():
-                self._sgd_call(device, lists, group, group["manifold"], weight_decay,
-                               grad_scale, found_inf)
-            write_back(writebacks)
-        return loss
+    def _state_keys(self, p: Tensor, group: dict) -> list:
+        return ["momentum_buffer" if group["momentum"] != 0 else None]
 
-    def _sgd_lists(self, group: dict, params, writebacks: list) -> dict:
-        """The op's (params, grads, momentum_buffers, steps) lists of ``params`` that have a
-        gradient, by (device, dtype of what the op steps: the master copy where there is one);
-        creates missing state."""
-        buckets = defaultdict(lambda: ([], [], [], []))
-        for p in params:
-            if p.grad is None:
-                continue
-            state = self._init_state(p, group)
-            target, grad = step_target(p, state, group, writebacks)
-            targets, grads, bufs, steps = buckets[(p.device, target.dtype)]
-            targets.append(target)
-            grads.append(grad)
-            steps.append(state["step"])
-            if group["momentum"] != 0:
-                bufs.append(state["momentum_buffer"])
-        return buckets
-
-    def _sgd_call(self, device, lists, group, manifold, weight_decay, grad_scale, found_inf):
-        # _begin_step made the fused op's Python-side check: skip it.
-        fn = (partial(ops.psi_sgd_, check=False) if self._use_fused(device)
-              else reference.psi_sgd_)
-        # DTensor parameters (FSDP2): local shards; sharded tensor groups all-reduce their sums.
-        distributed.step_call(
-            fn, lists, kind="sgd", lr=group["lr"], momentum=group["momentum"],
-            dampening=group["dampening"], nesterov=group["nesterov"], weight_decay=weight_decay,
-            maximize=group["maximize"], manifold=manifold,
-            retraction=group.get("retraction", "normalize"),
-            transport=group.get("transport", "project"),
-            max_grad_norm=group.get("max_grad_norm"), grad_scale=on_device(grad_scale, device),
-            found_inf=on_device(found_inf, device))
-
-    def _init_state(self, p: Tensor, group: dict) -> dict:
+    def _init_state(self, p: Tensor, group: dict) -> None:
         state = self.state[p]
         step_counter(p, state)
         if group["momentum"] != 0:
             state_like(p, state, "momentum_buffer")
-        return state
 
-    def _state_keys(self, p: Tensor, group: dict) -> list:
-        """The state a step of ``p`` uses (``_init_state`` makes it)."""
-        return (["step"] + (["momentum_buffer"] if group["momentum"] != 0 else [])
-                + (["master"] if uses_master(p, group) else []))
-
-    def _needs_state(self, p: Tensor, group: dict) -> bool:
-        """Whether the next step would create state for ``p``."""
-        state = self.state.get(p, {})
-        return any(k not in state for k in self._state_keys(p, group))
+    def _op_options(self, group: dict, weight_decay: float) -> dict:
+        return dict(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                    nesterov=group["nesterov"], weight_decay=weight_decay,
+                    maximize=group["maximize"], retraction=group["retraction"],
+                    transport=group["transport"], max_grad_norm=group["max_grad_norm"])

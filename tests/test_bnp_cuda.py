@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from psi_cuda import ops
-from conftest import HAS_CUDA
+from helpers import HAS_CUDA
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA or not ops.has_cuda_kernels(),
                                 reason="no GPU or no CUDA kernels in this build")

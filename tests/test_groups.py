@@ -7,6 +7,7 @@ that the Euclidean weights are not.
 """
 import copy
 import math
+import pickle
 import warnings
 
 import pytest
@@ -16,7 +17,7 @@ from torch import nn
 
 import psi_cuda
 from psi_cuda import groups as groups_module
-from psi_cuda.optim import PSISGD
+from psi_cuda.optim import PSIAdam, PSISGD
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -478,3 +479,77 @@ def test_argument_errors():
         psi_cuda.param_groups(model, lr=0.1, manifold="channel")
     with pytest.raises(ValueError, match="sample_input"):
         psi_cuda.param_groups(model, lr=0.1, verify=True)
+
+
+# ------------------------------------------------------- the optimizers built from the model
+
+
+@pytest.mark.parametrize("cls", [PSISGD, PSIAdam])
+def test_optimizer_from_model_uses_param_groups_without_warnings(cls):
+    """``PSISGD(model, lr)``: the conv weights that feed BatchNorm on the channel manifold, every
+    other parameter (BN affine, biases, classifier) Euclidean with the weight decay; no warning."""
+    torch.manual_seed(0)
+    model = ResNet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = cls(model, lr=0.1, psi_lr=0.05, weight_decay=5e-4)
+        model(torch.randn(4, 3, 8, 8)).sum().backward()
+        opt.step()
+    expected = psi_cuda.param_groups(model, lr=0.1, psi_lr=0.05, weight_decay=5e-4)
+    assert [(g["manifold"], g["lr"], g["weight_decay"]) for g in opt.param_groups] == \
+        [("channel", 0.05, 0.0), (None, 0.1, 5e-4)]
+    assert psi_names(model, opt.param_groups, "channel") == RESNET_CHANNEL
+    for g, e in zip(opt.param_groups, expected):
+        assert [id(p) for p in g["params"]] == [id(p) for p in e["params"]]
+
+
+def test_optimizer_from_model_passes_verify_through():
+    model = ResNet()
+    with pytest.raises(ValueError, match="verify=True\\) needs sample_input"):
+        PSISGD(model, lr=0.1, verify=True)
+    opt = PSISGD(model, lr=0.1, verify=True, sample_input=torch.randn(4, 3, 8, 8))
+    assert psi_names(model, opt.param_groups, "channel") == RESNET_CHANNEL
+
+
+@pytest.mark.parametrize("cls", [PSISGD, PSIAdam])
+def test_plain_parameter_list_needs_a_manifold(cls):
+    """A plain parameter list does not say which weights are scale invariant: an error that says
+    what to pass, not a silent channel manifold for every tensor."""
+    model = ResNet()
+    with pytest.raises(ValueError, match=r"param_groups\[0\] has no 'manifold'.*pass the model"):
+        cls(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"param_groups\[1\] has no 'manifold'"):
+        cls([{"params": [model.fc.weight], "manifold": None}, {"params": [model.fc.bias]}],
+            lr=0.1)
+    # Said once for all groups (a keyword) or per group.
+    opt = cls(model.parameters(), lr=0.1, manifold=None)
+    assert [g["manifold"] for g in opt.param_groups] == [None]
+    opt = cls([{"params": [model.stem[0].weight]}], lr=0.1, manifold="tensor")
+    opt.add_param_group({"params": [model.fc.weight], "manifold": "euclidean"})
+    assert [g["manifold"] for g in opt.param_groups] == ["tensor", None]
+    # psi_lr / verify / sample_input belong to param_groups(model): not to a parameter list.
+    with pytest.raises(TypeError, match="psi_lr apply when the first argument is the model"):
+        cls(model.parameters(), lr=0.1, manifold=None, psi_lr=0.01)
+    with pytest.raises(TypeError, match="manifolds come from psi_cuda.param_groups"):
+        cls(model, lr=0.1, manifold="channel")
+
+
+@pytest.mark.parametrize("cls", [PSISGD, PSIAdam])
+def test_required_manifold_survives_pickle_and_deepcopy(cls):
+    model = ResNet()
+    opt = cls(model, lr=0.1)
+    for twin in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        with pytest.raises(ValueError, match="has no 'manifold'"):
+            twin.add_param_group({"params": [torch.randn(3, 3, requires_grad=True)]})
+
+
+def test_one_warning_per_group_for_vectors_on_channel_groups():
+    """100 1-D tensors in a channel group: one warning that counts them and lists their shapes."""
+    vectors = [torch.randn(4 + i % 3, requires_grad=True) for i in range(100)]
+    matrix = torch.randn(4, 4, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PSISGD([matrix] + vectors, lr=0.1, manifold="channel")
+    assert len(caught) == 1
+    text = str(caught[0].message)
+    assert "100 of its 101 tensors are 1-D" in text and "(4,), (5,), (6,)" in text

@@ -3,24 +3,18 @@ options), exact identities of ALGORITHMS.md section 3, the invariants of section
 norms, tangent moments), torch.optim.AdamW on Euclidean groups, and the optimizer contract
 (GradScaler, state_dict resume, bad input)."""
 import copy
-import io
 import itertools
 import math
-import warnings
 
 import pytest
 import torch
-from torch import nn
 
 import psi_cuda
 from psi_cuda import ops, reference
 from psi_cuda.optim import PSIAdam, PSISGD
-from conftest import DEVICES
-from helpers import assert_close_rel, state_dtype, tangent_grad_like
-from test_optim import ConvBN, groups, rescaled_copy, train
-
-# Odd sizes, rows of length 1, long rows reduced in chunks (> 65536), size 0, 1-D, scalar.
-SHAPES = [(7, 3, 3, 3), (5, 1), (3, 17), (2, 70001), (64, 129), (0, 4), (33,), (1, 1)]
+import helpers
+from helpers import (DEVICES, SHAPES, ConvBN, assert_close_rel, clone_all, conv_groups,
+                     rescaled_copy, state_dtype, tangent_grad_like, train, zeros_like_state)
 
 OPTIONS = [
     dict(),
@@ -43,40 +37,17 @@ def second_moment_like(p, manifold, dtype):
 
 
 def make_case(shapes, dtype, device, manifold, zero_rows=False, channels_last=False):
-    params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-    for s in shapes:
-        p = torch.randn(s, dtype=torch.float64)
-        if zero_rows and p.dim() >= 1 and p.size(0) > 1:
-            p[1] = 0
-        p = p.to(device=device, dtype=dtype)
-        if channels_last and p.dim() == 4:
-            p = p.contiguous(memory_format=torch.channels_last)
-        params.append(p)
-        grads.append(tangent_grad_like(p, manifold or "tensor"))
-        exp_avgs.append(torch.zeros_like(p, dtype=state_dtype(dtype),
-                                         memory_format=torch.preserve_format))
-        exp_avg_sqs.append(second_moment_like(p, manifold, state_dtype(dtype)))
-        steps.append(torch.zeros((), device=device))
-    return params, grads, exp_avgs, exp_avg_sqs, steps
-
-
-def clone_all(*lists):
-    return [[t.clone() for t in lst] for lst in lists]
+    """(params, grads, exp_avgs, exp_avg_sqs, steps)."""
+    return helpers.make_case(
+        shapes, dtype, device, manifold,
+        lambda p: [zeros_like_state(p), second_moment_like(p, manifold, state_dtype(p.dtype))],
+        zero_rows=zero_rows, channels_last=channels_last)
 
 
 def run_both(case, steps=3, new_grads=True, **kw):
     """`steps` steps of the fused op and of the reference on copies of `case`; fresh gradients
     each step (the same for both)."""
-    fused = clone_all(*case)
-    ref = clone_all(*case)
-    manifold = kw.get("manifold")
-    for k in range(steps):
-        if new_grads and k > 0:
-            grads = [tangent_grad_like(p, manifold or "tensor") for p in fused[0]]
-            fused[1], ref[1] = grads, [g.clone() for g in grads]
-        ops.psi_adam_(*fused, **kw)
-        reference.psi_adam_(*ref, **kw)
-    return fused, ref
+    return helpers.run_both(ops.psi_adam_, reference.psi_adam_, case, steps, new_grads, **kw)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -380,7 +351,7 @@ def test_equivariance_over_100_steps(backend):
             a = copy.deepcopy(model)
             b, factors = rescaled_copy(model)
             kw = dict(lr=0.02, weight_decay=0.0, backend=backend)
-            make = (lambda m: PSIAdam(groups(m, True), **kw)) if psi else (
+            make = (lambda m: PSIAdam(conv_groups(m, True), **kw)) if psi else (
                 lambda m: torch.optim.AdamW(m.parameters(), lr=0.02, weight_decay=0.0))
             la = train(a, make(a), batches, 100)
             lb = train(b, make(b), batches, 100)
@@ -403,8 +374,8 @@ def test_fused_and_reference_backends_agree_on_a_model():
     twin = copy.deepcopy(model)
     batches = [(torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))) for _ in range(3)]
     kw = dict(lr=0.02, retraction="exp", transport="parallel", max_grad_norm=1.0)
-    la = train(model, PSIAdam(groups(model, True), backend="fused", **kw), batches, 10)
-    lb = train(twin, PSIAdam(groups(twin, True), backend="reference", **kw), batches, 10)
+    la = train(model, PSIAdam(conv_groups(model, True), backend="fused", **kw), batches, 10)
+    lb = train(twin, PSIAdam(conv_groups(twin, True), backend="reference", **kw), batches, 10)
     assert la == pytest.approx(lb, rel=1e-4)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
@@ -429,50 +400,6 @@ def test_param_groups_builds_psiadam_groups():
         assert opt.state[p]["exp_avg_sq"].shape == (p.size(0),)
     assert opt.state[model.fc.weight]["exp_avg_sq"].shape == model.fc.weight.shape
     assert not torch.equal(model.fc.weight, fc0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_state_dict_resume_is_bit_for_bit(dtype):
-    model = ConvBN().to(dtype)
-    batches = [(torch.randn(8, 3, 8, 8, dtype=dtype), torch.randint(0, 5, (8,)))
-               for _ in range(3)]
-    kw = dict(lr=0.02, weight_decay=1e-2, retraction="exp")
-
-    def make(m):
-        return PSIAdam([{"params": [m.c1.weight], "manifold": "channel"},
-                        {"params": [m.c2.weight], "manifold": "tensor"},
-                        {"params": [p for n, p in m.named_parameters()
-                                    if n not in ("c1.weight", "c2.weight")], "manifold": None}],
-                       **kw)
-
-    opt = make(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # weight decay ignored on the PSI groups
-        train(model, opt, batches, 5)
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        train(model, opt, batches, 5)
-
-    buf.seek(0)
-    saved = torch.load(buf)
-    resumed = ConvBN().to(dtype)
-    resumed.load_state_dict(saved["model"])
-    opt2 = make(resumed)
-    opt2.load_state_dict(saved["opt"])
-    for p in resumed.parameters():
-        assert opt2.state[p]["exp_avg"].dtype == torch.float32
-        assert opt2.state[p]["exp_avg_sq"].dtype == torch.float32
-    assert opt2.state[resumed.c1.weight]["exp_avg_sq"].shape == (8,)
-    assert opt2.state[resumed.c2.weight]["exp_avg_sq"].shape == ()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        train(resumed, opt2, batches, 5)
-    for p, q in zip(model.parameters(), resumed.parameters()):
-        assert torch.equal(p, q)
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(opt.state[p][key], opt2.state[q][key])
 
 
 def test_bad_group_options_raise():
@@ -503,45 +430,6 @@ def test_bad_group_options_raise():
         PSIAdam([torch.zeros(3, 3, dtype=torch.int64)], manifold="channel")
     with pytest.raises(ValueError, match=r"0-dim tensor"):
         PSIAdam([torch.zeros((), requires_grad=True)], manifold="channel")
-
-
-def test_sparse_grad_raises_and_changes_nothing():
-    emb = nn.Embedding(10, 4, sparse=True)
-    dense = torch.randn(5, 3, requires_grad=True)
-    opt = PSIAdam([{"params": [dense], "manifold": "channel"}, {"params": emb.parameters(), "manifold": None}], lr=0.1)
-    before = (dense.detach().clone(), emb.weight.detach().clone())
-    dense.grad = torch.randn(5, 3)
-    emb(torch.tensor([1, 2])).sum().backward()
-    with pytest.raises(RuntimeError, match=r"PSIAdam: param_groups\[1\]\['params'\]\[0\] has a "
-                                           r"sparse gradient"):
-        opt.step()
-    assert torch.equal(dense, before[0]) and torch.equal(emb.weight, before[1])
-    assert len(opt.state) == 0
-
-
-def test_weight_decay_on_psi_group_warns_and_is_ignored():
-    w = torch.randn(4, 6)
-    a, b = w.clone().requires_grad_(), w.clone().requires_grad_()
-    g = tangent_grad_like(w, "channel")
-    a.grad, b.grad = g.clone(), g.clone()
-    with pytest.warns(UserWarning, match="weight_decay has no meaning"):
-        PSIAdam([a], manifold="channel", lr=0.1, weight_decay=0.5).step()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        PSIAdam([b], manifold="channel", lr=0.1).step()
-    assert torch.equal(a, b)
-    assert not torch.equal(a, w)
-
-
-def test_maximize_flips_the_step():
-    w = torch.randn(5, 9, dtype=torch.float64)
-    g = tangent_grad_like(w, "channel")
-    a, b = w.clone().requires_grad_(), w.clone().requires_grad_()
-    a.grad, b.grad = g.clone(), -g
-    PSIAdam([a], manifold="channel", lr=0.1, maximize=True).step()
-    PSIAdam([b], manifold="channel", lr=0.1).step()
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
-    assert not torch.equal(a, w)
 
 
 def test_step_moves_less_than_lr_per_group():

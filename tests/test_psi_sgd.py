@@ -1,16 +1,14 @@
 """psi_sgd_: the fused op against the pure-torch reference, over shapes, layouts, dtypes, options."""
 import itertools
+from functools import partial
 
 import pytest
 import torch
 
 from psi_cuda import ops, reference
-from conftest import DEVICES
-from helpers import assert_close_rel, state_dtype, tangent_grad_like
-
-# Shapes that exercise every path: odd sizes, vector tails, rows of length 1, long rows that are
-# reduced in parallel chunks (> 65536), a tensor with size 0, a 1-D tensor and a scalar.
-SHAPES = [(7, 3, 3, 3), (5, 1), (3, 17), (2, 70001), (64, 129), (0, 4), (33,), (1, 1)]
+import helpers
+from helpers import (DEVICES, SHAPES, assert_close_rel, clone_all, tangent_grad_like,
+                     zeros_like_state)
 
 OPTIONS = [
     dict(momentum=0.0),
@@ -27,34 +25,13 @@ OPTIONS = [
 
 
 def make_case(shapes, dtype, device, manifold, momentum, zero_rows=False, channels_last=False):
-    params, grads, bufs, steps = [], [], [], []
-    for s in shapes:
-        p = torch.randn(s, dtype=torch.float64)
-        if zero_rows and p.dim() >= 1 and p.size(0) > 1:
-            p[1] = 0
-        p = p.to(device=device, dtype=dtype)
-        if channels_last and p.dim() == 4:
-            p = p.contiguous(memory_format=torch.channels_last)
-        params.append(p)
-        grads.append(tangent_grad_like(p, manifold or "tensor"))
-        if momentum:
-            bufs.append(torch.zeros_like(p, dtype=state_dtype(dtype),
-                                         memory_format=torch.preserve_format))
-        steps.append(torch.zeros((), device=device))
-    return params, grads, bufs, steps
+    """(params, grads, momentum_buffers, steps); no buffers without momentum."""
+    return helpers.make_case(shapes, dtype, device, manifold,
+                             lambda p: [zeros_like_state(p) if momentum else None],
+                             zero_rows=zero_rows, channels_last=channels_last)
 
 
-def clone_all(*lists):
-    return [[t.clone() for t in lst] for lst in lists]
-
-
-def run_both(case, steps=3, **kw):
-    fused = clone_all(*case)
-    ref = clone_all(*case)
-    for _ in range(steps):
-        ops.psi_sgd_(*fused, **kw)
-        reference.psi_sgd_(*ref, **kw)
-    return fused, ref
+run_both = partial(helpers.run_both, ops.psi_sgd_, reference.psi_sgd_)
 
 
 @pytest.mark.parametrize("device", DEVICES)

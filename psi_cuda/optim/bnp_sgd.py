@@ -4,7 +4,6 @@ from __future__ import annotations
 from collections import defaultdict
 from functools import partial
 
-import torch
 from torch import nn
 
 from .. import distributed, ops, reference

@@ -1,0 +1,170 @@
+"""The torch.optim contract, the same for every psi_cuda optimizer (PSISGD, PSIAdam, BNPSGD):
+closure and zero_grad, a bit-for-bit resume from a state dict, GradScaler (a step with inf/NaN
+gradients changes nothing; a scaled step equals the unscaled one), bad gradients refused before
+anything changes, maximize, and PSI groups ignoring weight decay. The cases are built in
+tests/helpers.py (``OPTIMIZERS``)."""
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from psi_cuda.optim import PSIAdam, PSISGD
+from helpers import OPTIMIZERS, batches, tangent_grad_like, train
+
+CASES = pytest.mark.parametrize("case", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+
+
+def quiet(fn, *args):
+    """``fn(*args)`` with the weight-decay-ignored warning of PSI groups silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return fn(*args)
+
+
+@CASES
+def test_closure_and_zero_grad(case):
+    model = case.model()
+    opt = case.make(model)
+    x, y = batches(1)[0]
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    first = opt.step(closure).item()
+    for _ in range(5):
+        last = opt.step(closure).item()
+    assert last < first
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+@CASES
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_resume_is_bit_for_bit(case, dtype):
+    model = case.model().to(dtype)
+    data = batches(3, dtype)
+    opt = case.make(model)
+    quiet(train, model, opt, data, 5)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    quiet(train, model, opt, data, 5)
+
+    buf.seek(0)
+    saved = torch.load(buf)
+    resumed = case.model().to(dtype)
+    resumed.load_state_dict(saved["model"])
+    opt2 = case.make(resumed)
+    opt2.load_state_dict(saved["opt"])
+    for p in resumed.parameters():
+        for key, value in opt2.state[p].items():
+            if key != "step":  # state in the opmath dtype (fp32 for bf16 parameters)
+                assert value.dtype == torch.float32, key
+    quiet(train, resumed, opt2, data, 5)
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+        assert opt.state[p].keys() == opt2.state[q].keys()
+        for key in opt.state[p]:
+            assert torch.equal(opt.state[p][key], opt2.state[q][key]), key
+    for la, lb in zip(*(getattr(getattr(o, "bnp", None), "layers", []) for o in (opt, opt2))):
+        assert torch.equal(la.mean, lb.mean) and torch.equal(la.sqmean, lb.sqmean)
+        assert torch.equal(la.step, lb.step)
+
+
+@CASES
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_grad_scaler_nonfinite_step_changes_nothing(case, bad):
+    model = case.model()
+    opt = case.make(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = batches(1)[0]
+
+    def scaled_step(poison=False):
+        opt.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        if poison:
+            case.poison(model).grad.view(-1)[0] = bad
+        quiet(scaler.step, opt)
+        scaler.update()
+
+    scaled_step()
+    params = [p.detach().clone() for p in model.parameters()]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()]
+    scaled_step(poison=True)
+    assert scaler.get_scale() == 2.0**9
+    for p, q, st in zip(model.parameters(), params, state):
+        assert torch.equal(p, q)
+        assert opt.state[p].keys() == st.keys()
+        assert set(case.state_keys) <= set(st) or not st
+        for k, v in st.items():
+            assert torch.equal(opt.state[p][k], v)
+    assert all(s["step"].item() == 1 for s in opt.state.values() if "step" in s)
+
+
+@CASES
+def test_grad_scaler_step_equals_unscaled_step(case):
+    model = case.model()
+    twin = copy.deepcopy(model)
+    start = [p.detach().clone() for p in model.parameters()]
+    opt, opt2 = case.make(model), case.make(twin)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    for x, y in batches(3):
+        opt.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        quiet(scaler.step, opt)
+        scaler.update()
+        opt2.zero_grad()
+        nn.functional.cross_entropy(twin(x), y).backward()
+        quiet(opt2.step)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert not all(torch.equal(p, s) for p, s in zip(model.parameters(), start))
+
+
+@CASES
+def test_sparse_gradient_raises_and_changes_nothing(case):
+    model = case.model()
+    opt = case.make(model)
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    p = case.poison(model)
+    p.grad = p.grad.to_sparse()
+    before = [q.detach().clone() for q in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"param_groups\[\d+\]\['params'\]\[\d+\] has a "
+                                           "sparse gradient"):
+        opt.step()
+    for q, b in zip(model.parameters(), before):
+        assert torch.equal(q, b)
+    assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize("cls", [PSISGD, PSIAdam])
+def test_maximize_flips_the_step(cls):
+    w = torch.randn(5, 9, dtype=torch.float64)
+    g = tangent_grad_like(w, "channel")
+    a, b = w.clone().requires_grad_(), w.clone().requires_grad_()
+    a.grad, b.grad = g.clone(), -g
+    cls([a], manifold="channel", lr=0.1, maximize=True).step()
+    cls([b], manifold="channel", lr=0.1).step()
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+    assert not torch.equal(a, w)
+
+
+@pytest.mark.parametrize("cls", [PSISGD, PSIAdam])
+def test_weight_decay_on_psi_group_warns_and_is_ignored(cls):
+    w = torch.randn(4, 6)
+    a, b = w.clone().requires_grad_(), w.clone().requires_grad_()
+    g = tangent_grad_like(w, "channel")
+    a.grad, b.grad = g.clone(), g.clone()
+    with pytest.warns(UserWarning, match="weight_decay has no meaning"):
+        cls([a], manifold="channel", lr=0.1, weight_decay=0.5).step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cls([b], manifold="channel", lr=0.1).step()
+    assert torch.equal(a, b)
+    assert not torch.equal(a, w)

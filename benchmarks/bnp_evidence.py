@@ -64,9 +64,9 @@ from bench_step import machine  # noqa: E402
 
 import psi_cuda  # noqa: E402
 from psi_cuda import ops  # noqa: E402
-from psi_cuda.data import load_digits, train_test_split  # noqa: E402
+from psi_cuda.apps.data import load_digits, train_test_split  # noqa: E402
 from psi_cuda.optim import BNPSGD  # noqa: E402
-from psi_cuda.train import SPLIT_SEED, _deterministic  # noqa: E402
+from psi_cuda.apps.train import SPLIT_SEED, _deterministic  # noqa: E402
 
 METHODS = ("sgd", "sgd+bn", "bnp-sgd")
 BATCH_SIZES = (1, 4, 128)

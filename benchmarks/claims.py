@@ -5,7 +5,7 @@
                                            # results, benchmarks/results/claims_sweep.json)
     python benchmarks/claims.py --readme   # also rewrite the README block from the JSON files
 
-Parts (every run is ``psi_cuda.train.run``, the function behind ``psi-cuda train``):
+Parts (every run is ``psi_cuda.apps.train.run``, the function behind ``psi-cuda train``):
 
 * sweep: a small learning-rate grid per optimizer (SmallResNet with BatchNorm; bnp-sgd on its
   BN-free twin), 6 epochs, batch 64, seeds 100 and 101 (not the evaluation seeds); the setting
@@ -39,9 +39,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from psi_cuda.data import load_dataset  # noqa: E402
-from psi_cuda import train  # noqa: E402
-from psi_cuda.train import SPLIT_SEED, run, smoothed, time_to_target  # noqa: E402
+from psi_cuda.apps.data import load_dataset  # noqa: E402
+from psi_cuda.apps import train  # noqa: E402
+from psi_cuda.apps.train import SPLIT_SEED, run, smoothed, time_to_target  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
@@ -246,7 +246,7 @@ def _plt():
 
 
 def plot_runs(records: dict, path: Path, title: str) -> None:
-    from psi_cuda.plots import plot_records
+    from psi_cuda.apps.plots import plot_records
 
     plot_records([r for v in records.values() for r in v], path, title)
 

@@ -29,7 +29,7 @@
    names that kernel AND that place (its own body, or a named callee) with a reason.
 
 3. A roofline MODEL (not a measurement): bytes the current kernels move per optimizer step on
-   the parameter lists of psi_cuda/bench.py (ResNet-50, ViT-B/16, the GPU "large" list), the
+   the parameter lists of psi_cuda/apps/bench.py (ResNet-50, ViT-B/16, the GPU "large" list), the
    launches per step (from the launch scheme at the top of csrc/cuda/psi_sgd_cuda.cu and
    psi_adam_cuda.cu; torch's fused SGD/AdamW from multi_tensor_apply's chunking), and the step
    time those bytes imply at an H100's 3.35 TB/s. If ``psi_cuda.emulated`` exists and is
@@ -461,8 +461,8 @@ def check_spills(records: list[dict]) -> dict:
 # ================================================================ roofline MODEL
 
 def load_shape_lists(root: Path) -> dict:
-    """The parameter lists of psi_cuda/bench.py, read from its source (no torch, no build)."""
-    src = (root / "psi_cuda" / "bench.py").read_text()
+    """The parameter lists of psi_cuda/apps/bench.py, read from its source (no torch, no build)."""
+    src = (root / "psi_cuda" / "apps" / "bench.py").read_text()
     tree = ast.parse(src)
     wanted = {"resnet50", "vit_b16", "numel", "large", "prefix", "large_target"}
     parts = [ast.get_source_segment(src, n) for n in tree.body
@@ -640,7 +640,7 @@ def emulated_launches(root: Path, shapes: list, method: str) -> tuple[list | Non
         if not emulated.available():
             return None, "psi_cuda.emulated.available() is False"
         import torch
-        from psi_cuda import bench
+        from psi_cuda.apps import bench
         from psi_cuda.optim import PSIAdam, PSISGD
         dev = getattr(emulated, "device", "cuda")
         dev = dev() if callable(dev) else dev

@@ -1,15 +1,11 @@
-"""Smoke test of the step benchmark (psi_cuda/bench.py): a tiny run produces the JSON, chart and
-README table it promises. No timing assertions."""
+"""Smoke test of the step benchmark (psi_cuda/apps/bench.py): a tiny run produces the JSON, chart
+and README table it promises. No timing assertions."""
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-from psi_cuda import bench
-
-ROOT = Path(__file__).resolve().parent.parent
+from psi_cuda.apps import bench, bench_report
 
 
 def _finite_numbers(x):
@@ -46,14 +42,12 @@ def test_tiny_run_writes_json_chart_and_table(tmp_path):
     assert len(pts) == 2 and pts[0]["params"] >= 100_000 and pts[-1]["params"] >= 300_000
     assert _finite_numbers(saved)
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import report as readme_report
-    text = readme_report.table(saved, "benchmarks/results/step_cpu.json")
+    text = bench_report.table(saved, "benchmarks/results/step_cpu.json")
     assert "| psi_cuda PSISGD (fused) |" in text and "**Scaling**" in text
 
 
 def test_cli_has_bench(capsys):
-    from psi_cuda.__main__ import main
+    from psi_cuda.apps.cli import main
     with pytest.raises(SystemExit) as e:
         main(["bench", "--help"])
     assert e.value.code == 0

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from psi_cuda import __main__ as cli
-from psi_cuda.data import load_cifar10, load_digits, split_indices, train_test_split
-from psi_cuda.train import (OPTIMIZERS, SmallResNet, augment, make_optimizer, rescale_channels,
-                            run, smoothed, time_to_target)
+from psi_cuda.apps import cli
+from psi_cuda.apps.data import load_cifar10, load_digits, split_indices, train_test_split
+from psi_cuda.apps.train import (OPTIMIZERS, SmallResNet, augment, make_optimizer,
+                                 rescale_channels, run, smoothed, time_to_target)
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +274,7 @@ def test_progress_bar_shows_loss(small_data, capsys):
 
 
 def test_plot_records_writes_a_png(small_data, tmp_path):
-    from psi_cuda.plots import plot_records
+    from psi_cuda.apps.plots import plot_records
 
     records = [run(n, epochs=2, batch_size=64, seed=s, data=small_data)
                for n in ("sgd", "psi-sgd") for s in (0, 1)]

@@ -42,8 +42,9 @@ from typing import Callable
 
 import torch
 
-from . import ops, reference
-from .optim import PSIAdam, PSISGD
+from .. import ops, reference
+from ..optim import PSIAdam, PSISGD
+from . import bench_report
 
 Shape = tuple[int, ...]
 ShapeList = list[tuple[str, Shape, "str | None"]]
@@ -584,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def source_root() -> Path | None:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     return root if (root / "benchmarks").is_dir() and (root / "README.md").is_file() else None
 
 
@@ -632,10 +633,7 @@ def main(argv=None) -> dict:
     if args.readme:
         if root is None:
             raise SystemExit("--readme needs a source checkout (README.md next to psi_cuda/)")
-        from importlib import import_module
-        import sys
-        sys.path.insert(0, str(root / "benchmarks"))
-        import_module("report").main()
+        bench_report.main(root)
     return report
 
 

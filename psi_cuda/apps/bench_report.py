@@ -1,7 +1,7 @@
 """Writes the benchmark tables of README.md from the saved JSON (never typed by hand).
 
     python benchmarks/report.py                 # reads benchmarks/results/step_*.json
-    psi-cuda bench --readme                     # runs the benchmark, then this
+    psi-cuda bench --readme                     # runs the benchmark first (apps/bench.py)
 
 The tables replace what stands between the markers `<!-- bench:start -->` and
 `<!-- bench:end -->` in README.md.
@@ -12,8 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-README = HERE.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 # The issue's targets on the ResNet-50 list (CPU) and for GPUs (100M+ parameter list).
@@ -65,10 +63,12 @@ def targets(result: dict) -> list[str]:
     return lines
 
 
-def table(result: dict, source: str) -> str:
+def table(result: dict, source: str, root: Path | None = None) -> str:
+    """The README text of one result file (``source``: its path relative to the checkout
+    ``root``, where the chart next to it is looked for)."""
     m = result["machine"]
     where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} threads"
-    cmd = result.get("command", "python benchmarks/bench_step.py")
+    cmd = result.get("command", "psi-cuda bench")
     bw_end = result.get("copy_bandwidth_end_gbs")
     bw = (f"{result['copy_bandwidth_gbs']:.1f} GB/s" +
           (f" at the start, {bw_end:.1f} GB/s at the end" if bw_end else ""))
@@ -111,25 +111,24 @@ def table(result: dict, source: str) -> str:
             lines.append(f"| {p['params'] / 1e6:.1f}M | " + " | ".join(cells) + " |")
         lines.append("")
     png = Path(source).with_suffix(".png")
-    if (HERE.parent / png).exists():
+    if root is not None and (root / png).exists():
         lines += [f"![step benchmark]({png.as_posix()})", ""]
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(root: Path) -> None:
+    """Rewrites the section of ``root``/README.md (a source checkout) from
+    ``root``/benchmarks/results/step_*.json."""
+    readme = root / "README.md"
     parts = []
-    for path in sorted((HERE / "results").glob("step_*.json")):
-        parts.append(table(json.loads(path.read_text()), f"benchmarks/results/{path.name}"))
+    for path in sorted((root / "benchmarks" / "results").glob("step_*.json")):
+        parts.append(table(json.loads(path.read_text()), f"benchmarks/results/{path.name}", root))
     if not parts:
-        sys.exit("no benchmarks/results/step_*.json: run benchmarks/bench_step.py first")
-    text = README.read_text()
+        sys.exit("no benchmarks/results/step_*.json: run psi-cuda bench first")
+    text = readme.read_text()
     if START not in text or END not in text:
         sys.exit(f"README.md has no {START} ... {END} section")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    README.write_text(head + START + "\n" + "\n".join(parts) + END + tail)
-    print(f"updated {README}")
-
-
-if __name__ == "__main__":
-    main()
+    readme.write_text(head + START + "\n" + "\n".join(parts) + END + tail)
+    print(f"updated {readme}")

@@ -5,7 +5,7 @@ more seeds on the built-in digits data or a local CIFAR-10, with a progress bar,
 per epoch, a final comparison table, one JSON log per run, PNG plots, and a checkpoint per run
 after every epoch (``--resume`` continues an interrupted command). ``demo`` (the default) is a
 short ``train`` of all five optimizers over 3 seeds on digits. ``bench`` times one optimizer step
-against pure PyTorch and the peers (psi_cuda/bench.py). Ctrl-C stops cleanly: what was logged so
+against pure PyTorch and the peers (psi_cuda/apps/bench.py). Ctrl-C stops cleanly: what was logged so
 far is still written (and flagged ``interrupted``), and the exit code is 130.
 """
 from __future__ import annotations
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="equivalent start: multiply each conv output channel by a factor "
                        "log-uniform in [1/S, S] after initialization")
     _common(train, "runs/train")
-    # Listed for --help only: main() hands "bench ..." to psi_cuda/bench.py's own parser.
+    # Listed for --help only: main() hands "bench ..." to psi_cuda/apps/bench.py's own parser.
     sub.add_parser("bench", help="time one optimizer step vs torch and the peers "
                    "(psi-cuda bench --help)", add_help=False)
     return parser
@@ -337,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m psi_cuda`` and the ``psi-cuda`` script; returns the exit code
     (0, 130 after Ctrl-C, 2 for bad arguments)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":  # its own parser: psi_cuda/bench.py
+    if argv and argv[0] == "bench":  # its own parser: psi_cuda/apps/bench.py
         from .bench import main as bench_main
 
         bench_main(argv[1:])

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import __version__
+from .. import __version__
+from ..groups import param_groups
+from ..optim import BNPSGD, PSIAdam, PSISGD
 from .data import NUM_CLASSES, load_dataset
-from .groups import param_groups
-from .optim import BNPSGD, PSIAdam, PSISGD
 
 OPTIMIZERS = ("sgd", "psi-sgd", "psi-adam", "adamw", "bnp-sgd")
 NORMS = ("bn", "none")

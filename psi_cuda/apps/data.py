@@ -1,7 +1,8 @@
-"""The built-in dataset of the demo: 8x8 handwritten digits (``psi_cuda/data/digits.csv.gz``).
+"""The built-in dataset of the demo: 8x8 handwritten digits
+(``psi_cuda/apps/digits/digits.csv.gz``).
 
-``load_digits()`` reads the packaged copy (1797 images, see ``psi_cuda/data/README.md``) with the
-standard library and numpy only; ``train_test_split()`` makes a deterministic split with the
+``load_digits()`` reads the packaged copy (1797 images, see ``psi_cuda/apps/digits/README.md``)
+with the standard library and numpy only; ``train_test_split()`` makes a deterministic split with the
 same fraction of every class in the test set.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ def load_digits() -> tuple[Tensor, Tensor]:
     ``images`` is float32 of shape ``(1797, 1, 8, 8)`` with values in ``[0, 1]`` (the pixel
     counts 0..16 divided by 16); ``labels`` is int64 of shape ``(1797,)`` with values 0..9.
     """
-    raw = resources.files("psi_cuda").joinpath("data", DIGITS_FILE).read_bytes()
+    raw = resources.files(__package__).joinpath("digits", DIGITS_FILE).read_bytes()
     with gzip.open(io.BytesIO(raw), "rt", encoding="ascii") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.float32, ndmin=2)
     pixels = IMAGE_SIZE * IMAGE_SIZE

@@ -58,15 +58,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from bench_step import machine  # noqa: E402
+import psi_cuda
+from psi_cuda import ops
+from psi_cuda.apps.bench import machine
+from psi_cuda.apps.data import load_digits, train_test_split
+from psi_cuda.apps.train import SPLIT_SEED, deterministic
+from psi_cuda.optim import BNPSGD
 
-import psi_cuda  # noqa: E402
-from psi_cuda import ops  # noqa: E402
-from psi_cuda.apps.data import load_digits, train_test_split  # noqa: E402
-from psi_cuda.optim import BNPSGD  # noqa: E402
-from psi_cuda.apps.train import SPLIT_SEED, _deterministic  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 METHODS = ("sgd", "sgd+bn", "bnp-sgd")
 BATCH_SIZES = (1, 4, 128)
@@ -236,7 +235,7 @@ def training_comparison(args, lr_grid, log) -> dict:
                       "Linear(32w->10); BN twin: no conv bias"))
     sweep, runs, chosen = [], [], {}
     kw = dict(epochs=args.epochs, width=args.width, log_every=args.log_every)
-    with _deterministic(args.threads):
+    with deterministic(args.threads):
         for bs in args.batch_sizes:
             for method in METHODS:
                 best, tried = None, []
@@ -485,7 +484,7 @@ def overhead_one(name: str, model: nn.Module, x: Tensor, reps: int, warmup: int)
 
 def hook_overhead(args, log) -> dict:
     g = torch.Generator().manual_seed(0)
-    with _deterministic(args.threads):
+    with deterministic(args.threads):
         torch.manual_seed(0)
         digits = DigitsCNN(args.width)
         big = BigConvNet(args.big_width)

@@ -36,12 +36,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from psi_cuda.apps import train
+from psi_cuda.apps.data import load_dataset
+from psi_cuda.apps.train import SPLIT_SEED, TrainSettings, smoothed, time_to_target
 
-from psi_cuda.apps.data import load_dataset  # noqa: E402
-from psi_cuda.apps import train  # noqa: E402
-from psi_cuda.apps.train import SPLIT_SEED, run, smoothed, time_to_target  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
@@ -64,6 +63,11 @@ C_METHODS = {  # label -> (optimizer, norm, lr grid)
     "SGD + BatchNorm": ("sgd", "bn", (3e-3, 1e-2, 3e-2, 0.1)),
     "BNP-SGD, no BN": ("bnp-sgd", "none", (1e-4, 3e-4, 1e-3)),
 }
+
+
+def run(optimizer: str, *, data, init_hook=None, **settings) -> dict:
+    """One run of ``psi_cuda.apps.train.run`` on ``data``."""
+    return train.run(TrainSettings(optimizer, **settings), data=data, init_hook=init_hook)
 
 
 def summary(record: dict) -> dict:

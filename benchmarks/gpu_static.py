@@ -29,8 +29,8 @@
    names that kernel AND that place (its own body, or a named callee) with a reason.
 
 3. A roofline MODEL (not a measurement): bytes the current kernels move per optimizer step on
-   the parameter lists of psi_cuda/apps/bench.py (ResNet-50, ViT-B/16, the GPU "large" list), the
-   launches per step (from the launch scheme at the top of csrc/cuda/psi_sgd_cuda.cu and
+   the parameter lists of psi_cuda/apps/shapes.py (ResNet-50, ViT-B/16, the GPU "large" list),
+   the launches per step (from the launch scheme at the top of csrc/cuda/psi_sgd_cuda.cu and
    psi_adam_cuda.cu; torch's fused SGD/AdamW from multi_tensor_apply's chunking), and the step
    time those bytes imply at an H100's 3.35 TB/s. If ``psi_cuda.emulated`` exists and is
    available, launch counts measured by it replace the derived ones.
@@ -41,11 +41,11 @@ Runtime: about 80 s of nvcc per (file, arch) on one core of this 2-core machine.
 from __future__ import annotations
 
 import argparse
-import ast
 import concurrent.futures
 import datetime
 import glob
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -461,21 +461,19 @@ def check_spills(records: list[dict]) -> dict:
 # ================================================================ roofline MODEL
 
 def load_shape_lists(root: Path) -> dict:
-    """The parameter lists of psi_cuda/apps/bench.py, read from its source (no torch, no build)."""
-    src = (root / "psi_cuda" / "apps" / "bench.py").read_text()
-    tree = ast.parse(src)
-    wanted = {"resnet50", "vit_b16", "numel", "large", "prefix", "large_target"}
-    parts = [ast.get_source_segment(src, n) for n in tree.body
-             if isinstance(n, ast.FunctionDef) and n.name in wanted]
-    ns: dict = {}
-    exec("from __future__ import annotations\nimport math\n" + "\n\n".join(parts), ns)
-    return {"resnet50": ns["resnet50"](), "vit_b16": ns["vit_b16"](),
-            "large": ns["large"](ns["large_target"]("cuda"))}
+    """The parameter lists of psi_cuda/apps/shapes.py, loaded from the file alone (standard
+    library only: no torch, no build, no import of the psi_cuda package)."""
+    spec = importlib.util.spec_from_file_location(
+        "psi_cuda_shapes", root / "psi_cuda" / "apps" / "shapes.py")
+    shapes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shapes)
+    return {"resnet50": shapes.resnet50(), "vit_b16": shapes.vit_b16(),
+            "large": shapes.large(shapes.large_target("cuda"))}
 
 
 def bench_groups(shapes: list) -> list[tuple]:
-    """psi_cuda.bench.psi_groups: one param group per manifold, in order of first appearance
-    (for these lists the same split psi_cuda.param_groups makes: channel groups for convs that
+    """psi_cuda.apps.bench.psi_groups: one param group per manifold, in order of first
+    appearance (for these lists the same split psi_cuda.param_groups makes: channel groups for convs that
     feed BatchNorm, tensor groups for the marked ViT projections, the rest Euclidean)."""
     by: dict = {}
     for _, shape, manifold in shapes:
@@ -628,10 +626,10 @@ def roofline(shapes: list, method: str, elt: int = 4, mta: dict | None = None,
     return out
 
 
-def emulated_launches(root: Path, shapes: list, method: str) -> tuple[list | None, str]:
-    """Launches of one step measured by psi_cuda.emulated, if that module exists (guarded: it
-    may not) and says it is available."""
-    sys.path.insert(0, str(root))
+def emulated_launches(shapes: list, method: str) -> tuple[list | None, str]:
+    """Launches of one step measured by psi_cuda.emulated (the installed psi_cuda, e.g. the
+    editable install of scripts/setup.sh), if that module exists (guarded: it may not) and says
+    it is available."""
     try:
         from psi_cuda import emulated  # noqa: PLC0415
     except Exception as e:  # ImportError, or psi_cuda itself not built for this python
@@ -673,8 +671,8 @@ def model_section(root: Path, elt: int, mta: dict, measure: bool, measure_large:
                "PSIAdam: one fp32 v per group, read and written",
                "metadata table (80 B/tensor + 8 B/step) written by the upload and read once; "
                "steps read and incremented",
-               "param groups as psi_cuda.bench.psi_groups (one per manifold); one psi op call "
-               "per group: table upload + one launch per kernel kind present + step increment",
+               "param groups as psi_cuda.apps.bench.psi_groups (one per manifold); one psi op "
+               "call per group: table upload + one launch per kernel kind present + step increment",
                "torch fused SGD/AdamW: state in the param dtype, one pass; launches from "
                "multi_tensor_apply's chunking (AdamW also _foreach_add_ on the steps)",
                "launch latency, caches, kernel efficiency: not modelled"],
@@ -684,7 +682,7 @@ def model_section(root: Path, elt: int, mta: dict, measure: bool, measure_large:
         for method in METHODS:
             measured, why = (None, "not attempted")
             if measure and (name != "large" or measure_large):
-                measured, why = emulated_launches(root, shapes, method)
+                measured, why = emulated_launches(shapes, method)
             rows[method] = roofline(shapes, method, elt, mta, measured)
             rows[method]["measured_launches"] = why
         ref = {"PSISGD": "torch SGD (fused)", "PSIAdam": "torch AdamW (fused)",

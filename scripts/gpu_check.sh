@@ -506,7 +506,7 @@ step_sanitize_racecheck() { sanitize racecheck; }
 step_sanitize_synccheck() { sanitize synccheck; }
 
 step_bench() {
-  # psi_cuda/bench.py has --device and --quick (resnet50 + vit_b16 lists, 5 steps, no large list).
+  # psi_cuda/apps/bench.py has --device and --quick (resnet50 + vit_b16, 5 steps, no large list).
   local plot=()
   "$py" -c 'import matplotlib' 2>/dev/null || plot=(--no-plot)
   (cd "$work" && "$py" -m psi_cuda bench --device cuda --quick --out "$out" --name step_cuda_quick \

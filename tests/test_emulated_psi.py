@@ -197,7 +197,7 @@ def test_resnet50_launches_do_not_grow_with_tensors():
     """Launches per step are a constant of the call (one per kind of work present), not of the
     number of tensors: the 161 tensors of ResNet-50 take the same launches as 5 of them that
     have the same kinds of work (short rows, rows over 2048 elements, Euclidean)."""
-    from psi_cuda.apps.bench import resnet50
+    from psi_cuda.apps.shapes import resnet50
 
     full = resnet50()
     few = [full[0], full[1], full[-3], full[-1]] + [e for e in full if e[1] == (512, 512, 3, 3)][:1]

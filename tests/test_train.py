@@ -9,8 +9,9 @@ import torch
 
 from psi_cuda.apps import cli
 from psi_cuda.apps.data import load_cifar10, load_digits, split_indices, train_test_split
-from psi_cuda.apps.train import (OPTIMIZERS, SmallResNet, augment, make_optimizer,
-                                 rescale_channels, run, smoothed, time_to_target)
+from psi_cuda.apps.models import SmallResNet, rescale_channels
+from psi_cuda.apps.train import (OPTIMIZERS, TrainSettings, augment, make_optimizer, run,
+                                 smoothed, time_to_target)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,7 @@ def test_bn_free_twin_and_bnp_groups():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(c.bias is not None for c in convs)
-    opt, groups = make_optimizer("bnp-sgd", model, 0.01, None, 0.9)
+    opt, groups = make_optimizer(model, TrainSettings("bnp-sgd", lr=0.01))
     assert groups == {"bnp": len(convs) + 1, "euclidean": sum(1 for _ in model.parameters())
                       - len(convs) - 1}
 
@@ -112,7 +113,7 @@ def test_bn_free_twin_and_bnp_groups():
 @pytest.mark.parametrize("name", ["psi-sgd", "psi-adam"])
 def test_psi_optimizers_put_every_conv_on_the_manifold(name):
     model = SmallResNet()
-    _, groups = make_optimizer(name, model, 0.05, 0.1, 0.9)
+    _, groups = make_optimizer(model, TrainSettings(name, lr=0.05, psi_lr=0.1))
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     assert groups == {"channel": convs, "euclidean": sum(1 for _ in model.parameters()) - convs}
 
@@ -149,18 +150,18 @@ def test_smoothed_and_time_to_target():
 
 @pytest.mark.parametrize("name", ["sgd", "psi-sgd", "bnp-sgd"])
 def test_run_is_deterministic(name, small_data):
-    a = run(name, epochs=1, batch_size=32, seed=3, data=small_data)
-    b = run(name, epochs=1, batch_size=32, seed=3, data=small_data)
+    a = run(TrainSettings(name, epochs=1, batch_size=32, seed=3), data=small_data)
+    b = run(TrainSettings(name, epochs=1, batch_size=32, seed=3), data=small_data)
     assert a["step_loss"] == b["step_loss"] and len(a["step_loss"]) == 8
     assert a["epochs"][0]["test_acc"] == b["epochs"][0]["test_acc"]
-    c = run(name, epochs=1, batch_size=32, seed=4, data=small_data)
+    c = run(TrainSettings(name, epochs=1, batch_size=32, seed=4), data=small_data)
     assert c["step_loss"] != a["step_loss"]
 
 
 def test_run_restores_global_settings(small_data):
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
-    run("sgd", epochs=1, batch_size=128, threads=1, data=small_data)
+    run(TrainSettings("sgd", epochs=1, batch_size=128, threads=1), data=small_data)
     assert torch.get_num_threads() == threads
     assert torch.are_deterministic_algorithms_enabled() == deterministic
 
@@ -170,7 +171,7 @@ def test_short_run_decreases_training_loss(name, small_data):
     options = {"sgd": dict(lr=0.1), "psi-sgd": dict(lr=0.1, psi_lr=0.1),
                "bnp-sgd": dict(lr=0.003), "psi-adam": dict(lr=0.01, psi_lr=0.1),
                "adamw": dict(lr=0.01)}[name]
-    record = run(name, epochs=3, batch_size=32, data=small_data, **options)
+    record = run(TrainSettings(name, epochs=3, batch_size=32, **options), data=small_data)
     losses = record["step_loss"]
     assert len(losses) == 24 and len(record["step_time"]) == 24
     assert all(torch.isfinite(torch.tensor(losses)))
@@ -189,7 +190,7 @@ def test_psi_sgd_keeps_conv_row_norms(small_data):
     model = SmallResNet()
     norms = {n: p.detach().flatten(1).norm(dim=1) for n, p in model.named_parameters()
              if p.dim() == 4}
-    opt, _ = make_optimizer("psi-sgd", model, 0.05, 0.1, 0.9)
+    opt, _ = make_optimizer(model, TrainSettings("psi-sgd", lr=0.05, psi_lr=0.1))
     x, y = small_data[0][:64], small_data[1][:64]
     for _ in range(3):
         opt.zero_grad()
@@ -205,8 +206,9 @@ def test_equivalent_start_psi_sgd_stays_sgd_moves(small_data):
     only by BatchNorm's eps and rounding."""
     diff = {}
     for name, options in (("sgd", dict(lr=0.1)), ("psi-sgd", dict(lr=0.1, psi_lr=0.1))):
-        a = run(name, epochs=1, batch_size=32, data=small_data, **options)
-        b = run(name, epochs=1, batch_size=32, data=small_data, rescale=4.0, **options)
+        a = run(TrainSettings(name, epochs=1, batch_size=32, **options), data=small_data)
+        b = run(TrainSettings(name, epochs=1, batch_size=32, rescale=4.0, **options),
+                data=small_data)
         diff[name] = max(abs(x - y) for x, y in zip(a["step_loss"], b["step_loss"]))
     assert diff["psi-sgd"] < 2e-3 and diff["sgd"] > 10 * diff["psi-sgd"]
 
@@ -215,24 +217,24 @@ def test_interrupt_keeps_what_was_logged(small_data):
     def stop_after_first(entry):
         raise KeyboardInterrupt
 
-    record = run("psi-sgd", epochs=3, batch_size=64, data=small_data, on_epoch=stop_after_first)
+    record = run(TrainSettings("psi-sgd", epochs=3, batch_size=64), data=small_data,
+                 on_epoch=stop_after_first)
     assert record["interrupted"] and record["final"]["epochs_done"] == 1
     assert len(record["step_loss"]) == 4
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_resume_from_checkpoint_is_bit_for_bit(name, small_data, tmp_path):
-    full = run(name, epochs=3, batch_size=64, data=small_data, checkpoint=tmp_path / "a.pt")
+    settings = TrainSettings(name, epochs=3, batch_size=64)
+    full = run(settings, data=small_data, checkpoint=tmp_path / "a.pt")
 
     def stop_at_2(entry):
         if entry["epoch"] == 2:
             raise KeyboardInterrupt
 
-    part = run(name, epochs=3, batch_size=64, data=small_data, checkpoint=tmp_path / "b.pt",
-               on_epoch=stop_at_2)
+    part = run(settings, data=small_data, checkpoint=tmp_path / "b.pt", on_epoch=stop_at_2)
     assert part["interrupted"] and part["final"]["epochs_done"] == 2
-    resumed = run(name, epochs=3, batch_size=64, data=small_data, checkpoint=tmp_path / "b.pt",
-                  resume=True)
+    resumed = run(settings, data=small_data, checkpoint=tmp_path / "b.pt", resume=True)
     assert resumed["resumed_from_epoch"] == 2 and not resumed["interrupted"]
     assert resumed["step_loss"] == full["step_loss"]
     assert [e["test_acc"] for e in resumed["epochs"]] == [e["test_acc"] for e in full["epochs"]]
@@ -244,31 +246,31 @@ def test_resume_from_checkpoint_is_bit_for_bit(name, small_data, tmp_path):
             if torch.is_tensor(value):
                 assert value.equal(b["optimizer"]["state"][pid][key]), (pid, key)
     # A finished checkpoint resumes to the same record without training.
-    again = run(name, epochs=3, batch_size=64, data=small_data, checkpoint=tmp_path / "b.pt",
-                resume=True)
+    again = run(settings, data=small_data, checkpoint=tmp_path / "b.pt", resume=True)
     assert again["step_loss"] == full["step_loss"] and again["resumed_from_epoch"] == 3
 
 
 def test_resume_refuses_a_different_run(small_data, tmp_path):
-    run("sgd", epochs=1, batch_size=64, data=small_data, checkpoint=tmp_path / "c.pt")
+    run(TrainSettings("sgd", epochs=1, batch_size=64), data=small_data,
+        checkpoint=tmp_path / "c.pt")
     with pytest.raises(ValueError, match=r"different run: lr 0.4 there, 0.2 here"):
-        run("sgd", lr=0.2, epochs=1, batch_size=64, data=small_data,
+        run(TrainSettings("sgd", lr=0.2, epochs=1, batch_size=64), data=small_data,
             checkpoint=tmp_path / "c.pt", resume=True)
 
 
 def test_run_rejects_bad_settings(small_data):
     with pytest.raises(ValueError, match="psi-sgd needs norm='bn'"):
-        run("psi-sgd", norm="none", data=small_data)
+        run(TrainSettings("psi-sgd", norm="none"), data=small_data)
     with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
-        run("adam", data=small_data)
+        run(TrainSettings("adam"), data=small_data)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
-        run("sgd", batch_size=0, data=small_data)
+        run(TrainSettings("sgd", batch_size=0), data=small_data)
     with pytest.raises(ValueError, match="rescale needs norm='bn'"):
-        run("sgd", norm="none", rescale=2.0, data=small_data)
+        run(TrainSettings("sgd", norm="none", rescale=2.0), data=small_data)
 
 
 def test_progress_bar_shows_loss(small_data, capsys):
-    run("sgd", epochs=1, batch_size=32, data=small_data, progress=True)
+    run(TrainSettings("sgd", epochs=1, batch_size=32), data=small_data, progress=True)
     err = capsys.readouterr().err
     assert "sgd-seed0" in err and "loss=" in err
 
@@ -276,7 +278,7 @@ def test_progress_bar_shows_loss(small_data, capsys):
 def test_plot_records_writes_a_png(small_data, tmp_path):
     from psi_cuda.apps.plots import plot_records
 
-    records = [run(n, epochs=2, batch_size=64, seed=s, data=small_data)
+    records = [run(TrainSettings(n, epochs=2, batch_size=64, seed=s), data=small_data)
                for n in ("sgd", "psi-sgd") for s in (0, 1)]
     path = plot_records(records, tmp_path / "p.png", "title")
     head = path.read_bytes()[:24]
@@ -369,7 +371,7 @@ def _interrupting_printer(monkeypatch, victim):
 
     def interrupting_printer(settings):
         show = printer(settings)
-        if settings["optimizer"] != victim:
+        if settings.optimizer != victim:
             return show
 
         def interrupt(entry):

@@ -5,12 +5,13 @@ more seeds on the built-in digits data or a local CIFAR-10, with a progress bar,
 per epoch, a final comparison table, one JSON log per run, PNG plots, and a checkpoint per run
 after every epoch (``--resume`` continues an interrupted command). ``demo`` (the default) is a
 short ``train`` of all five optimizers over 3 seeds on digits. ``bench`` times one optimizer step
-against pure PyTorch and the peers (psi_cuda/apps/bench.py). Ctrl-C stops cleanly: what was logged so
-far is still written (and flagged ``interrupted``), and the exit code is 130.
+against pure PyTorch and the peers (psi_cuda/apps/bench.py). Ctrl-C stops cleanly: what was
+logged so far is still written (and flagged ``interrupted``), and the exit code is 130.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -18,6 +19,11 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
+
+from .data import DATASETS, find_cifar10, load_dataset
+from .train import (DEFAULT_BATCH_SIZE, DEFAULT_MOMENTUM, DEFAULTS, NORMS, OPTIMIZERS,
+                    RESUMABLE_CHANGES, SCHEDULES, TrainSettings, mean_std, mean_std_reached,
+                    resolve_settings, run, run_name, time_to_target)
 
 COMMANDS = ("demo", "train")
 DEMO_EPOCHS = 6
@@ -48,7 +54,8 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--out", default=out,
                    help=f"folder for the JSON logs, plots and checkpoints (default: {out})")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (default: when stderr is a terminal)")
+                   help="progress bar (default: when stderr is a terminal and tqdm is "
+                   "installed)")
     p.add_argument("--resume", action="store_true",
                    help="reuse finished runs' logs in --out and continue unfinished runs from "
                    "their checkpoints (same settings)")
@@ -58,10 +65,6 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data import DATASETS
-    from .train import (DEFAULT_BATCH_SIZE, DEFAULT_MOMENTUM, DEFAULTS, NORMS, OPTIMIZERS,
-                        SCHEDULES)
-
     parser = argparse.ArgumentParser(
         prog="psi-cuda", description="Train PSI-SGD, PSI-Adam and BNP against SGD and AdamW "
         "on the built-in digits data (or a local CIFAR-10). Without a command: demo.")
@@ -78,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--optimizer", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS),
                       help=argparse.SUPPRESS)
 
-    defaults = "; ".join(f"{k} {v['lr']:g}" for k, v in DEFAULTS.items())
+    lrs = "; ".join(f"{k} {v['lr']:g}" for k, v in DEFAULTS.items())
     train = sub.add_parser("train", help="train one or more optimizers over one or more seeds",
                            description="Trains each optimizer for each seed and writes one JSON "
                            "log per run, a summary with the comparison table, and plots.")
@@ -86,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="NAME", help=f"one or more of {', '.join(OPTIMIZERS)} "
                        "(default: psi-sgd)")
     train.add_argument("--lr", type=_positive_float, default=None,
-                       help=f"learning rate of the Euclidean parameters (default: {defaults})")
+                       help=f"learning rate of the Euclidean parameters (default: {lrs})")
     train.add_argument("--psi-lr", type=_positive_float, default=None,
                        help="learning rate of the PSI (conv weight) groups, psi-sgd and "
                        f"psi-adam (default: {DEFAULTS['psi-sgd']['psi_lr']:g} and "
@@ -124,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# --- logs -----------------------------------------------------------------------------------
+
+
 def _finite(value: Any) -> Any:
     """``value`` with every NaN/inf float replaced by None, so the JSON is standard (a diverged
     run has NaN losses)."""
@@ -144,23 +150,38 @@ def _write_json(path: Path, payload: Any) -> Path:
     return path
 
 
+def _settings_of(record: dict[str, Any]) -> TrainSettings:
+    return TrainSettings.from_dict(record["settings"])
+
+
 def _write(record: dict[str, Any], folder: Path) -> Path:
     """Writes ``record`` to ``folder/<run name>.json`` (atomically); returns the path."""
-    from .train import run_name
-
-    return _write_json(folder / f"{run_name(record['settings'])}.json", record)
+    return _write_json(folder / f"{run_name(_settings_of(record))}.json", record)
 
 
-def _epoch_printer(settings: dict[str, Any]):
-    from .train import run_name
+def _load_finished(path: Path, settings: TrainSettings) -> dict[str, Any] | None:
+    """The finished record at ``path`` when it was made with ``settings``, else None."""
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    saved = record.get("settings", {})
+    same = all(saved.get(k) == v for k, v in settings.to_dict().items()
+               if k not in RESUMABLE_CHANGES)
+    done = (not record.get("interrupted")
+            and record.get("final", {}).get("epochs_done") == settings.epochs)
+    return record if same and done else None
 
+
+# --- output ---------------------------------------------------------------------------------
+
+
+def _epoch_printer(settings: TrainSettings):
     label = f"{run_name(settings):>16}"
-    total = settings["epochs"]
 
     def show(entry: dict[str, Any]) -> None:
-        print(f"{label}  epoch {entry['epoch']:>2}/{total}  loss {entry['train_loss']:.4f}  "
-              f"test acc {100 * entry['test_acc']:6.2f}%  {entry['samples_per_s']:8.0f} samples/s"
-              f"  ({entry['wall_s']:.2f} s)", flush=True)
+        print(f"{label}  epoch {entry['epoch']:>2}/{settings.epochs}  loss "
+              f"{entry['train_loss']:.4f}  test acc {100 * entry['test_acc']:6.2f}%  "
+              f"{entry['samples_per_s']:8.0f} samples/s  ({entry['wall_s']:.2f} s)", flush=True)
     return show
 
 
@@ -170,34 +191,29 @@ def _percent(fraction: float | None) -> float | None:
 
 def _reached(records: list[dict[str, Any]], target: float, key: str, fmt: str) -> str:
     """Mean +- std of the time to ``target`` over the runs that got there, and how many did."""
-    from .train import mean_std_reached, time_to_target
-
     return mean_std_reached([time_to_target(r, target)[key] for r in records], fmt)
 
 
 def _table(records: list[dict[str, Any]], target: float = DEFAULT_TARGET_LOSS) -> str:
-    """One row per setting (optimizer and model): mean +- std over seeds of the final
-    numbers, and the steps and training seconds to a trailing-mean training loss of
-    ``target`` (over the seeds that reached it; how many did, in brackets, when not all)."""
-    from .plots import label_of
-    from .train import mean_std as _mean_std
-
+    """One row per setting (optimizer and model): mean +- std over seeds of the final numbers,
+    and the steps and training seconds to a trailing-mean training loss of ``target`` (over the
+    seeds that reached it; how many did, in brackets, when not all)."""
     header = ("run", "model", "batch", "lr", "psi_lr", "seeds", "epochs", "train loss",
               "test acc %", "best test acc %", f"steps to loss {target:g}",
               f"seconds to loss {target:g}", "samples/s")
+    settings = [_settings_of(r) for r in records]
     rows = []
-    for name in dict.fromkeys(label_of(r) for r in records):
-        rs = [r for r in records if label_of(r) == name]
-        s, finals = rs[0]["settings"], [r["final"] for r in rs]
-        rows.append((name, "BN" if s.get("norm", "bn") == "bn" else "no BN",
-                     str(s["batch_size"]), f"{s['lr']:g}",
-                     "-" if s["psi_lr"] is None else f"{s['psi_lr']:g}",
+    for key in dict.fromkeys(run_name(s).rsplit("-seed", 1)[0] for s in settings):
+        rs = [r for r, s in zip(records, settings) if run_name(s).rsplit("-seed", 1)[0] == key]
+        s, finals = _settings_of(rs[0]), [r["final"] for r in rs]
+        rows.append((key, "BN" if s.net == "bn" else "no BN", str(s.batch_size), f"{s.lr:g}",
+                     "-" if s.psi_lr is None else f"{s.psi_lr:g}",
                      str(len(rs)), "/".join(sorted({str(f["epochs_done"]) for f in finals})),
-                     _mean_std([f["train_loss"] for f in finals]),
-                     _mean_std([_percent(f["test_acc"]) for f in finals], ".2f"),
-                     _mean_std([_percent(f["best_test_acc"]) for f in finals], ".2f"),
+                     mean_std([f["train_loss"] for f in finals]),
+                     mean_std([_percent(f["test_acc"]) for f in finals], ".2f"),
+                     mean_std([_percent(f["best_test_acc"]) for f in finals], ".2f"),
                      _reached(rs, target, "step", ".0f"), _reached(rs, target, "seconds", ".2f"),
-                     _mean_std([f["samples_per_s"] for f in finals], ".0f")))
+                     mean_std([f["samples_per_s"] for f in finals], ".0f")))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)),
              "  ".join("-" * w for w in widths)]
@@ -205,48 +221,36 @@ def _table(records: list[dict[str, Any]], target: float = DEFAULT_TARGET_LOSS) -
     return "\n".join(lines)
 
 
-def _load_finished(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The finished record at ``path`` when it was made with ``settings``, else None."""
-    from .train import RESUMABLE_CHANGES
-
-    if not path.exists():
-        return None
-    record = json.loads(path.read_text())
-    saved = record.get("settings", {})
-    same = all(saved.get(k) == v for k, v in settings.items() if k not in RESUMABLE_CHANGES)
-    done = (not record.get("interrupted")
-            and record.get("final", {}).get("epochs_done") == settings["epochs"])
-    return record if same and done else None
+def _progress_enabled(args: argparse.Namespace) -> bool:
+    have_tqdm = importlib.util.find_spec("tqdm") is not None
+    if args.progress is None:
+        return sys.stderr.isatty() and have_tqdm
+    if args.progress and not have_tqdm:
+        build_parser().error("--progress needs tqdm (pip install 'psi_cuda[apps]')")
+    return args.progress
 
 
-def _compare(args: argparse.Namespace, runs: list[dict[str, Any]], title: str) -> int:
-    """Trains every run (keyword arguments of train.run), writing logs, checkpoints, the
-    summary and the plots into ``args.out``; prints the table. Returns the exit code."""
-    from .data import load_dataset
-    from .train import SPLIT_SEED, resolve_settings, run, run_name
+# --- commands -------------------------------------------------------------------------------
 
+
+def _compare(args: argparse.Namespace, runs: list[TrainSettings], title: str) -> int:
+    """Trains every run (resolved settings), writing logs, checkpoints, the summary and the
+    plots into ``args.out``; prints the table. Returns the exit code."""
     started = time.perf_counter()
     out = Path(args.out)
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    progress = _progress_enabled(args)
     records: list[dict[str, Any]] = []
     paths: list[Path] = []
     interrupted = False
     try:
-        dataset, folder = runs[0].get("dataset", "digits"), runs[0].get("data_dir")
-        data = load_dataset(dataset, folder, split_seed=SPLIT_SEED)
-        names = list(dict.fromkeys(r["optimizer_name"] for r in runs))
-        seeds = sorted({r["seed"] for r in runs})
-        print(f"{dataset}: {data[1].numel()} train / {data[3].numel()} test images; "
-              f"{', '.join(names)} x {len(seeds)} seed(s); device {args.device}, "
+        first = runs[0]  # every run of a command has the same data
+        data = load_dataset(first.dataset, first.data_dir, split_seed=first.split_seed)
+        names = ", ".join(dict.fromkeys(s.optimizer for s in runs))
+        seeds = sorted({s.seed for s in runs})
+        print(f"{first.dataset}: {data[1].numel()} train / {data[3].numel()} test images; "
+              f"{names} x {len(seeds)} seed(s); device {args.device}, "
               f"{args.threads} thread(s); logs in {out}", flush=True)
-        for kwargs in runs:
-            settings = resolve_settings(
-                kwargs["optimizer_name"], kwargs.get("lr"), kwargs.get("psi_lr"),
-                kwargs.get("momentum", 0.9), kwargs.get("batch_size", 64), kwargs["epochs"],
-                kwargs["seed"], weight_decay=kwargs.get("weight_decay"),
-                norm=kwargs.get("norm"), schedule=kwargs.get("schedule", "cosine"),
-                width=kwargs.get("width", 16), dataset=dataset,
-                augment_data=kwargs.get("augment_data"), rescale=kwargs.get("rescale"))
+        for settings in runs:
             name = run_name(settings)
             path = out / f"{name}.json"
             if args.resume:
@@ -256,9 +260,9 @@ def _compare(args: argparse.Namespace, runs: list[dict[str, Any]], title: str) -
                     records.append(record)
                     paths.append(path)
                     continue
-            record = run(**kwargs, device=args.device, threads=args.threads, data=data,
-                         checkpoint=out / "checkpoints" / f"{name}.pt", resume=args.resume,
-                         progress=progress, on_epoch=_epoch_printer(settings))
+            record = run(settings, data=data, checkpoint=out / "checkpoints" / f"{name}.pt",
+                         resume=args.resume, progress=progress,
+                         on_epoch=_epoch_printer(settings))
             if record["resumed_from_epoch"]:
                 print(f"{name:>16}  resumed after epoch {record['resumed_from_epoch']}",
                       flush=True)
@@ -275,7 +279,7 @@ def _compare(args: argparse.Namespace, runs: list[dict[str, Any]], title: str) -
             from .plots import plot_records
 
             plot = plot_records(records, out / "plots.png", title)
-        except ImportError:  # matplotlib is optional for the library, set up by setup.sh
+        except ImportError:  # matplotlib: the apps extra, set up by setup.sh
             print("matplotlib not installed: no plots", flush=True)
         _write_json(out / "summary.json", dict(
             title=title, runs=[str(p) for p in paths], table=table,
@@ -293,42 +297,37 @@ def _compare(args: argparse.Namespace, runs: list[dict[str, Any]], title: str) -
     return 130 if interrupted else 0
 
 
+def _settings(**values: Any) -> TrainSettings:
+    """The resolved settings of one run (the defaults filled in once, here, before any
+    training); a bad value or combination (e.g. psi-sgd with --norm none) is a usage error."""
+    try:
+        return resolve_settings(TrainSettings(**values))
+    except ValueError as e:
+        build_parser().error(str(e))
+
+
 def demo(args: argparse.Namespace) -> int:
-    runs = [dict(optimizer_name=name, epochs=args.epochs, seed=seed)
-            for seed in range(args.seeds) for name in args.optimizer]
+    runs = [_settings(optimizer=o, epochs=args.epochs, seed=seed, device=args.device,
+                      threads=args.threads) for seed in range(args.seeds) for o in args.optimizer]
     return _compare(args, runs, f"psi-cuda demo: digits, {args.epochs} epochs, "
                     f"{args.seeds} seed(s), default settings")
 
 
 def train(args: argparse.Namespace) -> int:
-    from .train import resolve_settings
-
-    runs = []
-    for seed in range(args.seed, args.seed + args.seeds):
-        for name in args.optimizer:
-            kwargs = dict(optimizer_name=name, lr=args.lr, psi_lr=args.psi_lr,
-                          momentum=args.momentum, batch_size=args.batch_size,
-                          epochs=args.epochs, seed=seed, weight_decay=args.weight_decay,
-                          norm=args.norm, schedule=args.schedule, width=args.width,
-                          dataset=args.data, data_dir=args.data_dir, augment_data=args.augment,
-                          rescale=args.rescale)
-            try:  # bad combinations (e.g. psi-sgd with --norm none) fail before any training
-                resolve_settings(name, args.lr, args.psi_lr, args.momentum, args.batch_size,
-                                 args.epochs, seed, weight_decay=args.weight_decay,
-                                 norm=args.norm, schedule=args.schedule, width=args.width,
-                                 dataset=args.data, rescale=args.rescale)
-            except ValueError as e:
-                build_parser().error(str(e))
-            runs.append(kwargs)
     if args.data == "cifar10":
-        from .data import _find_cifar10
-
         if args.data_dir is None:
             build_parser().error("--data cifar10 needs --data-dir (psi_cuda never downloads)")
         try:
-            _find_cifar10(args.data_dir)
+            find_cifar10(args.data_dir)
         except FileNotFoundError as e:
             build_parser().error(f"--data-dir: {e}")
+    runs = [_settings(optimizer=name, norm=args.norm, lr=args.lr, psi_lr=args.psi_lr,
+                      momentum=args.momentum, weight_decay=args.weight_decay,
+                      schedule=args.schedule, batch_size=args.batch_size, epochs=args.epochs,
+                      seed=seed, width=args.width, dataset=args.data, data_dir=args.data_dir,
+                      augment=args.augment, rescale=args.rescale, device=args.device,
+                      threads=args.threads)
+            for seed in range(args.seed, args.seed + args.seeds) for name in args.optimizer]
     return _compare(args, runs, f"psi-cuda train: {args.data}, {args.epochs} epochs, "
                     f"batch {args.batch_size}")
 
@@ -345,10 +344,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
         argv.insert(0, "demo")
     args = build_parser().parse_args(argv)
-    if args.epochs < 0:
-        build_parser().error("--epochs must be >= 0")
     return demo(args) if args.command == "demo" else train(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,15 +1,18 @@
-"""The built-in dataset of the demo: 8x8 handwritten digits
-(``psi_cuda/apps/digits/digits.csv.gz``).
+"""Data of the training runs: the built-in 8x8 handwritten digits
+(``psi_cuda/apps/digits/digits.csv.gz``) and CIFAR-10 from a local folder.
 
 ``load_digits()`` reads the packaged copy (1797 images, see ``psi_cuda/apps/digits/README.md``)
-with the standard library and numpy only; ``train_test_split()`` makes a deterministic split with the
-same fraction of every class in the test set.
+with the standard library and numpy only; ``train_test_split()`` makes a deterministic split with
+the same fraction of every class in the test set. ``load_cifar10()`` reads the standard python
+version of CIFAR-10 from a folder and never downloads.
 """
 from __future__ import annotations
 
 import gzip
 import io
+import pickle
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -73,9 +76,9 @@ CIFAR10_TEST = "test_batch"
 DATASETS = ("digits", "cifar10")
 
 
-def _find_cifar10(folder) -> "Path":
-    from pathlib import Path
-
+def find_cifar10(folder: str | Path) -> Path:
+    """The folder holding CIFAR-10's python version: ``folder`` or ``folder``/cifar-10-batches-py;
+    FileNotFoundError saying what is missing."""
     folder = Path(folder).expanduser()
     for candidate in (folder, folder / CIFAR10_FOLDER):
         if all((candidate / name).is_file() for name in CIFAR10_TRAIN + (CIFAR10_TEST,)):
@@ -87,9 +90,7 @@ def _find_cifar10(folder) -> "Path":
         "downloads")
 
 
-def _read_cifar_batch(path) -> tuple[np.ndarray, np.ndarray]:
-    import pickle
-
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with open(path, "rb") as f:
         batch = pickle.load(f, encoding="bytes")
     data = np.asarray(batch[b"data"], dtype=np.uint8)
@@ -104,7 +105,7 @@ def load_cifar10(folder) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """CIFAR-10 from a local copy of its standard python version (never downloads):
     ``(train_images, train_labels, test_images, test_labels)``, images float32 ``(N, 3, 32, 32)``
     normalized per channel with the training set's mean and standard deviation."""
-    root = _find_cifar10(folder)
+    root = find_cifar10(folder)
     parts = [_read_cifar_batch(root / name) for name in CIFAR10_TRAIN]
     test_data, test_labels = _read_cifar_batch(root / CIFAR10_TEST)
     train = torch.from_numpy(np.concatenate([d for d, _ in parts])).view(-1, 3, 32, 32).float()

@@ -6,13 +6,13 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .train import run_name, smoothed
+from .train import TrainSettings, run_name, smoothed
 
 
 def label_of(record: dict[str, Any]) -> str:
-    """``optimizer`` plus ``(no BN)`` / ``(BN)`` where the model is not the optimizer's
-    default; the seed is left out, so the seeds of one setting share a label."""
-    return run_name(record["settings"]).rsplit("-seed", 1)[0]
+    """``optimizer`` plus ``-<norm>`` where the net is not the optimizer's own; the seed is
+    left out, so the seeds of one setting share a label."""
+    return run_name(TrainSettings.from_dict(record["settings"])).rsplit("-seed", 1)[0]
 
 
 def _mean(curves: list[list[float]]) -> list[float]:

@@ -355,14 +355,20 @@ def test_cli_demo_tiny(tmp_path, capsys):
     code = cli.main(["demo", "--epochs", "1", "--seeds", "1", "--threads", "1",
                      "--out", str(tmp_path)])
     assert code == 0
+    # Every optimizer on its own net, and SGD on the BN-free net too: BNP-SGD's baseline.
     assert {p.name for p in tmp_path.glob("*.json")} == {
-        f"{n}-seed0.json" for n in OPTIMIZERS} | {"summary.json"}
+        f"{n}-seed0.json" for n in OPTIMIZERS} | {"sgd-none-seed0.json", "summary.json"}
     out = capsys.readouterr().out
     assert "test acc" in out and "samples/s" in out
     summary = json.loads((tmp_path / "summary.json").read_text())
     table = summary["table"]
     assert table.splitlines()[0].startswith("run") and "psi-sgd" in table and "no BN" in table
     assert table in out
+    rows = [line.split()[:3] for line in table.splitlines()[2:]]
+    assert [r[0] for r in rows] == [o for o, _ in cli.DEMO_RUNS]
+    assert [r for r in rows if r[1:] == ["no", "BN"]] == [["sgd", "no", "BN"],
+                                                          ["bnp-sgd", "no", "BN"]]
+    assert summary["nets"] in out and "no BN = " in summary["nets"]
     assert f"Plots: {tmp_path / 'plots.png'}" in out and (tmp_path / "plots.png").exists()
 
 

@@ -2,9 +2,11 @@
 
 ``train`` trains one or more optimizers (sgd, psi-sgd, psi-adam, adamw, bnp-sgd) over one or
 more seeds on the built-in digits data or a local CIFAR-10, with a progress bar, one summary line
-per epoch, a final comparison table, one JSON log per run, PNG plots, and a checkpoint per run
-after every epoch (``--resume`` continues an interrupted command). ``demo`` (the default) is a
-short ``train`` of all five optimizers over 3 seeds on digits. ``bench`` times one optimizer step
+per epoch, a final comparison table (one row per optimizer and net), one JSON log per run, PNG
+plots, and a checkpoint per run after every epoch (``--resume`` continues an interrupted
+command). ``demo`` (the default) is a short ``train`` over 3 seeds on digits of every method
+beside its fair baseline (:data:`DEMO_RUNS`): PSI-SGD, PSI-Adam, SGD and AdamW on the net with
+BatchNorm, BNP-SGD and SGD on the same net without BatchNorm. ``bench`` times one optimizer step
 against pure PyTorch and the peers (psi_cuda/apps/bench.py). Ctrl-C stops cleanly: what was
 logged so far is still written (and flagged ``interrupted``), and the exit code is 130.
 """
@@ -21,13 +23,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .data import DATASETS, find_cifar10, load_dataset
-from .train import (DEFAULT_BATCH_SIZE, DEFAULT_MOMENTUM, DEFAULTS, NORMS, OPTIMIZERS,
-                    RESUMABLE_CHANGES, SCHEDULES, TrainSettings, mean_std, mean_std_reached,
-                    resolve_settings, run, run_name, time_to_target)
+from .train import (DEFAULT_BATCH_SIZE, DEFAULT_LR_ON_NET, DEFAULT_MOMENTUM, DEFAULTS,
+                    NET_DESCRIPTIONS, NET_LABELS, NORMS, OPTIMIZERS, RESUMABLE_CHANGES,
+                    SCHEDULES, TrainSettings, mean_std, mean_std_reached, resolve_settings, run,
+                    run_name, time_to_target)
 
 COMMANDS = ("demo", "train")
 DEMO_EPOCHS = 6
 DEMO_SEEDS = 3
+# The demo's rows, (optimizer, net): each method next to its baseline on the same net.
+DEMO_RUNS = (("sgd", "bn"), ("psi-sgd", "bn"), ("adamw", "bn"), ("psi-adam", "bn"),
+             ("sgd", "none"), ("bnp-sgd", "none"))
 DEFAULT_TARGET_LOSS = 0.1
 
 
@@ -70,10 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         "on the built-in digits data (or a local CIFAR-10). Without a command: demo.")
     sub = parser.add_subparsers(dest="command", metavar="{demo,train,bench}")
 
-    demo = sub.add_parser("demo", help="all five optimizers, 3 seeds, 6 epochs (the default)",
-                          description="Trains every optimizer with its default settings on the "
-                          "digits data over 3 seeds, prints a comparison table and writes the "
-                          "logs and plots.")
+    rows = ", ".join(f"{o} ({NET_LABELS[n]})" for o, n in DEMO_RUNS)
+    demo = sub.add_parser("demo", help="every method beside its baseline, 3 seeds, 6 epochs "
+                          "(the default)",
+                          description="Trains every method with its default settings next to "
+                          "its fair baseline on the same net, on the digits data over 3 seeds: "
+                          f"{rows}. Prints a comparison table and writes the logs and plots.")
     _common(demo, "runs/demo")
     # Shorter or longer demos (the tests use tiny ones).
     demo.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help=argparse.SUPPRESS)
@@ -82,9 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help=argparse.SUPPRESS)
 
     lrs = "; ".join(f"{k} {v['lr']:g}" for k, v in DEFAULTS.items())
+    lrs += "".join(f"; {o} on --norm {n}: {lr:g}" for (o, n), lr in DEFAULT_LR_ON_NET.items())
     train = sub.add_parser("train", help="train one or more optimizers over one or more seeds",
                            description="Trains each optimizer for each seed and writes one JSON "
-                           "log per run, a summary with the comparison table, and plots.")
+                           "log per run, a summary with the comparison table (one row per "
+                           "optimizer and net), and plots.")
     train.add_argument("--optimizer", nargs="+", choices=OPTIMIZERS, default=["psi-sgd"],
                        metavar="NAME", help=f"one or more of {', '.join(OPTIMIZERS)} "
                        "(default: psi-sgd)")
@@ -107,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--schedule", choices=SCHEDULES, default="cosine",
                        help="lr schedule over the whole run (default: cosine)")
     train.add_argument("--norm", choices=NORMS, default=None,
-                       help="bn: the ResNet with BatchNorm; none: its BN-free twin (default: "
-                       "bn, none for bnp-sgd)")
+                       help="the net of every optimizer: bn, the ResNet with BatchNorm; none, "
+                       "its BN-free twin (default: bn, none for bnp-sgd). BNP's fair "
+                       "comparison: --optimizer bnp-sgd sgd --norm none")
     train.add_argument("--width", type=_positive_int, default=16,
                        help="channels of the first block (default: 16)")
     train.add_argument("--data", choices=DATASETS, default="digits",
@@ -195,18 +206,18 @@ def _reached(records: list[dict[str, Any]], target: float, key: str, fmt: str) -
 
 
 def _table(records: list[dict[str, Any]], target: float = DEFAULT_TARGET_LOSS) -> str:
-    """One row per setting (optimizer and model): mean +- std over seeds of the final numbers,
+    """One row per setting (optimizer and net): mean +- std over seeds of the final numbers,
     and the steps and training seconds to a trailing-mean training loss of ``target`` (over the
     seeds that reached it; how many did, in brackets, when not all)."""
-    header = ("run", "model", "batch", "lr", "psi_lr", "seeds", "epochs", "train loss",
+    header = ("run", "net", "batch", "lr", "psi_lr", "seeds", "epochs", "train loss",
               "test acc %", "best test acc %", f"steps to loss {target:g}",
               f"seconds to loss {target:g}", "samples/s")
     settings = [_settings_of(r) for r in records]
     rows = []
-    for key in dict.fromkeys(run_name(s).rsplit("-seed", 1)[0] for s in settings):
-        rs = [r for r, s in zip(records, settings) if run_name(s).rsplit("-seed", 1)[0] == key]
+    for key in dict.fromkeys((s.optimizer, s.net) for s in settings):
+        rs = [r for r, s in zip(records, settings) if (s.optimizer, s.net) == key]
         s, finals = _settings_of(rs[0]), [r["final"] for r in rs]
-        rows.append((key, "BN" if s.net == "bn" else "no BN", str(s.batch_size), f"{s.lr:g}",
+        rows.append((s.optimizer, NET_LABELS[s.net], str(s.batch_size), f"{s.lr:g}",
                      "-" if s.psi_lr is None else f"{s.psi_lr:g}",
                      str(len(rs)), "/".join(sorted({str(f["epochs_done"]) for f in finals})),
                      mean_std([f["train_loss"] for f in finals]),
@@ -219,6 +230,14 @@ def _table(records: list[dict[str, Any]], target: float = DEFAULT_TARGET_LOSS) -
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     return "\n".join(lines)
+
+
+def _nets(records: list[dict[str, Any]]) -> str:
+    """What the table's net column means, for the nets in ``records``."""
+    settings = [_settings_of(r) for r in records]
+    nets = dict.fromkeys(s.net for s in settings)
+    lines = [f"{NET_LABELS[n]:>5} = {NET_DESCRIPTIONS[n]}" for n in nets]
+    return f"net (width {settings[0].width}):\n" + "\n".join(lines)
 
 
 def _progress_enabled(args: argparse.Namespace) -> bool:
@@ -245,10 +264,10 @@ def _compare(args: argparse.Namespace, runs: list[TrainSettings], title: str) ->
     try:
         first = runs[0]  # every run of a command has the same data
         data = load_dataset(first.dataset, first.data_dir, split_seed=first.split_seed)
-        names = ", ".join(dict.fromkeys(s.optimizer for s in runs))
+        labels = ", ".join(dict.fromkeys(f"{s.optimizer} ({NET_LABELS[s.net]})" for s in runs))
         seeds = sorted({s.seed for s in runs})
         print(f"{first.dataset}: {data[1].numel()} train / {data[3].numel()} test images; "
-              f"{names} x {len(seeds)} seed(s); device {args.device}, "
+              f"{labels} x {len(seeds)} seed(s); device {args.device}, "
               f"{args.threads} thread(s); logs in {out}", flush=True)
         for settings in runs:
             name = run_name(settings)
@@ -274,7 +293,7 @@ def _compare(args: argparse.Namespace, runs: list[TrainSettings], title: str) ->
         interrupted = True
     plot = None
     if records:
-        table = _table(records, args.target_loss)
+        table, nets = _table(records, args.target_loss), _nets(records)
         try:
             from .plots import plot_records
 
@@ -282,11 +301,12 @@ def _compare(args: argparse.Namespace, runs: list[TrainSettings], title: str) ->
         except ImportError:  # matplotlib: the apps extra, set up by setup.sh
             print("matplotlib not installed: no plots", flush=True)
         _write_json(out / "summary.json", dict(
-            title=title, runs=[str(p) for p in paths], table=table,
+            title=title, runs=[str(p) for p in paths], table=table, nets=nets,
             target_loss=args.target_loss, plots=str(plot) if plot else None,
             interrupted=interrupted))
         print()
         print(table)
+        print(nets)
     print(f"\n{'Interrupted; wrote' if interrupted else 'Wrote'} {len(paths)} JSON log(s) "
           f"to {out}/ in {time.perf_counter() - started:.1f} s", flush=True)
     if plot is not None:
@@ -307,8 +327,9 @@ def _settings(**values: Any) -> TrainSettings:
 
 
 def demo(args: argparse.Namespace) -> int:
-    runs = [_settings(optimizer=o, epochs=args.epochs, seed=seed, device=args.device,
-                      threads=args.threads) for seed in range(args.seeds) for o in args.optimizer]
+    rows = [(o, n) for o, n in DEMO_RUNS if o in args.optimizer]
+    runs = [_settings(optimizer=o, norm=n, epochs=args.epochs, seed=seed, device=args.device,
+                      threads=args.threads) for seed in range(args.seeds) for o, n in rows]
     return _compare(args, runs, f"psi-cuda demo: digits, {args.epochs} epochs, "
                     f"{args.seeds} seed(s), default settings")
 

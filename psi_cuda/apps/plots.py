@@ -6,13 +6,12 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .train import TrainSettings, run_name, smoothed
+from .train import TrainSettings, run_label, smoothed
 
 
 def label_of(record: dict[str, Any]) -> str:
-    """``optimizer`` plus ``-<norm>`` where the net is not the optimizer's own; the seed is
-    left out, so the seeds of one setting share a label."""
-    return run_name(TrainSettings.from_dict(record["settings"])).rsplit("-seed", 1)[0]
+    """``<optimizer> (<net>)``, e.g. ``sgd (no BN)``: the seeds of one setting share it."""
+    return run_label(TrainSettings.from_dict(record["settings"]))
 
 
 def _mean(curves: list[list[float]]) -> list[float]:

@@ -35,6 +35,11 @@ from .models import SmallResNet, rescale_channels
 OPTIMIZERS = ("sgd", "psi-sgd", "psi-adam", "adamw", "bnp-sgd")
 PSI_OPTIMIZERS = ("psi-sgd", "psi-adam")  # the ones with a psi_lr
 NORMS = ("bn", "none")  # the net: SmallResNet with BatchNorm, or its BN-free twin
+NET_LABELS = {"bn": "BN", "none": "no BN"}
+NET_DESCRIPTIONS = {
+    "bn": "SmallResNet with a BatchNorm after every conv (convs without bias)",
+    "none": "the same net without BatchNorm (convs with biases)",
+}
 SCHEDULES = ("cosine", "constant")
 SPLIT_SEED = 0  # the digits train/test split is fixed; the seed changes init and shuffling only
 DEFAULT_MOMENTUM = 0.9
@@ -52,6 +57,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "adamw": dict(norm="bn", lr=0.03, psi_lr=None, weight_decay=1e-2),
     "bnp-sgd": dict(norm="none", lr=1e-3, psi_lr=None, weight_decay=5e-4),
 }
+# Learning rates of an optimizer on the other net, where the one of DEFAULTS does not carry over.
+# SGD on the BN-free net (BNP-SGD's baseline in the demo), swept as above: lr 0.1, 0.15, 0.2,
+# 0.25, 0.3, 0.4 on seeds 100-101 (psi-cuda train --optimizer sgd --norm none --epochs 6
+# --seed 100 --seeds 2 --lr L) end at mean final training loss 2.28, 2.14, 1.71, 1.47, 1.43,
+# 1.45: at every lr one of the two seeds stays near chance (loss 2.26-2.29), and below 0.15 or
+# above 0.4 (0.8-3.2, seed 0) neither trains. Only lr sets the window; no lr trains every seed.
+DEFAULT_LR_ON_NET: dict[tuple[str, str], float] = {
+    ("sgd", "none"): 0.3,
+}
 # Settings that may differ between a checkpoint and the run resuming it.
 RESUMABLE_CHANGES = ("device", "threads", "data_dir")
 
@@ -60,8 +74,8 @@ RESUMABLE_CHANGES = ("device", "threads", "data_dir")
 class TrainSettings:
     """Everything that decides a training run.
 
-    ``None`` means the default of the optimizer on its net (:data:`DEFAULTS`);
-    :func:`resolve_settings` fills those in (``run`` does, once, when
+    ``None`` means the default of the optimizer on its net (:data:`DEFAULTS`,
+    :data:`DEFAULT_LR_ON_NET`); :func:`resolve_settings` fills those in (``run`` does, once, when
     given settings with gaps). Making a TrainSettings with a bad value or combination raises
     ValueError naming it.
 
@@ -174,7 +188,8 @@ def resolve_settings(settings: TrainSettings) -> TrainSettings:
         psi_lr = defaults["psi_lr"] if settings.psi_lr is None else settings.psi_lr
     return dataclasses.replace(
         settings, norm=net, psi_lr=psi_lr,
-        lr=defaults["lr"] if settings.lr is None else settings.lr,
+        lr=(DEFAULT_LR_ON_NET.get((settings.optimizer, net), defaults["lr"])
+            if settings.lr is None else settings.lr),
         weight_decay=(defaults["weight_decay"] if settings.weight_decay is None
                       else settings.weight_decay),
         augment=(settings.dataset == "cifar10") if settings.augment is None else settings.augment)
@@ -191,6 +206,12 @@ def run_name(settings: TrainSettings) -> str:
     if settings.net != DEFAULTS[name]["norm"]:
         name += f"-{settings.net}"
     return f"{name}-seed{settings.seed}"
+
+
+def run_label(settings: TrainSettings) -> str:
+    """``<optimizer> (<net>)``, e.g. ``sgd (no BN)``: one setting's name in plots (its seeds
+    share it)."""
+    return f"{settings.optimizer} ({NET_LABELS[settings.net]})"
 
 
 def load_data(settings: TrainSettings) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -36,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from psi_cuda.apps import train
+from psi_cuda.apps import bench, train
 from psi_cuda.apps.data import load_dataset
 from psi_cuda.apps.train import SPLIT_SEED, TrainSettings, smoothed, time_to_target
 
@@ -86,8 +84,8 @@ def mean_std(values, fmt=".3f"):
 
 
 def machine() -> dict:
-    return dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
-                torch=torch.__version__, load_average=list(os.getloadavg()),
+    """psi-cuda bench's machine description, with the load average and the date."""
+    return dict(bench.machine("cpu"), load_average=bench.load_average(),
                 date=time.strftime("%Y-%m-%d %H:%M"))
 
 

@@ -48,9 +48,9 @@ StatsLayout checked_stats_layout(const at::Tensor& x, const at::Tensor& mean,
   TORCH_CHECK(is_float_dtype(x.scalar_type()), op,
               ": input must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(x.dim() >= 1, op, ": input must have at least one dimension");
-  TORCH_CHECK(channel_dim >= -x.dim() && channel_dim < x.dim(), op, ": channel_dim ",
+  TORCH_CHECK_VALUE(channel_dim >= -x.dim() && channel_dim < x.dim(), op, ": channel_dim ",
               channel_dim, " is out of range for an input of ", x.dim(), " dimensions");
-  TORCH_CHECK(momentum > 0.0 && momentum <= 1.0, op, ": momentum must be in (0, 1], got ",
+  TORCH_CHECK_VALUE(momentum > 0.0 && momentum <= 1.0, op, ": momentum must be in (0, 1], got ",
               momentum);
   const int64_t cd = channel_dim < 0 ? channel_dim + x.dim() : channel_dim;
   const int64_t channels = x.size(cd);
@@ -112,7 +112,7 @@ void check_bnp_layers(const char* op, at::TensorList weights, at::TensorList bia
   TORCH_CHECK(means.size() == n && sqmeans.size() == n && groups.size() == n, op, ": got ", n,
               " ", wname, " but ", means.size(), " means, ", sqmeans.size(), " sqmeans and ",
               groups.size(), " groups");
-  TORCH_CHECK(eps > 0.0, op, ": eps must be > 0, got ", eps);
+  TORCH_CHECK_VALUE(eps > 0.0, op, ": eps must be > 0, got ", eps);
   if (n == 0) return;
   const at::Device device = weights[0].device();
   const c10::ScalarType dtype = weights[0].scalar_type();
@@ -126,7 +126,7 @@ void check_bnp_layers(const char* op, at::TensorList weights, at::TensorList bia
                 " on ", device, "; call the op once per (device, dtype)");
     TORCH_CHECK(w.dim() >= 2, op, ": ", wname, "[", i, "] has shape ", w.sizes(),
                 "; expected a Linear (out, in) or Conv (out, in/groups, *kernel) weight");
-    TORCH_CHECK(groups[i] >= 1 && w.size(0) % groups[i] == 0, op, ": groups[", i, "] = ",
+    TORCH_CHECK_VALUE(groups[i] >= 1 && w.size(0) % groups[i] == 0, op, ": groups[", i, "] = ",
                 groups[i], " must be >= 1 and divide the ", w.size(0), " output channels");
     const int64_t in_channels = w.size(1) * groups[i];
     check_stat_vector(op, "means", i, means[i], in_channels, device);
@@ -148,10 +148,10 @@ void check_bnp_sgd_args(at::TensorList weights, at::TensorList biases, at::Tenso
                         const std::optional<at::Tensor>& grad_scale,
                         const std::optional<at::Tensor>& found_inf) {
   const char* op = "bnp_sgd_";
-  TORCH_CHECK(o.lr >= 0.0, op, ": lr must be >= 0, got ", o.lr);
-  TORCH_CHECK(o.momentum >= 0.0, op, ": momentum must be >= 0, got ", o.momentum);
-  TORCH_CHECK(o.weight_decay >= 0.0, op, ": weight_decay must be >= 0, got ", o.weight_decay);
-  TORCH_CHECK(!o.nesterov || (o.momentum > 0.0 && o.dampening == 0.0), op,
+  TORCH_CHECK_VALUE(o.lr >= 0.0, op, ": lr must be >= 0, got ", o.lr);
+  TORCH_CHECK_VALUE(o.momentum >= 0.0, op, ": momentum must be >= 0, got ", o.momentum);
+  TORCH_CHECK_VALUE(o.weight_decay >= 0.0, op, ": weight_decay must be >= 0, got ", o.weight_decay);
+  TORCH_CHECK_VALUE(!o.nesterov || (o.momentum > 0.0 && o.dampening == 0.0), op,
               ": nesterov needs momentum > 0 and dampening == 0");
   const size_t n = weights.size();
   const bool has_momentum = o.momentum != 0.0;

@@ -57,16 +57,16 @@ void check_scalar_arg(const char* op, const std::optional<at::Tensor>& t, const 
 
 void check_options(const char* op, int64_t manifold, int64_t retraction, int64_t transport,
                    double lr, double max_grad_norm) {
-  TORCH_CHECK(manifold >= kEuclidean && manifold <= kTensor, op,
+  TORCH_CHECK_VALUE(manifold >= kEuclidean && manifold <= kTensor, op,
               ": manifold must be 0 (euclidean), 1 (channel) or 2 (tensor), got ", manifold);
-  TORCH_CHECK(retraction >= kNormalize && retraction <= kRetractNone, op,
+  TORCH_CHECK_VALUE(retraction >= kNormalize && retraction <= kRetractNone, op,
               ": retraction must be 0 (normalize), 1 (exp) or 2 (none), got ", retraction);
-  TORCH_CHECK(transport == kProject || transport == kParallel, op,
+  TORCH_CHECK_VALUE(transport == kProject || transport == kParallel, op,
               ": transport must be 0 (project) or 1 (parallel), got ", transport);
-  TORCH_CHECK(transport != kParallel || retraction == kExp, op,
+  TORCH_CHECK_VALUE(transport != kParallel || retraction == kExp, op,
               ": transport=parallel needs retraction=exp (the geodesic it transports along)");
-  TORCH_CHECK(lr >= 0.0, op, ": lr must be >= 0, got ", lr);
-  TORCH_CHECK(max_grad_norm >= 0.0, op, ": max_grad_norm must be >= 0 (0 disables it), got ",
+  TORCH_CHECK_VALUE(lr >= 0.0, op, ": lr must be >= 0, got ", lr);
+  TORCH_CHECK_VALUE(max_grad_norm >= 0.0, op, ": max_grad_norm must be >= 0 (0 disables it), got ",
               max_grad_norm);
 }
 
@@ -126,8 +126,8 @@ void check_psi_sgd_args(at::TensorList params, at::TensorList grads, at::TensorL
                         const std::optional<at::Tensor>& found_inf) {
   const char* op = "psi_sgd_";
   check_options(op, o.manifold, o.retraction, o.transport, o.lr, o.max_grad_norm);
-  TORCH_CHECK(o.momentum >= 0.0, "psi_sgd_: momentum must be >= 0, got ", o.momentum);
-  TORCH_CHECK(!o.nesterov || (o.momentum > 0.0 && o.dampening == 0.0),
+  TORCH_CHECK_VALUE(o.momentum >= 0.0, "psi_sgd_: momentum must be >= 0, got ", o.momentum);
+  TORCH_CHECK_VALUE(!o.nesterov || (o.momentum > 0.0 && o.dampening == 0.0),
               "psi_sgd_: nesterov needs momentum > 0 and dampening == 0");
 
   const size_t n = params.size();
@@ -165,12 +165,12 @@ void check_psi_adam_args(at::TensorList params, at::TensorList grads, at::Tensor
                          const std::optional<at::Tensor>& found_inf) {
   const char* op = "psi_adam_";
   check_options(op, o.manifold, o.retraction, o.transport, o.lr, o.max_grad_norm);
-  TORCH_CHECK(o.beta1 >= 0.0 && o.beta1 < 1.0, "psi_adam_: beta1 must be in [0, 1), got ",
+  TORCH_CHECK_VALUE(o.beta1 >= 0.0 && o.beta1 < 1.0, "psi_adam_: beta1 must be in [0, 1), got ",
               o.beta1);
-  TORCH_CHECK(o.beta2 >= 0.0 && o.beta2 < 1.0, "psi_adam_: beta2 must be in [0, 1), got ",
+  TORCH_CHECK_VALUE(o.beta2 >= 0.0 && o.beta2 < 1.0, "psi_adam_: beta2 must be in [0, 1), got ",
               o.beta2);
-  TORCH_CHECK(o.eps >= 0.0, "psi_adam_: eps must be >= 0, got ", o.eps);
-  TORCH_CHECK(o.weight_decay >= 0.0, "psi_adam_: weight_decay must be >= 0, got ",
+  TORCH_CHECK_VALUE(o.eps >= 0.0, "psi_adam_: eps must be >= 0, got ", o.eps);
+  TORCH_CHECK_VALUE(o.weight_decay >= 0.0, "psi_adam_: weight_decay must be >= 0, got ",
               o.weight_decay);
 
   const size_t n = params.size();

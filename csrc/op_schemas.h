@@ -41,7 +41,7 @@ inline void define_ops(torch::Library& m) {
       "bool nesterov, float weight_decay, bool maximize, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
   // One PSI-Adam (or, with manifold=0, torch.optim.AdamW) step over a list of same-device,
-  // same-dtype tensors (ALGORITHMS.md section 3). exp_avgs have the params' shapes; exp_avg_sqs
+  // same-dtype tensors (docs/ALGORITHMS.md section 3). exp_avgs have the params' shapes; exp_avg_sqs
   // hold one scalar per group (shape (rows,) for channel, () or (1,) for tensor), per element
   // for euclidean. state_steps are float32 scalars: step t = state_step + 1 sets the bias
   // corrections; incremented unless found_inf is set, in which case nothing changes at all.

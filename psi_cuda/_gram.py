@@ -1,6 +1,6 @@
 """The step of a PSI group written in closed form from the Gram matrix of (w, g, m): the math of
 ``csrc/include/psi/math.h`` and ``adam.h`` vectorized over many groups, in float64
-(docs/ALGORITHMS.md). Used for tensor groups sharded across ranks
+(docs/ALGORITHMS.md section 8). Used for tensor groups sharded across ranks
 (``distributed.sharded_tensor_group_step``): each rank sums its shard's Gram entries, one
 all-reduce adds them up, and every rank solves the same update.
 

@@ -1,4 +1,4 @@
-"""Parameter groups for PSISGD: find the scale-invariant weights of a model (ALGORITHMS.md 1).
+"""Parameter groups for PSISGD: find the scale-invariant weights of a model (docs/ALGORITHMS.md 1).
 
 ``param_groups(model, lr)`` reads the model's forward with ``torch.fx``, finds every Linear/Conv
 weight whose output goes straight into a normalization layer, decides from the rule table in its
@@ -48,7 +48,7 @@ def param_groups(model: nn.Module, lr: float, psi_lr: float | None = None,
     r"""Param groups for :class:`psi_cuda.optim.PSISGD`, scale-invariant weights on PSI manifolds.
 
     A weight is scale-invariant when the model output does not change if it is multiplied by
-    positive factors (ALGORITHMS.md section 1). Each trainable parameter goes to exactly one group:
+    positive factors (docs/ALGORITHMS.md section 1). Each trainable parameter goes to exactly one group:
 
     * ``manifold="channel"``: ``W`` of a layer whose output feeds a per-channel normalization;
       ``L(c_i w_i) = L(w_i)`` for every row ``w_i = W.view(out, -1)[i]`` and ``c_i > 0``.

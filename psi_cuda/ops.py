@@ -82,10 +82,7 @@ def psi_sgd_(
         nesterov=nesterov,
         weight_decay=weight_decay,
         maximize=maximize,
-        manifold=_code(MANIFOLDS, manifold, "manifold"),
-        retraction=_code(RETRACTIONS, retraction, "retraction"),
-        transport=_code(TRANSPORTS, transport, "transport"),
-        max_grad_norm=float(max_grad_norm or 0.0),
+        **_sphere_options(manifold, retraction, transport, max_grad_norm),
         grad_scale=grad_scale,
         found_inf=found_inf,
     )
@@ -134,10 +131,7 @@ def psi_adam_(
         eps=eps,
         weight_decay=weight_decay,
         maximize=maximize,
-        manifold=_code(MANIFOLDS, manifold, "manifold"),
-        retraction=_code(RETRACTIONS, retraction, "retraction"),
-        transport=_code(TRANSPORTS, transport, "transport"),
-        max_grad_norm=float(max_grad_norm or 0.0),
+        **_sphere_options(manifold, retraction, transport, max_grad_norm),
         grad_scale=grad_scale,
         found_inf=found_inf,
     )
@@ -157,6 +151,14 @@ def _check_dispatchable(op: str, **lists: list[Tensor]) -> None:
             if t.device != device:
                 raise RuntimeError(f"{op}: {name}[{i}] is on {t.device} but {first}[0] is on "
                                    f"{device}; all tensors of one call must share a device")
+
+
+def _sphere_options(manifold, retraction, transport, max_grad_norm) -> dict:
+    """The PSI options as the ops take them: integer codes, and 0.0 for no clipping."""
+    return dict(manifold=_code(MANIFOLDS, manifold, "manifold"),
+                retraction=_code(RETRACTIONS, retraction, "retraction"),
+                transport=_code(TRANSPORTS, transport, "transport"),
+                max_grad_norm=float(max_grad_norm or 0.0))
 
 
 def _code(table: dict, value, name: str) -> int:

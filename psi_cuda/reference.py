@@ -1,7 +1,7 @@
 """Pure-PyTorch implementation of every psi_cuda op: the oracle of the tests, the baseline of
 the benchmarks, and the ``backend="reference"`` of the optimizers.
 
-It follows ALGORITHMS.md one formula per line. Groups are handled as the rows of a 2-D view
+It follows docs/ALGORITHMS.md one formula per line. Groups are handled as the rows of a 2-D view
 (channel groups: ``p.reshape(p.size(0), -1)``; a tensor group: one row), all rows at once.
 Math runs in float32 (float64 for float64 parameters); state is kept in that dtype.
 """
@@ -22,6 +22,16 @@ TRANSPORTS = ("project", "parallel")
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype of the math and of the optimizer state for a parameter dtype."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def opmath_pair(p: Tensor, grad: Tensor, grad_scale: Tensor | None,
+                maximize: bool) -> tuple[Tensor, Tensor]:
+    """(w, g) in the opmath dtype, g unscaled by ``grad_scale`` and negated for ``maximize``."""
+    dt = opmath_dtype(p.dtype)
+    g = grad.to(dt)
+    if grad_scale is not None:
+        g = g / grad_scale.to(dt)
+    return p.detach().to(dt), -g if maximize else g
 
 
 def rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -107,7 +117,7 @@ def check_sphere_options(manifold, retraction, transport) -> None:
 
 def psi_sgd_rows(w, g, m, *, first, lr, momentum, dampening, nesterov, retraction, transport,
                  max_grad_norm):
-    """One PSI-SGD step of the groups that are the rows of ``w`` (ALGORITHMS.md section 2).
+    """One PSI-SGD step of the groups that are the rows of ``w`` (docs/ALGORITHMS.md section 2).
 
     ``g`` is the gradient already unscaled (and negated for maximize); ``m`` the momentum buffer
     rows or None. Returns the new (w, m). Rows with |w| = 0, and rows of length 1, do not move.
@@ -157,13 +167,7 @@ def psi_sgd_(params, grads, momentum_buffers, state_steps, *, lr, momentum=0.0, 
     for i, (p, grad) in enumerate(zip(params, grads)):
         step = state_steps[i]
         first = step.item() == 0
-        dt = opmath_dtype(p.dtype)
-        w = p.detach().to(dt)
-        g = grad.to(dt)
-        if grad_scale is not None:
-            g = g / grad_scale.to(dt)
-        if maximize:
-            g = -g
+        w, g = opmath_pair(p, grad, grad_scale, maximize)
         m = momentum_buffers[i] if momentum != 0 else None
         if p.numel() == 0:
             step.add_(1)
@@ -292,7 +296,7 @@ def _psi_sgd_foreach_part(params, grads, bufs, *, first, lr, momentum, dampening
                          [x.reshape(p.shape) for x, p in zip(w_new, params)])
 
 
-# --- Batch Normalization Preconditioning (ALGORITHMS.md section 4) ---------------------------
+# --- Batch Normalization Preconditioning (docs/ALGORITHMS.md section 4) ---------------------------
 
 
 def bnp_batch_weight(momentum: float, step: float) -> float:
@@ -401,7 +405,7 @@ def bnp_sgd_(weights, biases, weight_grads, bias_grads, weight_momentum_buffers,
 
 def psi_adam_rows(w, g, m, v, *, step, lr, beta1, beta2, eps, retraction, transport,
                   max_grad_norm):
-    """One PSI-Adam step of the groups that are the rows of ``w`` (ALGORITHMS.md section 3).
+    """One PSI-Adam step of the groups that are the rows of ``w`` (docs/ALGORITHMS.md section 3).
 
     ``g`` is the gradient already unscaled (and negated for maximize), ``m`` the first-moment
     rows, ``v`` the second moments, shape (rows, 1), ``step`` the number of this step (1 first).
@@ -451,13 +455,7 @@ def psi_adam_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1=0.
     for i, (p, grad) in enumerate(zip(params, grads)):
         step_t = state_steps[i]
         step = step_t.item() + 1  # the number of this step
-        dt = opmath_dtype(p.dtype)
-        w = p.detach().to(dt)
-        g = grad.to(dt)
-        if grad_scale is not None:
-            g = g / grad_scale.to(dt)
-        if maximize:
-            g = -g
+        w, g = opmath_pair(p, grad, grad_scale, maximize)
         m, v = exp_avgs[i], exp_avg_sqs[i]
         if p.numel() == 0:
             step_t.add_(1)

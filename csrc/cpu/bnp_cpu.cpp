@@ -29,7 +29,7 @@ constexpr int64_t kRowsItem = 1 << 15;   // elements per row-block work item
 // ---------------------------------------------------------------- statistics
 //
 // Sums run in acc_t (float; double for double input, at::opmath_type) over short blocks and are
-// added up in double (ALGORITHMS.md: accumulate in fp32, fp64 for the per-channel sums).
+// added up in double (docs/ALGORITHMS.md: accumulate in fp32, fp64 for the per-channel sums).
 
 constexpr int64_t kLanes = 32;       // independent accumulators of a contiguous run
 constexpr int64_t kRunFlush = 1024;  // elements summed in acc_t lanes before adding to double

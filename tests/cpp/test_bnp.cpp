@@ -110,7 +110,7 @@ void test_op_stats() {
 }
 
 // One bnp_sgd_ step with momentum of a conv layer with bias (first step: buffer = gradient),
-// then a second step, against the formula of ALGORITHMS.md section 4 written out per element.
+// then a second step, against the formula of docs/ALGORITHMS.md section 4 written out per element.
 void test_op_sgd() {
   g_case = "bnp_sgd_ conv with bias, momentum";
   const int64_t O = 3, Ci = 2, K = 4;  // weight (O, Ci, 2, 2)

@@ -2,7 +2,7 @@
 //
 //   test_psi_math math   psi/math.h: the Combo coefficients of psi_sgd_update and
 //                        euclidean_sgd_update, applied to explicit vectors, against the step of
-//                        ALGORITHMS.md section 2 computed the slow obvious way (norm, unit vector,
+//                        docs/ALGORITHMS.md section 2 computed the slow obvious way (norm, unit vector,
 //                        projection, momentum, retraction, transport) in double; plus the
 //                        invariants of section 7 (norm kept, buffer tangent, equivariance).
 //                        psi/adam.h the same way: psi_adam_update against PSI-Adam (section 3)
@@ -117,7 +117,7 @@ psi::SgdOptions options(int64_t retraction, int64_t transport, double lr, double
 }
 
 // ---------------------------------------------------------------------------------------------
-// The slow obvious step (ALGORITHMS.md section 2), on explicit vectors
+// The slow obvious step (docs/ALGORITHMS.md section 2), on explicit vectors
 
 struct Step {
   Vec w, m;
@@ -467,7 +467,7 @@ void test_helpers() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// PSI-Adam (psi/adam.h): the slow obvious step of ALGORITHMS.md section 3 on explicit vectors
+// PSI-Adam (psi/adam.h): the slow obvious step of docs/ALGORITHMS.md section 3 on explicit vectors
 
 struct AdamStep {
   Vec w, m;

@@ -1,4 +1,4 @@
-// Math of PSI-Adam (ALGORITHMS.md section 3) and of the torch.optim.AdamW step its Euclidean
+// Math of PSI-Adam (docs/ALGORITHMS.md section 3) and of the torch.optim.AdamW step its Euclidean
 // groups take, shared by the CPU and CUDA kernels of psi_adam_.
 //
 // A PSI group keeps a first-moment buffer m (tangent, scale-free, like PSI-SGD's momentum) and
@@ -48,7 +48,7 @@ PSI_HD Combo adam_direction(Combo m, double v, double bc1, double bc2, double ep
   return (1.0 / (bc1 * denom)) * m;
 }
 
-// One PSI-Adam step of one group (ALGORITHMS.md section 3). `raw` is the Gram matrix with the
+// One PSI-Adam step of one group (docs/ALGORITHMS.md section 3). `raw` is the Gram matrix with the
 // raw gradient and the old first moment, f = (maximize ? -1 : 1) / grad_scale, v the group's old
 // second moment, t the number of this step (old state step + 1), numel the group's length.
 // Weight decay does not apply to PSI groups (the optimizer warns).

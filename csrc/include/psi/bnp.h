@@ -1,4 +1,4 @@
-// Math of Batch Normalization Preconditioning (ALGORITHMS.md section 4), shared by the CPU and
+// Math of Batch Normalization Preconditioning (docs/ALGORITHMS.md section 4), shared by the CPU and
 // CUDA kernels. The kernels only reduce sums and loop over elements; every formula is here.
 //
 // Statistics. Each preconditioned layer keeps, per input channel, moving averages of the first

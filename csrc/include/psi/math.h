@@ -11,7 +11,7 @@
 //   3. one more elementwise pass writes w' = P.w*w + P.g*g + P.m*m and m' = B.w*w + B.g*g + B.m*m.
 //
 // Part 2 is all the math, written once, in double, as small named functions that follow
-// ALGORITHMS.md line by line. Parts 1 and 3 are the only device-specific code. A long group
+// docs/ALGORITHMS.md line by line. Parts 1 and 3 are the only device-specific code. A long group
 // (a whole tensor) needs no more than one reduction phase, whatever the options.
 #pragma once
 
@@ -183,7 +183,7 @@ PSI_HD bool move_on_sphere(const Gram& G, double n, Combo d, Combo buf, bool has
   return true;
 }
 
-// One PSI-SGD step of one group (ALGORITHMS.md section 2). `raw` is the Gram matrix with the raw
+// One PSI-SGD step of one group (docs/ALGORITHMS.md section 2). `raw` is the Gram matrix with the raw
 // gradient, f = (maximize ? -1 : 1) / grad_scale, numel the group's length, first whether this is
 // the buffer's first step. Weight decay does not apply to PSI groups (the optimizer warns).
 PSI_HD Update psi_sgd_update(const Gram& raw, const SgdOptions& o, double f, bool first,

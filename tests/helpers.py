@@ -159,6 +159,30 @@ def train(model, opt, batches, steps):
     return losses
 
 
+def rescaling_gaps(make, steps=100, seed=0):
+    """Trains a float64 ConvBN from w0 and from its copy with every conv channel rescaled by a
+    random c in [0.1, 10] (``rescaled_copy``), each with ``make(model)``. Returns the largest
+    relative gap between the rescaled run's conv weights divided by c and the other's, the
+    largest loss gap, and the losses: both gaps are ~0 for an optimizer equivariant under the
+    rescaling (docs/ALGORITHMS.md 7.1)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(seed)
+        model = ConvBN()
+        data = [(torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,))) for _ in range(4)]
+        a = copy.deepcopy(model)
+        b, factors = rescaled_copy(model)
+        la = train(a, make(a), data, steps)
+        lb = train(b, make(b), data, steps)
+        gap = max(((getattr(b, n).weight / factors[n].view(-1, 1, 1, 1)
+                    - getattr(a, n).weight).abs().max() / getattr(a, n).weight.abs().max())
+                  .item() for n in ("c1", "c2"))
+        return gap, max(abs(x - y) for x, y in zip(la, lb)), la
+    finally:
+        torch.set_default_dtype(default)
+
+
 def bnp_cnn(bias=True):
     """A BatchNorm-free CNN (a grouped conv, a LayerNorm head) for BNP."""
     return nn.Sequential(nn.Conv2d(3, 8, 3, bias=bias), nn.ReLU(),
@@ -207,6 +231,6 @@ def batches(n=3, dtype=torch.float32, seed=0):
 
 
 __all__ = ["DEVICES", "HAS_CUDA", "OPTIMIZERS", "SHAPES", "TOL", "ConvBN", "OptimizerCase",
-           "assert_close_rel", "batches", "bnp_cnn", "clone_all", "conv_groups", "make_case",
+           "assert_close_rel", "batches", "bnp_cnn", "clone_all", "conv_groups", "make_case", "rescaling_gaps",
            "rescaled_copy", "run_both", "state_dtype", "tangent_grad_like", "train",
            "zeros_like_state"]

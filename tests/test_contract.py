@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from psi_cuda.optim import PSIAdam, PSISGD
-from helpers import OPTIMIZERS, batches, tangent_grad_like, train
+from helpers import OPTIMIZERS, ConvBN, batches, conv_groups, tangent_grad_like, train
 
 CASES = pytest.mark.parametrize("case", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
 
@@ -141,6 +141,21 @@ def test_sparse_gradient_raises_and_changes_nothing(case):
     for q, b in zip(model.parameters(), before):
         assert torch.equal(q, b)
     assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize("cls,kw", [
+    (PSISGD, dict(lr=0.1, momentum=0.9, retraction="exp", transport="parallel", max_grad_norm=1.0)),
+    (PSIAdam, dict(lr=0.02, retraction="exp", transport="parallel", max_grad_norm=1.0)),
+], ids=["PSISGD", "PSIAdam"])
+def test_fused_and_reference_backends_agree_on_a_model(cls, kw):
+    model = ConvBN()
+    twin = copy.deepcopy(model)
+    data = batches(3)
+    la = train(model, cls(conv_groups(model, True), backend="fused", **kw), data, 10)
+    lb = train(twin, cls(conv_groups(twin, True), backend="reference", **kw), data, 10)
+    assert la == pytest.approx(lb, rel=1e-4)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("cls", [PSISGD, PSIAdam])

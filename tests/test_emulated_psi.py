@@ -14,7 +14,7 @@ import torch
 from psi_cuda import emulated, ops
 from emulated_helpers import (SCHEDULE_IDS, SCHEDULES, ScheduleCache,
                               assert_launches_within_limits, needs_emulator)
-from helpers import assert_close_rel, tangent_grad_like
+from helpers import assert_close_rel, clone_all
 import test_psi_adam as adam_cases
 import test_psi_sgd as sgd_cases
 
@@ -40,7 +40,7 @@ def step_kw(op, manifold, **kw):
 
 
 def run(fn, case, steps, kw):
-    out = sgd_cases.clone_all(*case)
+    out = clone_all(*case)
     for _ in range(steps):
         fn(*out, **kw)
     return out
@@ -152,7 +152,7 @@ def test_grad_scale(op, manifold, sched):
 def test_found_inf_changes_nothing(op, manifold, sched):
     case = make(op, SMALL_SHAPES + [(2, 3 * 8192 + 1)], torch.float32, manifold)
     case[-1] = [torch.tensor(float(i % 3)) for i in range(len(case[-1]))]
-    before = sgd_cases.clone_all(*case)
+    before = clone_all(*case)
     with emulated.schedule(*sched):
         getattr(emulated, op)(*case, **step_kw(op, manifold, grad_scale=torch.tensor(2.0),
                                                    found_inf=torch.tensor(1.0)))
@@ -169,7 +169,7 @@ def test_step_tensor_passed_twice(op, sched):
     case = make(op, [(3, 5), (4, 7), (2, 2049)], torch.float32, "channel")
     shared = torch.tensor(0.0)
     case[-1] = [shared, shared, torch.tensor(0.0)]
-    expected = sgd_cases.clone_all(*case)
+    expected = clone_all(*case)
     # clone_all breaks the sharing: restore it in both copies.
     expected[-1][1] = expected[-1][0]
     getattr(ops, op)(*expected, **step_kw(op, "channel"))

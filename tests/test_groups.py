@@ -1,4 +1,4 @@
-"""psi_cuda.param_groups: which weights are scale-invariant (ALGORITHMS.md section 1).
+"""psi_cuda.param_groups: which weights are scale-invariant (docs/ALGORITHMS.md section 1).
 
 The expected groups are written out by hand for each model, and an independent numerical oracle
 (``_output_change``: rescale a weight in a float64 copy of the model, run it in training mode,

@@ -2,7 +2,6 @@
 options), exact identities of docs/ALGORITHMS.md section 3, the invariants of section 7 (equivariance,
 norms, tangent moments), torch.optim.AdamW on Euclidean groups, and the optimizer contract
 (GradScaler, state_dict resume, bad input)."""
-import copy
 import itertools
 import math
 
@@ -14,7 +13,7 @@ from psi_cuda import ops, reference
 from psi_cuda.optim import PSIAdam, PSISGD
 import helpers
 from helpers import (DEVICES, SHAPES, ConvBN, assert_close_rel, clone_all, conv_groups,
-                     rescaled_copy, state_dtype, tangent_grad_like, train, zeros_like_state)
+                     rescaling_gaps, state_dtype, tangent_grad_like, train, zeros_like_state)
 
 OPTIONS = [
     dict(),
@@ -340,45 +339,17 @@ def test_euclidean_groups_match_torch_adamw(device, backend, opts, dtype):
 
 @pytest.mark.parametrize("backend", ["fused", "reference"])
 def test_equivariance_over_100_steps(backend):
-    """docs/ALGORITHMS.md 7.1 for PSI-Adam: from w0 and from c*w0 (c per channel in [0.1, 10]) every
-    iterate stays c times the other and the losses agree; AdamW on the same starts does not."""
-    torch.set_default_dtype(torch.float64)
-    try:
-        model = ConvBN()
-        batches = [(torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,))) for _ in range(4)]
-        results = {}
-        for psi in (True, False) if backend == "fused" else (True,):  # AdamW once is enough
-            a = copy.deepcopy(model)
-            b, factors = rescaled_copy(model)
-            kw = dict(lr=0.02, weight_decay=0.0, backend=backend)
-            make = (lambda m: PSIAdam(conv_groups(m, True), **kw)) if psi else (
-                lambda m: torch.optim.AdamW(m.parameters(), lr=0.02, weight_decay=0.0))
-            la = train(a, make(a), batches, 100)
-            lb = train(b, make(b), batches, 100)
-            gap = max(((getattr(b, n).weight / factors[n].view(-1, 1, 1, 1)
-                        - getattr(a, n).weight).abs().max() / getattr(a, n).weight.abs().max())
-                      .item() for n in ("c1", "c2"))
-            results[psi] = (gap, max(abs(x - y) for x, y in zip(la, lb)), la)
-        gap, loss_gap, losses = results[True]
-        assert gap < 1e-8 and loss_gap < 1e-8, results[True][:2]
-        assert losses[-1] < losses[0]  # it trains
-        if False in results:
-            gap, loss_gap, _ = results[False]
-            assert gap > 1e-2 and loss_gap > 1e-3, results[False][:2]
-    finally:
-        torch.set_default_dtype(torch.float32)
-
-
-def test_fused_and_reference_backends_agree_on_a_model():
-    model = ConvBN()
-    twin = copy.deepcopy(model)
-    batches = [(torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))) for _ in range(3)]
-    kw = dict(lr=0.02, retraction="exp", transport="parallel", max_grad_norm=1.0)
-    la = train(model, PSIAdam(conv_groups(model, True), backend="fused", **kw), batches, 10)
-    lb = train(twin, PSIAdam(conv_groups(twin, True), backend="reference", **kw), batches, 10)
-    assert la == pytest.approx(lb, rel=1e-4)
-    for p, q in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    """docs/ALGORITHMS.md 7.1 for PSI-Adam: from w0 and from c*w0 (c per channel in [0.1, 10])
+    every iterate stays c times the other and the losses agree; AdamW on the same starts does
+    not."""
+    kw = dict(lr=0.02, weight_decay=0.0, backend=backend)
+    gap, loss_gap, losses = rescaling_gaps(lambda m: PSIAdam(conv_groups(m, True), **kw))
+    assert gap < 1e-8 and loss_gap < 1e-8, (gap, loss_gap)
+    assert losses[-1] < losses[0]  # it trains
+    if backend == "fused":  # AdamW once is enough
+        gap, loss_gap, _ = rescaling_gaps(
+            lambda m: torch.optim.AdamW(m.parameters(), lr=0.02, weight_decay=0.0))
+        assert gap > 1e-2 and loss_gap > 1e-3, (gap, loss_gap)
 
 
 def test_param_groups_builds_psiadam_groups():

@@ -257,5 +257,5 @@ def average_(tensors: list[Tensor], group=None) -> None:
         offset += t.numel()
 
 
-__all__ = ["GroupSolve", "average_", "check_param", "is_dtensor", "is_sharded", "local", "rows_like",
-           "sharded_tensor_group_step", "step_call"]
+__all__ = ["GroupSolve", "average_", "check_param", "is_dtensor", "is_sharded", "local",
+           "rows_like", "sharded_tensor_group_step", "step_call"]

@@ -48,7 +48,8 @@ def param_groups(model: nn.Module, lr: float, psi_lr: float | None = None,
     r"""Param groups for :class:`psi_cuda.optim.PSISGD`, scale-invariant weights on PSI manifolds.
 
     A weight is scale-invariant when the model output does not change if it is multiplied by
-    positive factors (docs/ALGORITHMS.md section 1). Each trainable parameter goes to exactly one group:
+    positive factors (docs/ALGORITHMS.md section 1). Each trainable parameter goes to exactly one
+    group:
 
     * ``manifold="channel"``: ``W`` of a layer whose output feeds a per-channel normalization;
       ``L(c_i w_i) = L(w_i)`` for every row ``w_i = W.view(out, -1)[i]`` and ``c_i > 0``.

@@ -33,7 +33,8 @@ def assert_close_rel(actual, expected, dtype, what=""):
     a, e = actual.double(), expected.double()
     scale = e.abs().max().item() if e.numel() else 0.0
     err = (a - e).abs().max().item() if e.numel() else 0.0
-    assert err <= TOL[dtype] * max(scale, 1e-30), f"{what}: max error {err:.3e} vs scale {scale:.3e}"
+    assert err <= TOL[dtype] * max(scale, 1e-30), \
+        f"{what}: max error {err:.3e} vs scale {scale:.3e}"
 
 
 # --- the fused-vs-reference harness of psi_sgd_ / psi_adam_ -------------------------------------
@@ -102,6 +103,34 @@ def run_both(fused_op, reference_op, case, steps=3, new_grads=False, **kw):
         fused_op(*fused, **kw)
         reference_op(*ref, **kw)
     return fused, ref
+
+
+def step_side_by_side(opt, params, twin_opt, twin_params, steps=8):
+    """``steps`` steps of two optimizers over twin parameter lists, with the same random
+    gradients (for comparisons with torch.optim)."""
+    for _ in range(steps):
+        for p, q in zip(params, twin_params):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        twin_opt.step()
+
+
+def assert_norms_kept_and_tangent(params, bufs, norms0, manifold):
+    """Every group kept its norm (``norms0``), and its buffer is tangent (no radial part) and
+    not all zero (docs/ALGORITHMS.md 7.2)."""
+    for p, m, n0 in zip(params, bufs, norms0):
+        rows = p.size(0) if manifold == "channel" else 1
+        w, mm = p.reshape(rows, -1), m.reshape(rows, -1)
+        torch.testing.assert_close(w.norm(dim=1), n0, rtol=1e-12, atol=0)
+        u = w / w.norm(dim=1, keepdim=True)
+        radial = (mm * u).sum(dim=1).abs()
+        assert (radial <= 1e-12 * mm.norm(dim=1).clamp_min(1e-300)).all()
+        assert mm.abs().max() > 0
+
+
+def group_norms(params, manifold):
+    return [p.reshape(p.size(0) if manifold == "channel" else 1, -1).norm(dim=1) for p in params]
 
 
 # --- small models ------------------------------------------------------------------------------
@@ -216,8 +245,8 @@ OPTIMIZERS = {
     "PSISGD": OptimizerCase(ConvBN, lambda m: PSISGD(m, lr=0.1, momentum=0.9, nesterov=True),
                             ("step", "momentum_buffer"), lambda m: m.c2.weight),
     # PSIAdam with a channel, a tensor and a Euclidean group (three kinds of second moment).
-    "PSIAdam": OptimizerCase(ConvBN, _psi_adam_three_manifolds, ("step", "exp_avg", "exp_avg_sq"),
-                             lambda m: m.c2.weight),
+    "PSIAdam": OptimizerCase(ConvBN, _psi_adam_three_manifolds,
+                             ("step", "exp_avg", "exp_avg_sq"), lambda m: m.c2.weight),
     "BNPSGD": OptimizerCase(bnp_cnn, lambda m: BNPSGD(m, lr=0.05, momentum=0.9),
                             ("momentum_buffer",), lambda m: m[0].weight),
 }
@@ -226,11 +255,12 @@ OPTIMIZERS = {
 def batches(n=3, dtype=torch.float32, seed=0):
     """``n`` (input, label) batches for the models above (3 x 8 x 8 images, 5 classes)."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 3, 8, 8, generator=g).to(dtype), torch.randint(0, 5, (8,), generator=g))
-            for _ in range(n)]
+    return [(torch.randn(8, 3, 8, 8, generator=g).to(dtype),
+             torch.randint(0, 5, (8,), generator=g)) for _ in range(n)]
 
 
-__all__ = ["DEVICES", "HAS_CUDA", "OPTIMIZERS", "SHAPES", "TOL", "ConvBN", "OptimizerCase",
-           "assert_close_rel", "batches", "bnp_cnn", "clone_all", "conv_groups", "make_case", "rescaling_gaps",
-           "rescaled_copy", "run_both", "state_dtype", "tangent_grad_like", "train",
+__all__ = ["ConvBN", "DEVICES", "HAS_CUDA", "OptimizerCase", "OPTIMIZERS", "SHAPES", "TOL",
+           "assert_close_rel", "assert_norms_kept_and_tangent", "batches", "bnp_cnn", "clone_all",
+           "conv_groups", "group_norms", "make_case", "rescaled_copy", "rescaling_gaps",
+           "run_both", "state_dtype", "step_side_by_side", "tangent_grad_like", "train",
            "zeros_like_state"]

@@ -7,12 +7,7 @@ import pytest
 import torch
 
 from psi_cuda.optim import PSISGD
-from helpers import DEVICES, conv_groups, rescaling_gaps
-
-
-def set_grads(params, grads):
-    for p, g in zip(params, grads):
-        p.grad = g.clone()
+from helpers import DEVICES, conv_groups, rescaling_gaps, step_side_by_side
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -29,12 +24,7 @@ def test_euclidean_groups_match_torch_sgd(device, backend, opts):
     theirs = [p.clone() for p in ours]
     opt = PSISGD([{"params": ours, "manifold": None}], lr=0.05, backend=backend, **opts)
     ref = torch.optim.SGD(theirs, lr=0.05, **opts)
-    for _ in range(8):
-        grads = [torch.randn_like(p) for p in ours]
-        set_grads(ours, grads)
-        set_grads(theirs, grads)
-        opt.step()
-        ref.step()
+    step_side_by_side(opt, ours, ref, theirs)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
     if opts.get("momentum"):

@@ -12,8 +12,9 @@ import psi_cuda
 from psi_cuda import ops, reference
 from psi_cuda.optim import PSIAdam, PSISGD
 import helpers
-from helpers import (DEVICES, SHAPES, ConvBN, assert_close_rel, clone_all, conv_groups,
-                     rescaling_gaps, state_dtype, tangent_grad_like, train, zeros_like_state)
+from helpers import (DEVICES, SHAPES, ConvBN, assert_close_rel, assert_norms_kept_and_tangent,
+                     clone_all, conv_groups, group_norms, rescaling_gaps, state_dtype,
+                     step_side_by_side, tangent_grad_like, train, zeros_like_state)
 
 OPTIONS = [
     dict(),
@@ -106,20 +107,13 @@ def test_channels_last_zero_rows_and_strided_grads(device, dtype):
 def test_norms_preserved_and_moment_tangent(device, retraction, manifold):
     params, grads, exp_avgs, exp_avg_sqs, steps = make_case([(12, 40), (4, 3, 5, 5)],
                                                             torch.float64, device, manifold)
-    norms0 = [p.reshape(p.size(0) if manifold == "channel" else 1, -1).norm(dim=1) for p in params]
+    norms0 = group_norms(params, manifold)
     for _ in range(20):
         for p, g in zip(params, grads):
             g.copy_(tangent_grad_like(p, manifold) + 0.3 * p)  # with a radial part
         ops.psi_adam_(params, grads, exp_avgs, exp_avg_sqs, steps, lr=0.1, manifold=manifold,
                       retraction=retraction)
-    for p, m, n0 in zip(params, exp_avgs, norms0):
-        rows = p.size(0) if manifold == "channel" else 1
-        w, mm = p.reshape(rows, -1), m.reshape(rows, -1)
-        torch.testing.assert_close(w.norm(dim=1), n0, rtol=1e-12, atol=0)
-        u = w / w.norm(dim=1, keepdim=True)
-        radial = (mm * u).sum(dim=1).abs()
-        assert (radial <= 1e-12 * mm.norm(dim=1).clamp_min(1e-300)).all()
-        assert mm.abs().max() > 0
+    assert_norms_kept_and_tangent(params, exp_avgs, norms0, manifold)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -301,11 +295,6 @@ def test_bad_options_raise(kw, pattern):
 # ---- the optimizer ------------------------------------------------------------------------------
 
 
-def set_grads(params, grads):
-    for p, g in zip(params, grads):
-        p.grad = g.clone()
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["fused", "reference"])
 @pytest.mark.parametrize("opts", [
@@ -322,12 +311,7 @@ def test_euclidean_groups_match_torch_adamw(device, backend, opts, dtype):
     opts = dict(dict(lr=0.05, weight_decay=0.0), **opts)  # AdamW defaults to 1e-2
     opt = PSIAdam([{"params": ours, "manifold": None}], backend=backend, **opts)
     ref = torch.optim.AdamW(theirs, foreach=False, **opts)
-    for _ in range(8):
-        grads = [torch.randn_like(p) for p in ours]
-        set_grads(ours, grads)
-        set_grads(theirs, grads)
-        opt.step()
-        ref.step()
+    step_side_by_side(opt, ours, ref, theirs)
     tol = dict(rtol=2e-6, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, **tol)

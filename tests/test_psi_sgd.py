@@ -7,8 +7,8 @@ import torch
 
 from psi_cuda import ops, reference
 import helpers
-from helpers import (DEVICES, SHAPES, assert_close_rel, clone_all, tangent_grad_like,
-                     zeros_like_state)
+from helpers import (DEVICES, SHAPES, assert_close_rel, assert_norms_kept_and_tangent,
+                     clone_all, group_norms, tangent_grad_like, zeros_like_state)
 
 OPTIONS = [
     dict(momentum=0.0),
@@ -80,20 +80,13 @@ def test_channels_last_zero_rows_and_strided_grads(device, dtype):
 def test_norms_preserved_and_buffer_tangent(device, retraction, manifold):
     case = make_case([(12, 40), (4, 3, 5, 5)], torch.float64, device, manifold, 0.9)
     params, grads, bufs, steps = case
-    norms0 = [p.reshape(p.size(0) if manifold == "channel" else 1, -1).norm(dim=1) for p in params]
+    norms0 = group_norms(params, manifold)
     for _ in range(20):
         for p, g in zip(params, grads):
             g.copy_(tangent_grad_like(p, manifold))
         ops.psi_sgd_(params, grads, bufs, steps, lr=0.3, momentum=0.9, manifold=manifold,
                      retraction=retraction)
-    for p, m, n0 in zip(params, bufs, norms0):
-        rows = p.size(0) if manifold == "channel" else 1
-        w, mm = p.reshape(rows, -1), m.reshape(rows, -1)
-        torch.testing.assert_close(w.norm(dim=1), n0, rtol=1e-12, atol=0)
-        u = w / w.norm(dim=1, keepdim=True)
-        radial = (mm * u).sum(dim=1).abs()
-        assert (radial <= 1e-12 * mm.norm(dim=1).clamp_min(1e-300)).all()
-        assert mm.abs().max() > 0
+    assert_norms_kept_and_tangent(params, bufs, norms0, manifold)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -183,3 +183,89 @@ def test_weight_decay_on_psi_group_warns_and_is_ignored(cls):
         cls([b], manifold="channel", lr=0.1).step()
     assert torch.equal(a, b)
     assert not torch.equal(a, w)
+
+
+def _snapshot(model, opt):
+    return ([p.detach().clone() for p in model.parameters()],
+            [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()])
+
+
+def _assert_same(model, opt, snap):
+    params, states = snap
+    for p, q, st in zip(model.parameters(), params, states):
+        assert torch.equal(p, q)
+        assert opt.state[p].keys() == st.keys()
+        for k, v in st.items():
+            assert torch.equal(opt.state[p][k], v)
+
+
+@CASES
+def test_loading_another_optimizers_state_raises_before_any_change(case):
+    model = case.model()
+    opt = case.make(model)
+    quiet(train, model, opt, batches(1), 2)
+    snap = _snapshot(model, opt)
+    sgd = torch.optim.SGD([{"params": g["params"]} for g in opt.param_groups], lr=0.1,
+                          momentum=0.9)
+    quiet(train, model, sgd, batches(1), 1)  # SGD state (momentum buffers)
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), snap[0]):
+            p.copy_(q)
+    with pytest.raises(ValueError, match=r"param_groups\[0\] has no \[.*was not saved by"):
+        opt.load_state_dict(sgd.state_dict())
+    _assert_same(model, opt, snap)
+
+
+@CASES
+def test_loading_state_of_other_shapes_raises_before_any_change(case):
+    model = case.model()
+    opt = case.make(model)
+    quiet(train, model, opt, batches(1), 2)
+    saved = opt.state_dict()
+    other = case.model()
+    with torch.no_grad():  # the same model with one parameter of another shape
+        p = case.poison(other)
+        p.data = torch.randn(p.shape[0] + 1, *p.shape[1:])
+    other_opt = case.make(other)
+    snap = _snapshot(other, other_opt)
+    with pytest.raises(ValueError, match=r"\['params'\]\[\d+\]: state '\w+' has shape"):
+        other_opt.load_state_dict(saved)
+    _assert_same(other, other_opt, snap)
+
+
+@CASES
+def test_numeric_step_in_a_loaded_state_becomes_the_tensor_counter(case):
+    """Older torch optimizers saved ``step`` as a number: it loads, and the next steps equal
+    those from the tensor counter."""
+    model = case.model()
+    opt = case.make(model)
+    data = batches(2)
+    quiet(train, model, opt, data, 3)
+    saved = opt.state_dict()
+    as_numbers = copy.deepcopy(saved)
+    for st in as_numbers["state"].values():
+        if "step" in st:
+            st["step"] = float(st["step"])
+    runs = []
+    for state in (saved, as_numbers):
+        twin = copy.deepcopy(model)
+        twin_opt = case.make(twin)
+        twin_opt.load_state_dict(state)
+        quiet(train, twin, twin_opt, data, 2)
+        runs.append(twin)
+    for p, q in zip(*(r.parameters() for r in runs)):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cls", [PSISGD, PSIAdam])
+def test_tensor_lr(cls):
+    """A one-element tensor lr steps like the float; a longer one is torch's ValueError."""
+    w = torch.randn(5, 9)
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        cls([w.clone().requires_grad_()], manifold="channel", lr=torch.tensor([0.1, 0.2]))
+    a, b = w.clone().requires_grad_(), w.clone().requires_grad_()
+    g = tangent_grad_like(w, "channel")
+    a.grad, b.grad = g.clone(), g.clone()
+    cls([a], manifold="channel", lr=torch.tensor(0.1)).step()
+    cls([b], manifold="channel", lr=0.1).step()
+    assert torch.equal(a, b) and not torch.equal(a, w)

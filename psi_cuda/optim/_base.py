@@ -48,8 +48,8 @@ class FusedOptimizer(Optimizer):
     * ``_check_options(group, where)``: its own options; ``ValueError`` naming the key.
     * ``_state_keys(p, group)``: the names of the state lists it passes to ``op`` after the
       gradients, in order (an empty list is passed for a key it returns ``None`` for);
-    * ``_init_state(p, group)``: makes the missing state of ``p`` (``step_counter``,
-      ``state_like``, ...);
+    * ``_init_state(p, group, state)``: makes the missing entries of ``state``, the state of
+      ``p`` (``step_counter``, ``state_like``, ...);
     * ``_op_options(group, weight_decay)``: the op's keyword options for the group.
     """
 
@@ -155,8 +155,8 @@ class FusedOptimizer(Optimizer):
         for p in params:
             if p.grad is None:
                 continue
-            self._init_state(p, group)
             state = self.state[p]
+            self._init_state(p, group, state)
             target, grad = step_target(p, state, group, writebacks)
             keys = self._state_keys(p, group)
             lists = buckets.get((p.device, target.dtype))
@@ -204,7 +204,7 @@ class FusedOptimizer(Optimizer):
     def _state_keys(self, p: Tensor, group: dict) -> list:
         raise NotImplementedError
 
-    def _init_state(self, p: Tensor, group: dict) -> None:
+    def _init_state(self, p: Tensor, group: dict, state: dict) -> None:
         raise NotImplementedError
 
     def _op_options(self, group: dict, weight_decay: float) -> dict:
@@ -221,7 +221,10 @@ class FusedOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads state; unlike torch's default it keeps the state's own dtype (fp32 state for
         fp16/bf16 params), lays state shaped like a param out like it, and keeps per-group
-        state (one value per row) as it is, so a resume is bit for bit."""
+        state (one value per row) as it is, so a resume is bit for bit. A state dict of another
+        optimizer, or of one over other shapes, raises ``ValueError`` before anything changes;
+        a ``step`` saved as a number (older torch optimizers) becomes the tensor counter."""
+        self._check_loadable(state_dict)
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
@@ -232,16 +235,65 @@ class FusedOptimizer(Optimizer):
             state = self.state[p]
             dtype = reference.opmath_dtype(p.dtype)
             for key, value in saved.items():
-                if not torch.is_tensor(value):
-                    continue
                 if key == "step":
-                    state[key] = value.to(device=p.device, dtype=torch.float32).clone()
+                    state[key] = torch.as_tensor(value).to(device=p.device,
+                                                           dtype=torch.float32).clone()
+                elif not torch.is_tensor(value):
+                    continue
                 elif value.shape == p.shape:
                     state[key] = torch.empty_like(p, dtype=dtype,
                                                   memory_format=torch.preserve_format)
                     state[key].copy_(value)
                 else:
                     state[key] = value.to(device=p.device, dtype=dtype).clone().contiguous()
+
+    def _check_loadable(self, state_dict: dict) -> None:
+        """The checks of ``load_state_dict`` made before anything is written: every saved group
+        has this optimizer's options, valid values, and state entries of the shapes this
+        optimizer would make for the parameter it is loaded into."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError(f"{self.name}.load_state_dict: expected a dict with 'state' and "
+                             "'param_groups' (from state_dict())")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"{self.name}.load_state_dict: the state has {len(saved_groups)} "
+                             f"param groups, this optimizer {len(self.param_groups)}")
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            where = f"{self.name}.load_state_dict: param_groups[{gi}]"
+            missing = sorted(k for k in self.defaults if k not in saved)
+            if missing:
+                raise ValueError(f"{where} has no {missing}: the state was not saved by "
+                                 f"{self.name} (another optimizer's state cannot be loaded)")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"{where} has {len(saved['params'])} parameters, this "
+                                 f"optimizer's {len(group['params'])}")
+            merged = {**saved, "params": group["params"]}
+            self._check_options(merged, where)
+            for pi, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+                entry = state_dict["state"].get(pid)
+                if entry:
+                    self._check_loaded_state(p, merged, entry, f"{where}['params'][{pi}]")
+
+    def _check_loaded_state(self, p: Tensor, group: dict, entry: dict, where: str) -> None:
+        expected: dict = {}
+        with torch.device("meta"):  # shapes only, no memory
+            self._init_state(torch.empty(p.shape, dtype=p.dtype), group, expected)
+        if uses_master(p, group):
+            expected["master"] = p
+        for key, value in entry.items():
+            if key not in expected:
+                raise ValueError(f"{where}: the state has {key!r}, which {self.name} does not "
+                                 f"keep for this parameter (expected {sorted(expected)})")
+            if key == "step" and not torch.is_tensor(value):
+                if not isinstance(value, (int, float)):
+                    raise ValueError(f"{where}: 'step' is {type(value).__name__}, expected a "
+                                     "number or a one-element tensor")
+                continue
+            want = tuple(expected[key].shape)
+            if not torch.is_tensor(value) or tuple(value.shape) != want:
+                got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                raise ValueError(f"{where}: state {key!r} has shape {got}, expected {want} "
+                                 f"(a parameter of shape {tuple(p.shape)})")
 
 
 def state_like(p: Tensor, state: dict, key: str) -> Tensor:
@@ -264,6 +316,11 @@ def step_counter(p: Tensor, state: dict) -> Tensor:
     return state["step"]
 
 
+def scalar_lr(lr) -> float:
+    """The learning rate as the ops take it (a one-element tensor lr is read on the host)."""
+    return float(lr) if torch.is_tensor(lr) else lr
+
+
 def on_device(t: Tensor | None, device: torch.device) -> Tensor | None:
     """GradScaler's grad_scale / found_inf as float32 on ``device`` (None stays None)."""
     return None if t is None else t.to(device=device, dtype=torch.float32, non_blocking=True)
@@ -275,7 +332,10 @@ def check_common_options(group: dict, where: str) -> None:
     if manifold not in (None,) + PSI_MANIFOLDS:
         raise ValueError(f"{where}['manifold'] must be one of {PSI_MANIFOLDS} or None "
                          f"(Euclidean); got {manifold!r}")
-    if not 0.0 <= group["lr"]:
+    lr = group["lr"]
+    if torch.is_tensor(lr) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
         raise ValueError(f"{where}['lr'] must be >= 0; got {group['lr']}")
     if not 0.0 <= group["weight_decay"]:
         raise ValueError(f"{where}['weight_decay'] must be >= 0; got {group['weight_decay']}")

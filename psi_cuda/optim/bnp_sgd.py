@@ -9,7 +9,7 @@ from torch import nn
 from .. import distributed, ops, reference
 from ..bnp import BNP, check_sharding
 from ._amp import step_target, uses_master
-from ._base import on_device, state_like
+from ._base import on_device, scalar_lr, state_like
 from .psi_sgd import PSISGD
 
 
@@ -97,8 +97,8 @@ class BNPSGD(PSISGD):
             if layer.mean.device != device:
                 layer.to(device)
             w = layer.module.weight
-            self._init_state(w, group)
             state = self.state[w]
+            self._init_state(w, group, state)
             target, grad = step_target(w, state, group, writebacks)
             weights.append(target)
             wgrads.append(grad)
@@ -120,7 +120,7 @@ class BNPSGD(PSISGD):
         loc = lambda ts: [distributed.local(t) for t in ts]  # noqa: E731
         fn(loc(weights), loc(biases), loc(wgrads), loc(bgrads), loc(wbufs), loc(bbufs),
            steps, [l.mean for l in layers], [l.sqmean for l in layers],
-           groups=[l.groups for l in layers], eps=self.bnp.eps, lr=group["lr"],
+           groups=[l.groups for l in layers], eps=self.bnp.eps, lr=scalar_lr(group["lr"]),
            momentum=momentum, dampening=group["dampening"], nesterov=group["nesterov"],
            weight_decay=group["weight_decay"], maximize=group["maximize"],
            grad_scale=on_device(grad_scale, device), found_inf=on_device(found_inf, device))

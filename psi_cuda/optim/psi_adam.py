@@ -6,7 +6,7 @@ from torch import Tensor
 
 from .. import _gram, distributed, reference
 from ._base import (REQUIRED, FusedOptimizer, check_common_options, check_sphere_options,
-                    state_like, step_counter)
+                    scalar_lr, state_like, step_counter)
 
 
 def sharded_adam_solve(G, numel, step_old, scalars, *, lr, beta1, beta2, eps, retraction,
@@ -98,8 +98,7 @@ class PSIAdam(FusedOptimizer):
     def _state_keys(self, p: Tensor, group: dict) -> list:
         return ["exp_avg", "exp_avg_sq"]
 
-    def _init_state(self, p: Tensor, group: dict) -> None:
-        state = self.state[p]
+    def _init_state(self, p: Tensor, group: dict, state: dict) -> None:
         step_counter(p, state)
         state_like(p, state, "exp_avg")
         manifold = group["manifold"]
@@ -114,7 +113,7 @@ class PSIAdam(FusedOptimizer):
 
     def _op_options(self, group: dict, weight_decay: float) -> dict:
         beta1, beta2 = group["betas"]
-        return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+        return dict(lr=scalar_lr(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                     weight_decay=weight_decay, maximize=group["maximize"],
                     retraction=group["retraction"], transport=group["transport"],
                     max_grad_norm=group["max_grad_norm"])

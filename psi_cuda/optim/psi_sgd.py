@@ -7,7 +7,7 @@ from torch import Tensor
 from .. import _gram
 from ..distributed import GroupSolve
 from ._base import (REQUIRED, FusedOptimizer, check_common_options, check_sphere_options,
-                    state_like, step_counter)
+                    scalar_lr, state_like, step_counter)
 
 
 def sharded_sgd_solve(G, numel, step_old, scalars, *, lr, momentum, dampening, nesterov,
@@ -114,14 +114,13 @@ class PSISGD(FusedOptimizer):
     def _state_keys(self, p: Tensor, group: dict) -> list:
         return ["momentum_buffer" if group["momentum"] != 0 else None]
 
-    def _init_state(self, p: Tensor, group: dict) -> None:
-        state = self.state[p]
+    def _init_state(self, p: Tensor, group: dict, state: dict) -> None:
         step_counter(p, state)
         if group["momentum"] != 0:
             state_like(p, state, "momentum_buffer")
 
     def _op_options(self, group: dict, weight_decay: float) -> dict:
-        return dict(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+        return dict(lr=scalar_lr(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
                     nesterov=group["nesterov"], weight_decay=weight_decay,
                     maximize=group["maximize"], retraction=group["retraction"],
                     transport=group["transport"], max_grad_norm=group["max_grad_norm"])

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from psi_cuda.optim import PSIAdam, PSISGD
-from helpers import OPTIMIZERS, ConvBN, batches, conv_groups, tangent_grad_like, train
+from helpers import (OPTIMIZERS, ConvBN, assert_close_rel, batches, conv_groups,
+                     tangent_grad_like, train)
 
 CASES = pytest.mark.parametrize("case", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
 
@@ -269,3 +270,48 @@ def test_tensor_lr(cls):
     cls([a], manifold="channel", lr=torch.tensor(0.1)).step()
     cls([b], manifold="channel", lr=0.1).step()
     assert torch.equal(a, b) and not torch.equal(a, w)
+
+
+def _strided_views():
+    """(name, make) pairs: ``make(t)`` gives a non-contiguous tensor holding the values of the
+    contiguous ``t``, as parameters come out of slicing or transposing."""
+    def sliced(t):  # every other column of a wider tensor
+        wide = torch.zeros(t.shape[0], 2 * t.shape[1], *t.shape[2:], dtype=t.dtype)
+        wide[:, ::2] = t
+        return wide[:, ::2]
+
+    def transposed(t):  # dense, but rows not contiguous
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+
+    return [("sliced", sliced), ("transposed", transposed)]
+
+
+@pytest.mark.parametrize("cls", [PSISGD, PSIAdam])
+@pytest.mark.parametrize("manifold", ["channel", "tensor", None])
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("view", ["sliced", "transposed"])
+@pytest.mark.parametrize("master", [False, True])
+def test_non_contiguous_parameters_step_like_their_contiguous_copies(cls, manifold, backend,
+                                                                     view, master):
+    """torch.optim steps any strided parameter; so do the psi_cuda optimizers, with the same
+    result as for a contiguous copy (a channel group is still a row of p.reshape(p.size(0), -1)),
+    up to the order of the sums; gradients of any strides included, and the parameter stays the
+    same tensor."""
+    dtype = torch.bfloat16 if master else torch.float32
+    make = dict(_strided_views())[view]
+    w = torch.randn(6, 10).to(dtype)
+    ours = make(w).requires_grad_()
+    assert not ours.is_contiguous()
+    twin = w.clone().requires_grad_()
+    kw = dict(lr=0.05, manifold=manifold, backend=backend, master_weights=master)
+    opt, twin_opt = cls([ours], **kw), cls([twin], **kw)
+    storage = ours.data_ptr()
+    for _ in range(3):
+        g = tangent_grad_like(w.float(), manifold or "tensor").to(dtype)
+        ours.grad, twin.grad = make(g), g.clone()
+        opt.step()
+        twin_opt.step()
+    assert ours.data_ptr() == storage and not ours.is_contiguous()
+    # Equal up to the order of the sums (a dense transposed tensor is summed in memory order).
+    assert_close_rel(ours.detach(), twin.detach(), dtype, view)
+    assert not torch.equal(twin.detach(), w)

@@ -1,6 +1,7 @@
-"""Mixed precision and CUDA graphs for the psi_cuda optimizers: fp32 master copies of fp16/bf16
-parameters (``master_weights=True``) and the checks of a step taken under CUDA graph capture
-(``capturable=True``)."""
+"""What the kernels step for a parameter, and CUDA graphs: fp32 master copies of fp16/bf16
+parameters (``master_weights=True``), contiguous working copies of parameters laid out in a way
+the kernels cannot step in place (slices, transposes of channel groups), and the checks of a
+step taken under CUDA graph capture (``capturable=True``)."""
 from __future__ import annotations
 
 import torch
@@ -19,34 +20,69 @@ def uses_master(p: Tensor, group: dict) -> bool:
     return bool(group.get("master_weights", False)) and p.dtype in LOW_PRECISION
 
 
-def master_copy(p: Tensor, state: dict) -> Tensor:
+def _dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill one block of memory, in any dim order."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def steppable(p: Tensor, manifold) -> bool:
+    """Whether the kernels step ``p`` in place: dense, and for channel groups with each row one
+    block (dim 0 outermost), as contiguous and channels-last tensors are."""
+    if p.numel() == 0:
+        return True
+    if not _dense(p):
+        return False
+    if manifold != "channel" or p.dim() == 0 or p.size(0) <= 1:
+        return True
+    return p.stride(0) == p.numel() // p.size(0)
+
+
+def laid_out_like(p: Tensor, manifold, dtype: torch.dtype) -> Tensor:
+    """An empty tensor for state or a copy of ``p``: laid out like ``p`` where the kernels step
+    ``p`` in place, contiguous where they step a contiguous copy."""
+    if steppable(p, manifold):
+        return torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)
+    return torch.empty(p.shape, dtype=dtype, device=p.device)
+
+
+def master_copy(p: Tensor, state: dict, manifold) -> Tensor:
     """``state["master"]``: the fp32 copy of ``p`` the optimizer steps (made from ``p`` on first
     use, laid out like ``p``, re-laid out when ``p`` changed layout)."""
     master = state.get("master")
     if master is None:
-        master = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-        master.copy_(p)
-    elif master.stride() != p.stride():
-        master = torch.empty_like(p, dtype=torch.float32,
-                                  memory_format=torch.preserve_format).copy_(master)
+        master = laid_out_like(p, manifold, torch.float32).copy_(p)
+    elif steppable(p, manifold) and master.stride() != p.stride():
+        master = laid_out_like(p, manifold, torch.float32).copy_(master)
     state["master"] = master
     return master
 
 
 def step_target(p: Tensor, state: dict, group: dict, writebacks: list) -> tuple[Tensor, Tensor]:
-    """What the kernels step for ``p``: ``(p, p.grad)``, or with master weights on an fp16/bf16
-    ``p`` its fp32 master and the gradient cast to fp32; then ``(p, master)`` is appended to
-    ``writebacks`` so that ``write_back`` rounds the stepped master into ``p``."""
-    if not uses_master(p, group):
+    """What the kernels step for ``p``: ``(p, p.grad)``; with master weights on an fp16/bf16
+    ``p`` its fp32 master and the gradient cast to fp32; for a ``p`` the kernels cannot step in
+    place (a slice, a transposed channel group) a contiguous copy. For a master or a copy,
+    ``(p, target)`` is appended to ``writebacks`` so that ``write_back`` puts the stepped values
+    into ``p``."""
+    manifold = group.get("manifold")
+    if uses_master(p, group):
+        master = master_copy(p, state, manifold)
+        writebacks.append((p, master))
+        return master, p.grad.to(torch.float32)
+    if steppable(p, manifold):
         return p, p.grad
-    master = master_copy(p, state)
-    writebacks.append((p, master))
-    return master, p.grad.to(torch.float32)
+    copy = laid_out_like(p, manifold, p.dtype).copy_(p)
+    writebacks.append((p, copy))
+    return copy, p.grad
 
 
 def write_back(writebacks: list) -> None:
-    """``p.copy_(master)`` for every pair: ``p`` becomes its master rounded to nearest. A step
-    skipped by found_inf leaves each master, hence ``p = round(master)``, as it was."""
+    """``p.copy_(target)`` for every pair: ``p`` becomes its master rounded to nearest, or its
+    stepped copy. A step skipped by found_inf leaves each target, hence ``p``, as it was."""
     if writebacks:
         params, masters = zip(*writebacks)
         torch._foreach_copy_(list(params), list(masters))

@@ -17,7 +17,8 @@ from torch.optim import Optimizer
 
 from .. import distributed, ops, reference
 from ..groups import param_groups
-from ._amp import check_capture, check_flag, step_target, uses_master, write_back
+from ._amp import (check_capture, check_flag, laid_out_like, step_target, steppable,
+                   uses_master, write_back)
 
 BACKENDS = ops.BACKENDS
 PSI_MANIFOLDS = reference.PSI_MANIFOLDS
@@ -296,15 +297,16 @@ class FusedOptimizer(Optimizer):
                                  f"(a parameter of shape {tuple(p.shape)})")
 
 
-def state_like(p: Tensor, state: dict, key: str) -> Tensor:
-    """``state[key]``: a zero buffer shaped and laid out like ``p`` in the opmath dtype, made on
-    first use and re-laid out when ``p`` changed layout (e.g. to channels_last)."""
+def state_like(p: Tensor, state: dict, key: str, manifold=None) -> Tensor:
+    """``state[key]``: a zero buffer shaped like ``p`` in the opmath dtype, laid out like what the
+    kernels step for ``p`` (``p`` itself, or a contiguous copy of a ``p`` they cannot step in
+    place), made on first use and re-laid out when ``p`` changed layout (e.g. to
+    channels_last)."""
     buf = state.get(key)
     if buf is None:
-        buf = torch.zeros_like(p, dtype=reference.opmath_dtype(p.dtype),
-                               memory_format=torch.preserve_format)
-    elif buf.stride() != p.stride():
-        buf = torch.empty_like(p, dtype=buf.dtype, memory_format=torch.preserve_format).copy_(buf)
+        buf = laid_out_like(p, manifold, reference.opmath_dtype(p.dtype)).zero_()
+    elif steppable(p, manifold) and buf.stride() != p.stride():
+        buf = laid_out_like(p, manifold, buf.dtype).copy_(buf)
     state[key] = buf
     return buf
 

@@ -99,11 +99,11 @@ class PSIAdam(FusedOptimizer):
         return ["exp_avg", "exp_avg_sq"]
 
     def _init_state(self, p: Tensor, group: dict, state: dict) -> None:
-        step_counter(p, state)
-        state_like(p, state, "exp_avg")
         manifold = group["manifold"]
+        step_counter(p, state)
+        state_like(p, state, "exp_avg", manifold)
         if manifold is None:
-            state_like(p, state, "exp_avg_sq")
+            state_like(p, state, "exp_avg_sq", manifold)
         elif "exp_avg_sq" not in state:
             # One second moment per group: per row for "channel", one for "tensor".
             # Per row: a DTensor sharded like p's rows when p is one; per tensor: a plain scalar.

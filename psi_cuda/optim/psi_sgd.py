@@ -117,7 +117,7 @@ class PSISGD(FusedOptimizer):
     def _init_state(self, p: Tensor, group: dict, state: dict) -> None:
         step_counter(p, state)
         if group["momentum"] != 0:
-            state_like(p, state, "momentum_buffer")
+            state_like(p, state, "momentum_buffer", group["manifold"])
 
     def _op_options(self, group: dict, weight_decay: float) -> dict:
         return dict(lr=scalar_lr(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],

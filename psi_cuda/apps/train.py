@@ -132,9 +132,16 @@ class TrainSettings:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose from {SCHEDULES}")
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose from {DATASETS}")
-        for name, low in (("epochs", 0), ("batch_size", 1), ("width", 1)):
+        for name, low in (("epochs", 1), ("batch_size", 1), ("width", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}; got {getattr(self, name)}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(f"device {self.device!r} is not a torch device ({e})") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: torch finds no CUDA device here "
+                             "(torch.cuda.is_available() is False); use --device cpu")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or None; got {self.threads}")
         for name in ("lr", "psi_lr"):
@@ -402,7 +409,9 @@ def _save_checkpoint(state: _Run, path: Path) -> None:
 
 def _resume(state: _Run, path: Path) -> None:
     """Continues ``state`` from the checkpoint at ``path``; ValueError if it is of another run."""
-    saved = torch.load(path, map_location=state.data[0].device, weights_only=False)
+    # weights_only: a checkpoint holds tensors and plain data only, so loading one from
+    # elsewhere cannot run code.
+    saved = torch.load(path, map_location=state.data[0].device, weights_only=True)
     here, there = state.record["settings"], saved["settings"]
     changed = sorted(k for k in set(there) | set(here)
                      if k not in RESUMABLE_CHANGES and there.get(k) != here.get(k))

@@ -13,7 +13,7 @@ from torch import nn
 
 from psi_cuda.optim import PSIAdam, PSISGD
 from helpers import (OPTIMIZERS, ConvBN, assert_close_rel, batches, conv_groups,
-                     tangent_grad_like, train)
+                     step_side_by_side, tangent_grad_like, train)
 
 CASES = pytest.mark.parametrize("case", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
 
@@ -315,3 +315,24 @@ def test_non_contiguous_parameters_step_like_their_contiguous_copies(cls, manifo
     # Equal up to the order of the sums (a dense transposed tensor is summed in memory order).
     assert_close_rel(ours.detach(), twin.detach(), dtype, view)
     assert not torch.equal(twin.detach(), w)
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("cls,torch_cls,kw", [
+    (PSISGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2)),
+    (PSIAdam, torch.optim.AdamW, dict(lr=0.05, weight_decay=1e-2)),
+], ids=["PSISGD", "PSIAdam"])
+def test_complex_parameters_in_euclidean_groups_step_as_in_torch(backend, cls, torch_cls, kw):
+    """Complex parameters in Euclidean groups step like torch.optim's (as real views); on a
+    PSI group they are refused with a clear error."""
+    shapes = [(4, 3), (5,), ()]
+    ours = [torch.randn(s, dtype=torch.complex64) for s in shapes]
+    theirs = [p.clone() for p in ours]
+    opt = cls(ours, manifold=None, backend=backend, **kw)
+    ref = torch_cls(theirs, foreach=False, **kw)
+    step_side_by_side(opt, ours, ref, theirs, steps=5)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == torch.complex64
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+    with pytest.raises(ValueError, match=r"\['params'\]\[0\] is complex .* Euclidean groups only"):
+        cls([torch.randn(4, 3, dtype=torch.complex64)], manifold="channel", lr=0.1)

@@ -62,22 +62,30 @@ def master_copy(p: Tensor, state: dict, manifold) -> Tensor:
     return master
 
 
-def step_target(p: Tensor, state: dict, group: dict, writebacks: list) -> tuple[Tensor, Tensor]:
+def as_real(t: Tensor) -> Tensor:
+    """A complex tensor as its real view (``(..., 2)``, as torch.optim steps complex parameters
+    of elementwise updates); any other tensor as it is."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def step_target(p: Tensor, state: dict, group: dict, writebacks: list,
+                grad: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """What the kernels step for ``p``: ``(p, p.grad)``; with master weights on an fp16/bf16
     ``p`` its fp32 master and the gradient cast to fp32; for a ``p`` the kernels cannot step in
     place (a slice, a transposed channel group) a contiguous copy. For a master or a copy,
     ``(p, target)`` is appended to ``writebacks`` so that ``write_back`` puts the stepped values
-    into ``p``."""
+    into ``p``. ``grad`` defaults to ``p.grad`` (given for a view such as ``as_real(p)``)."""
     manifold = group.get("manifold")
+    grad = p.grad if grad is None else grad
     if uses_master(p, group):
         master = master_copy(p, state, manifold)
         writebacks.append((p, master))
-        return master, p.grad.to(torch.float32)
+        return master, grad.to(torch.float32)
     if steppable(p, manifold):
-        return p, p.grad
+        return p, grad
     copy = laid_out_like(p, manifold, p.dtype).copy_(p)
     writebacks.append((p, copy))
-    return copy, p.grad
+    return copy, grad
 
 
 def write_back(writebacks: list) -> None:

@@ -17,12 +17,13 @@ from torch.optim import Optimizer
 
 from .. import distributed, ops, reference
 from ..groups import param_groups
-from ._amp import (check_capture, check_flag, laid_out_like, step_target, steppable,
-                   uses_master, write_back)
+from ._amp import (as_real, check_capture, check_flag, laid_out_like, step_target,
+                   steppable, uses_master, write_back)
 
 BACKENDS = ops.BACKENDS
 PSI_MANIFOLDS = reference.PSI_MANIFOLDS
 PARAM_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+COMPLEX_DTYPES = (torch.complex64, torch.complex128)  # Euclidean groups only
 
 
 class _Required:
@@ -157,8 +158,9 @@ class FusedOptimizer(Optimizer):
             if p.grad is None:
                 continue
             state = self.state[p]
-            self._init_state(p, group, state)
-            target, grad = step_target(p, state, group, writebacks)
+            real = as_real(p)  # complex parameters (Euclidean groups): their real views
+            self._init_state(real, group, state)
+            target, grad = step_target(real, state, group, writebacks, as_real(p.grad))
             keys = self._state_keys(p, group)
             lists = buckets.get((p.device, target.dtype))
             if lists is None:
@@ -278,7 +280,7 @@ class FusedOptimizer(Optimizer):
     def _check_loaded_state(self, p: Tensor, group: dict, entry: dict, where: str) -> None:
         expected: dict = {}
         with torch.device("meta"):  # shapes only, no memory
-            self._init_state(torch.empty(p.shape, dtype=p.dtype), group, expected)
+            self._init_state(as_real(torch.empty(p.shape, dtype=p.dtype)), group, expected)
         if uses_master(p, group):
             expected["master"] = p
         for key, value in entry.items():
@@ -366,9 +368,15 @@ def check_params(group: dict, where: str, name: str) -> None:
     manifold = group.get("manifold")
     frozen = []
     for pi, p in enumerate(group["params"]):
-        if not p.is_floating_point() or p.dtype not in PARAM_DTYPES:
+        if p.dtype in COMPLEX_DTYPES and manifold is not None:
+            raise ValueError(f"{where}['params'][{pi}] is complex ({p.dtype}); {name} steps "
+                             "complex parameters in Euclidean groups only (manifold=None, as "
+                             "torch.optim does, on their real views): the PSI manifolds are "
+                             "defined for real weights")
+        if p.dtype not in PARAM_DTYPES + COMPLEX_DTYPES:
             raise ValueError(f"{where}['params'][{pi}] has dtype {p.dtype}; {name} needs "
-                             "float32, float64, float16 or bfloat16 parameters")
+                             "float32, float64, float16 or bfloat16 parameters (complex64 or "
+                             "complex128 in Euclidean groups)")
         if manifold == "channel" and p.dim() == 0:
             raise ValueError(f"{where}['params'][{pi}] is a 0-dim tensor; manifold='channel' "
                              "needs at least one dimension (use manifold=None or 'tensor')")

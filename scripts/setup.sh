@@ -15,7 +15,7 @@ py="$venv/bin/python"
 pip_q=(-q --disable-pip-version-check)
 # torch first, so the packages after it find it satisfied and pull no other build of it.
 "$py" -m pip install "${pip_q[@]}" "${TORCH_SPEC:-torch==2.13.0}"
-"$py" -m pip install "${pip_q[@]}" numpy ninja setuptools wheel pytest geoopt adamp matplotlib tqdm
+"$py" -m pip install "${pip_q[@]}" numpy ninja setuptools wheel pytest hypothesis geoopt adamp matplotlib tqdm
 # --no-build-isolation: the extension compiles against the torch installed above.
 PSI_CUDA_BUILD_EMULATOR=${PSI_CUDA_BUILD_EMULATOR:-1} MAX_JOBS=${MAX_JOBS:-2} "$py" -m pip install "${pip_q[@]}" --no-build-isolation --no-deps -e "$root"
 echo "$venv"

@@ -380,3 +380,35 @@ def test_1000_float64_steps_fused_stay_within_1e9_of_reference(name):
         scale = b.abs().max().item() if b.numel() else 0.0
         err = (a - b).abs().max().item()
         assert err <= 1e-9 * scale, f"{tuple(a.shape)}: {err:.3g} of {scale:.3g}"
+
+
+@pytest.mark.parametrize("cls", [PSISGD, PSIAdam])
+@pytest.mark.parametrize("manifold", [None, "channel"])
+def test_parameter_lists_as_torch_optim_takes_them(cls, manifold):
+    """A parameter listed twice in a group is stepped twice (torch.optim warns and does so);
+    one in two groups, or no parameters at all, is torch's ValueError; a group with no
+    parameters and a parameter without a gradient are skipped."""
+    w = torch.randn(3, 4, dtype=torch.float64)
+    g = tangent_grad_like(w, "channel")
+    twice, once = w.clone().requires_grad_(), w.clone().requires_grad_()
+    idle = torch.randn(2, 2, requires_grad=True)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = cls([{"params": [twice, idle, twice]}, {"params": []}], lr=0.1,
+                  manifold=manifold)
+    ref = cls([once], lr=0.1, manifold=manifold)
+    twice.grad, once.grad = g.clone(), g.clone()
+    opt.step()
+    ref.step()
+    ref.step()
+    torch.testing.assert_close(twice, once, rtol=1e-14, atol=1e-14)
+    assert opt.state[twice]["step"].item() == 2 and idle not in opt.state
+    if manifold is None and cls is PSISGD:  # and torch.optim.SGD does the same
+        theirs = w.clone().requires_grad_()
+        theirs.grad = g.clone()
+        with pytest.warns(UserWarning, match="duplicate parameters"):
+            torch.optim.SGD([theirs, theirs], lr=0.1).step()
+        torch.testing.assert_close(twice, theirs, rtol=1e-14, atol=1e-14)
+    with pytest.raises(ValueError, match="some parameters appear in more than one"):
+        cls([{"params": [once]}, {"params": [once]}], lr=0.1, manifold=manifold)
+    with pytest.raises(ValueError, match="empty parameter list"):
+        cls([], lr=0.1, manifold=manifold)

@@ -140,7 +140,7 @@ class FusedOptimizer(Optimizer):
         weight_decay = self._weight_decay(group, index, manifold)
         buckets = self._lists(group, group["params"] if params is None else params, writebacks)
         options = self._op_options(group, weight_decay)
-        for (device, _), lists in buckets.items():
+        for (device, _, _), lists in buckets.items():
             # _begin_step made the fused op's Python-side check: skip it.
             fn = (partial(getattr(ops, self.op), check=False) if self._use_fused(device)
                   else getattr(reference, self.op))
@@ -151,20 +151,23 @@ class FusedOptimizer(Optimizer):
 
     def _lists(self, group: dict, params, writebacks: list) -> dict:
         """The op's lists (params, grads, *state lists, steps) of ``params`` that have a
-        gradient, by (device, dtype of what the op steps: the master copy where there is one);
-        makes missing state."""
+        gradient, by (device, dtype of what the op steps: the master copy where there is one,
+        occurrence: a parameter listed twice goes to a second call); makes missing state."""
         buckets: dict = {}
+        seen: dict = {}  # a parameter listed k times is stepped k times, in k calls (as torch)
         for p in params:
             if p.grad is None:
                 continue
+            occurrence = seen[id(p)] = seen.get(id(p), -1) + 1
             state = self.state[p]
             real = as_real(p)  # complex parameters (Euclidean groups): their real views
             self._init_state(real, group, state)
             target, grad = step_target(real, state, group, writebacks, as_real(p.grad))
             keys = self._state_keys(p, group)
-            lists = buckets.get((p.device, target.dtype))
+            key = (p.device, target.dtype, occurrence)
+            lists = buckets.get(key)
             if lists is None:
-                lists = buckets[(p.device, target.dtype)] = [[] for _ in range(len(keys) + 3)]
+                lists = buckets[key] = [[] for _ in range(len(keys) + 3)]
             lists[0].append(target)
             lists[1].append(grad)
             for i, key in enumerate(keys):

@@ -399,13 +399,19 @@ def bnp_unit_norms(weight: Tensor, weight_grad: Tensor, bias_grad: Tensor | None
         empty = torch.zeros(0, dtype=dt, device=weight_grad.device)
         return empty, empty.clone()
     cin_g = weight_grad.shape[1]
-    shift, inv = bnp_channel_coefs(mean, sqmean, eps, bias_grad is not None)
-    inv = _per_row(inv.to(dt), groups, out, cin_g)
+    mu, s = mean.to(dt), sqmean.to(dt)
+    centered = bias_grad is not None
+    d2 = ((s - mu * mu).clamp_min(0) if centered else s) + eps  # D^2, per input channel
+
+    def per_row(v):
+        return v.view(1, cin_g, 1) if groups == 1 else _per_row(v, groups, out, cin_g)
+
     G = weight_grad.reshape(out, cin_g, -1).to(dt)
-    if bias_grad is not None:
-        G = G - bias_grad.to(dt).view(out, 1, 1) * _per_row(shift.to(dt), groups, out, cin_g)
+    if centered:
+        G = G - bias_grad.to(dt).view(out, 1, 1) * per_row(mu)
     W = weight.reshape(out, cin_g, -1).to(dt)
-    return (W * W / inv).sum(dim=(1, 2)).sqrt(), (G * G * inv).sum(dim=(1, 2)).sqrt()
+    d2 = per_row(d2)
+    return (W * W * d2).sum(dim=(1, 2)).sqrt(), (G * G / d2).sum(dim=(1, 2)).sqrt()
 
 
 @torch.no_grad()

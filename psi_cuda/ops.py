@@ -250,6 +250,41 @@ def _bnp_sgd_fake(weights, biases, weight_grads, bias_grads, weight_momentum_buf
     return None
 
 
+@torch.library.custom_op("psi_cuda::bnp_cap_grads", mutates_args=())
+def _bnp_cap_grads(weights: list[Tensor], weight_grads: list[Tensor], bias_grads: list[Tensor],
+                   means: list[Tensor], sqmeans: list[Tensor], groups: list[int], eps: float,
+                   lr: float, max_update: float, floor: float,
+                   grad_scale: Tensor | None) -> list[Tensor]:
+    # An op of its own (torch ops inside, no C++ kernel) so that torch.compile treats it as one
+    # opaque call: a compiled step then computes the same factors as an eager one, bit for bit.
+    caps = reference.bnp_update_caps(weights, weight_grads, bias_grads, means, sqmeans,
+                                     groups=groups, eps=eps, lr=lr, max_update=max_update,
+                                     floor=floor, grad_scale=grad_scale)
+    return ([reference.scale_rows(g, c) for g, c in zip(weight_grads, caps)]
+            + [reference.scale_rows(g, c) for g, c in zip(bias_grads, caps)])
+
+
+@_bnp_cap_grads.register_fake
+def _bnp_cap_grads_fake(weights, weight_grads, bias_grads, means, sqmeans, groups, eps, lr,
+                        max_update, floor, grad_scale):
+    return [torch.empty_like(g) for g in list(weight_grads) + list(bias_grads)]
+
+
+def bnp_cap_grads(weights: list[Tensor], weight_grads: list[Tensor], bias_grads: list[Tensor],
+                  means: list[Tensor], sqmeans: list[Tensor], *, groups: list[int], eps: float,
+                  lr: float, max_update: float, floor: float,
+                  grad_scale: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
+    """Copies of the weight and bias gradients with each unit (output channel) scaled by its
+    step-cap factor ``min(1, max_update * max(|W~_o|, floor) / (lr * |G~_o|))``
+    (``reference.bnp_update_caps``; BNPSGD's ``max_update``). ``bias_grads`` is empty or one per
+    weight gradient. Returns ``(weight_grads, bias_grads)``."""
+    out = _bnp_cap_grads(list(weights), list(weight_grads), list(bias_grads), list(means),
+                         list(sqmeans), list(groups), float(eps), float(lr), float(max_update),
+                         float(floor), grad_scale)
+    n = len(weight_grads)
+    return out[:n], out[n:]
+
+
 @torch.library.register_fake("psi_cuda::psi_adam_")
 def _psi_adam_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps,
                    weight_decay, maximize, manifold, retraction, transport, max_grad_norm,

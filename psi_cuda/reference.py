@@ -379,6 +379,79 @@ def bnp_precondition_(weight_grads, bias_grads, means, sqmeans, *, groups, eps) 
             gb.copy_(gbp)
 
 
+def _per_row(v: Tensor, groups: int, out: int, cin_g: int) -> Tensor:
+    """A per-input-channel vector ``v`` (in,) laid out per (output channel, channel in group):
+    shape (out, cin_g, 1); row ``o`` reads the channels of its group ``o // (out / groups)``."""
+    return v.view(groups, cin_g).repeat_interleave(out // groups, 0).view(out, cin_g, 1)
+
+
+@torch.no_grad()
+def bnp_unit_norms(weight: Tensor, weight_grad: Tensor, bias_grad: Tensor | None, mean: Tensor,
+                   sqmean: Tensor, *, groups: int, eps: float,
+                   dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Per output channel ``o`` (a unit: row ``o`` of the weight and entry ``o`` of the bias), the
+    norms of its weight and of its weight gradient in the input-normalized coordinates of
+    docs/ALGORITHMS.md section 4: ``(|W~_o|, |G~_o|)``, each of shape (out,), with
+
+        W~ = W D,   G~ = (G - g_b mu^T) D^-1,   D = diag(sqrt(max(s - mu^2, 0) + eps))
+
+    (without a bias: ``G~ = G D^-1`` and ``D^2 = s + eps``). ``G~`` is the gradient of the loss
+    with respect to ``W~``, and ``-lr G~`` is the change of ``W~`` that one BNP step makes
+    (before momentum). Computed in ``dtype`` (default: the opmath dtype of the gradient)."""
+    dt = dtype or opmath_dtype(weight_grad.dtype)
+    out = weight_grad.shape[0]
+    if out == 0:
+        empty = torch.zeros(0, dtype=dt, device=weight_grad.device)
+        return empty, empty.clone()
+    cin_g = weight_grad.shape[1]
+    mu, s = mean.to(dt), sqmean.to(dt)
+    centered = bias_grad is not None
+    d2 = ((s - mu * mu).clamp_min(0) if centered else s) + eps  # D^2, per input channel
+
+    def per_row(v):
+        return v.view(1, cin_g, 1) if groups == 1 else _per_row(v, groups, out, cin_g)
+
+    G = weight_grad.reshape(out, cin_g, -1).to(dt)
+    if centered:
+        G = G - bias_grad.to(dt).view(out, 1, 1) * per_row(mu)
+    W = weight.reshape(out, cin_g, -1).to(dt)
+    d2 = per_row(d2)
+    return (W * W * d2).sum(dim=(1, 2)).sqrt(), (G * G / d2).sum(dim=(1, 2)).sqrt()
+
+
+@torch.no_grad()
+def bnp_update_caps(weights, weight_grads, bias_grads, means, sqmeans, *, groups, eps, lr,
+                    max_update, floor, grad_scale=None) -> list[Tensor]:
+    """Per-unit factors of the capped BNP-SGD step (docs/ALGORITHMS.md section 4, "step cap"):
+
+        c_o = min(1, max_update * max(|W~_o|, floor) / (lr * |G~_o|))
+
+    with the norms of :func:`bnp_unit_norms` and ``G`` the unscaled gradient (``grad / grad_scale``
+    under a GradScaler). Scaling row ``o`` of the weight gradient and entry ``o`` of the bias
+    gradient by ``c_o`` scales the unit's BNP gradient by ``c_o`` (the formula is linear and acts
+    on each unit alone), so a step moves no unit's input-normalized weights by more than
+    ``max_update * max(|W~_o|, floor)`` before momentum. A zero gradient or ``lr == 0`` gives 1.
+    One tensor (out,) per layer, in the opmath dtype of its gradient."""
+    caps = []
+    for i, (w, g) in enumerate(zip(weights, weight_grads)):
+        gb = bias_grads[i] if bias_grads else None
+        w_norm, g_norm = bnp_unit_norms(w, g, gb, means[i], sqmeans[i], groups=groups[i], eps=eps)
+        if lr == 0:
+            caps.append(torch.ones_like(g_norm))
+            continue
+        if grad_scale is not None:
+            g_norm = g_norm / grad_scale.to(g_norm.dtype)
+        bound = max_update * w_norm.clamp_min(floor)
+        caps.append((bound / (lr * g_norm)).clamp_max(1.0))  # g_norm 0: inf -> 1
+    return caps
+
+
+def scale_rows(t: Tensor, factors: Tensor) -> Tensor:
+    """``t`` with its row ``o`` (dim 0) multiplied by ``factors[o]``, in ``t``'s dtype and
+    layout (a new tensor)."""
+    return t * factors.to(t.dtype).view((-1,) + (1,) * (t.dim() - 1))
+
+
 @torch.no_grad()
 def bnp_sgd_(weights, biases, weight_grads, bias_grads, weight_momentum_buffers,
              bias_momentum_buffers, state_steps, means, sqmeans, *, groups, eps, lr,

@@ -473,9 +473,10 @@ def data(i):
                                   dict(momentum=0.9, dampening=0.2, maximize=True)],
                          ids=["plain", "nesterov-wd", "dampening-maximize"])
 def test_bnpsgd_equals_precondition_then_torch_sgd(backend, opts):
+    """Without the step cap (max_update=None; the capped step: tests/test_bnp_cap.py)."""
     m0 = cnn().double()
     a, b = copy.deepcopy(m0), copy.deepcopy(m0)
-    opt_a = psi_cuda.optim.BNPSGD(a, lr=0.05, backend=backend, **opts)
+    opt_a = psi_cuda.optim.BNPSGD(a, lr=0.05, backend=backend, max_update=None, **opts)
     bnp_b = psi_cuda.BNP(b, backend=backend)
     opt_b = torch.optim.SGD(b.parameters(), lr=0.05, **opts)
     for it in range(5):

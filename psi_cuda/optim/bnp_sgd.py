@@ -12,21 +12,41 @@ from ._amp import step_target, uses_master
 from ._base import on_device, scalar_lr, state_like
 from .psi_sgd import PSISGD
 
+# The step cap's defaults (see BNPSGD's max_update): chosen by the lr sweep in
+# benchmarks/bnp_lr_window.py (results in benchmarks/results/bnp_lr_window.json).
+DEFAULT_MAX_UPDATE = 1e-3
+DEFAULT_UPDATE_FLOOR = 1.0
+
 
 class BNPSGD(PSISGD):
     r"""SGD whose step on the BNP-preconditioned layers of ``model`` uses the BNP gradient
     (docs/ALGORITHMS.md section 4), fused with the momentum update in one pass over each layer.
 
-    Equivalent to ``bnp.precondition_()`` followed by ``torch.optim.SGD`` with the same options
-    (weight decay is added to the preconditioned gradient, as torch's SGD would), but the
-    gradients are left as they are. The other parameters of ``model`` take plain
-    ``torch.optim.SGD`` steps.
+    With ``max_update=None`` this is ``bnp.precondition_()`` followed by ``torch.optim.SGD`` with
+    the same options (weight decay is added to the preconditioned gradient, as torch's SGD
+    would), but the gradients are left as they are. By default each unit's step is capped (see
+    ``max_update``). The other parameters of ``model`` take plain ``torch.optim.SGD`` steps.
 
     Args:
         model: the network; its parameters are the optimizer's.
         lr, momentum, dampening, nesterov, weight_decay, maximize: as in ``torch.optim.SGD``.
         bnp: a ``psi_cuda.BNP`` attached to ``model`` (default: ``BNP(model)``, every
             Linear/Conv layer, ``momentum=0.1``, ``eps=1e-5``).
+        max_update: cap on each unit's step (a unit: one output channel of a preconditioned
+            layer, its weight row and its bias). Its BNP gradient is scaled by
+            ``c_o = min(1, max_update * max(|W~_o|, update_floor) / (lr * |G~_o|))``, with
+            ``W~``, ``G~`` the weight and gradient in the layer's input-normalized coordinates
+            (``psi_cuda.reference.bnp_unit_norms``), so that before momentum no step moves a unit
+            by more than ``max_update`` times the norm of its normalized weights (or of
+            ``update_floor``). The direction of the BNP step is kept. Without it BNP-SGD on a
+            BatchNorm-free net trains in a narrow band of learning rates only and diverges just
+            above it (its preconditioned curvature grows about 250x in the first 40 steps);
+            with it the usable learning rates span about three orders of magnitude
+            (``benchmarks/results/bnp_lr_window.json``). ``None`` (or 0): the exact BNP step.
+            Weight decay is added after the cap.
+        update_floor: the smallest normalized weight norm the cap is relative to, so that units
+            whose normalized weights start near zero (an init made for unnormalized inputs)
+            still move.
         backend: ``"fused"``, ``"reference"`` or ``"auto"`` (fused where available).
         master_weights, capturable: as in :class:`PSISGD` (fp32 master copies of fp16/bf16
             parameters; CUDA graph capture of ``step()``).
@@ -45,7 +65,8 @@ class BNPSGD(PSISGD):
                  dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
                  maximize: bool = False, bnp: BNP | None = None, backend: str = "auto",
                  master_weights: bool = False, capturable: bool = False,
-                 sync_stats: bool = False):
+                 sync_stats: bool = False, max_update: float | None = DEFAULT_MAX_UPDATE,
+                 update_floor: float = DEFAULT_UPDATE_FLOOR):
         if not isinstance(model, nn.Module):
             raise TypeError("BNPSGD: the first argument must be the model (an nn.Module), got "
                             f"{type(model).__name__}")
@@ -53,6 +74,11 @@ class BNPSGD(PSISGD):
                          momentum=momentum, dampening=dampening, nesterov=nesterov,
                          weight_decay=weight_decay, maximize=maximize, backend=backend,
                          master_weights=master_weights, capturable=capturable)
+        self.defaults.update(max_update=max_update, update_floor=update_floor)
+        for gi, group in enumerate(self.param_groups):
+            group.setdefault("max_update", max_update)
+            group.setdefault("update_floor", update_floor)
+            self._check_options(group, f"{self.name}: param_groups[{gi}]")
         self.bnp = bnp if bnp is not None else BNP(model, backend=backend,
                                                    sync_stats=sync_stats)
         self._layers = {id(l.module.weight): l for l in self.bnp.layers}
@@ -60,6 +86,15 @@ class BNPSGD(PSISGD):
                              if l.module.bias is not None}
 
     name = "BNPSGD"
+
+    def _check_options(self, group: dict, where: str) -> None:
+        super()._check_options(group, where)
+        cap = group.get("max_update")
+        if cap is not None and not (isinstance(cap, (int, float)) and cap >= 0):
+            raise ValueError(f"{where}['max_update'] must be None or >= 0; got {cap!r}")
+        floor = group.get("update_floor", DEFAULT_UPDATE_FLOOR)
+        if not (isinstance(floor, (int, float)) and floor > 0):
+            raise ValueError(f"{where}['update_floor'] must be > 0; got {floor!r}")
 
     def _begin_step(self, closure):
         out = super()._begin_step(closure)
@@ -118,12 +153,23 @@ class BNPSGD(PSISGD):
         # DTensors (FSDP2, rows sharded on dim 0): the local rows; statistics are per input
         # channel.
         loc = lambda ts: [distributed.local(t) for t in ts]  # noqa: E731
-        fn(loc(weights), loc(biases), loc(wgrads), loc(bgrads), loc(wbufs), loc(bbufs),
+        weights, biases, wgrads, bgrads = loc(weights), loc(biases), loc(wgrads), loc(bgrads)
+        grad_scale = on_device(grad_scale, device)
+        cap = group.get("max_update", self.defaults["max_update"])
+        if cap:
+            # The capped step: each unit's gradient scaled by its factor (copies; the
+            # gradients themselves stay as they are).
+            wgrads, bgrads = ops.bnp_cap_grads(
+                weights, wgrads, bgrads, [l.mean for l in layers], [l.sqmean for l in layers],
+                groups=[l.groups for l in layers], eps=self.bnp.eps, lr=scalar_lr(group["lr"]),
+                max_update=cap, floor=group.get("update_floor", self.defaults["update_floor"]),
+                grad_scale=grad_scale)
+        fn(weights, biases, wgrads, bgrads, loc(wbufs), loc(bbufs),
            steps, [l.mean for l in layers], [l.sqmean for l in layers],
            groups=[l.groups for l in layers], eps=self.bnp.eps, lr=scalar_lr(group["lr"]),
            momentum=momentum, dampening=group["dampening"], nesterov=group["nesterov"],
            weight_decay=group["weight_decay"], maximize=group["maximize"],
-           grad_scale=on_device(grad_scale, device), found_inf=on_device(found_inf, device))
+           grad_scale=grad_scale, found_inf=on_device(found_inf, device))
 
     def _needs_state(self, p, group) -> bool:
         """Whether the next step would create state for ``p``; the bias of a preconditioned

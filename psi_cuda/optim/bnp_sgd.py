@@ -40,10 +40,12 @@ class BNPSGD(PSISGD):
             by more than ``max_update`` times the norm of its normalized weights (or of
             ``update_floor``). The direction of the BNP step is kept. Without it BNP-SGD on a
             BatchNorm-free net trains in a narrow band of learning rates only and diverges just
-            above it (its preconditioned curvature grows about 250x in the first 40 steps);
-            with it the usable learning rates span about three orders of magnitude
-            (``benchmarks/results/bnp_lr_window.json``). ``None`` (or 0): the exact BNP step.
-            Weight decay is added after the cap.
+            above it (its preconditioned curvature grows about 160x in the first 40 steps,
+            ``benchmarks/results/bnp_sharpness.json``); with it the usable learning rates span
+            three orders of magnitude (``benchmarks/results/bnp_lr_window.json``): the cap
+            bounds every step, so past the stability limit the weights oscillate in a bounded
+            band instead of diverging. ``None`` (or 0): the exact BNP step. Weight decay is
+            added after the cap.
         update_floor: the smallest normalized weight norm the cap is relative to, so that units
             whose normalized weights start near zero (an init made for unnormalized inputs)
             still move.

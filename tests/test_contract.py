@@ -267,8 +267,9 @@ def test_tensor_lr(cls):
     a, b = w.clone().requires_grad_(), w.clone().requires_grad_()
     g = tangent_grad_like(w, "channel")
     a.grad, b.grad = g.clone(), g.clone()
-    cls([a], manifold="channel", lr=torch.tensor(0.1)).step()
-    cls([b], manifold="channel", lr=0.1).step()
+    lr = torch.tensor(0.1)  # float32: its value is not the double 0.1
+    cls([a], manifold="channel", lr=lr).step()
+    cls([b], manifold="channel", lr=lr.item()).step()
     assert torch.equal(a, b) and not torch.equal(a, w)
 
 

@@ -70,28 +70,28 @@ def make_grad(p, manifold, seed, scale):
     return x.reshape(p.shape).to(p.dtype)
 
 
-SGD_OPTIONS = st.fixed_dictionaries({
-    "momentum": st.sampled_from([0.0, 0.5, 0.9]),
-    "dampening": st.sampled_from([0.0, 0.3]),
-    "nesterov": st.booleans(),
+# The options both PSI ops take (drawn last, after each op's own).
+SHARED_OPTIONS = {
     "maximize": st.booleans(),
     "weight_decay": st.sampled_from([0.0, 1e-2]),
     "retraction": st.sampled_from(["normalize", "exp", "none"]),
     "transport": st.sampled_from(["project", "parallel"]),
     "max_grad_norm": st.sampled_from([None, 0.05, 10.0]),
     "lr": st.sampled_from([1e-3, 0.05, 0.3]),
+}
+
+SGD_OPTIONS = st.fixed_dictionaries({
+    "momentum": st.sampled_from([0.0, 0.5, 0.9]),
+    "dampening": st.sampled_from([0.0, 0.3]),
+    "nesterov": st.booleans(),
+    **SHARED_OPTIONS,
 })
 
 ADAM_OPTIONS = st.fixed_dictionaries({
     "beta1": st.sampled_from([0.0, 0.8, 0.9]),
     "beta2": st.sampled_from([0.0, 0.99, 0.999]),
     "eps": st.sampled_from([1e-8, 1e-3]),
-    "maximize": st.booleans(),
-    "weight_decay": st.sampled_from([0.0, 1e-2]),
-    "retraction": st.sampled_from(["normalize", "exp", "none"]),
-    "transport": st.sampled_from(["project", "parallel"]),
-    "max_grad_norm": st.sampled_from([None, 0.05, 10.0]),
-    "lr": st.sampled_from([1e-3, 0.05, 0.3]),
+    **SHARED_OPTIONS,
 })
 
 

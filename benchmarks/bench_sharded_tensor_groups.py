@@ -69,6 +69,7 @@ def main():
     for name, ms in rows.items():
         print(f"  {name:22s} {ms:8.2f} ms")
     dist.destroy_process_group()
+    time.sleep(0.2)  # let gloo's workers drop their last works first: see examples/train_large.py
 
 
 if __name__ == "__main__":

@@ -240,6 +240,13 @@ def main():
                       "step": torch.tensor(step + 1)},
                      checkpoint_id=os.path.join(args.ckpt, f"step_{step + 1:07d}"))
     dist.destroy_process_group()
+    # gloo's worker threads drop each finished collective a moment after the caller's wait()
+    # returns, and dropping one can need the GIL (the tensors of DCP's broadcasts and of the log's
+    # all_reduce are Python-owned). If the interpreter is already finalizing, such a thread exits
+    # through take_gil and the process aborts ("terminate called without an active exception",
+    # about 1 run in 10 on a loaded 2-core machine; a core dump shows ~AsyncWork in
+    # ProcessGroupGloo::runLoop). Releasing the GIL for a moment lets the workers finish first.
+    time.sleep(0.2)
 
 
 if __name__ == "__main__":

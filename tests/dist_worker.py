@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+import time
 import traceback
 
 import torch
@@ -386,6 +387,7 @@ def main():
             json.dump(RESULTS, f, indent=1)
     dist.barrier()
     dist.destroy_process_group()
+    time.sleep(0.2)  # let gloo's workers drop their last works first: see examples/train_large.py
 
 
 if __name__ == "__main__":

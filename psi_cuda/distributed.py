@@ -196,6 +196,13 @@ def sharded_tensor_group_step(lists: list[list], *, solve: GroupSolve, lr: float
     step_old = torch.stack([s.reshape(()) for s in steps]).to(**f64)
     scalars_old = [torch.stack([v.reshape(()) for v in vs]).to(**f64) for vs in scalar_lists]
     param, buf, scalars_new, skip = solve.fn(G, numel, step_old, scalars_old, lr=lr, **opts)
+    # The non-finite policy (math.h poisoned): a group with an inf or NaN in w, g or m gets NaN.
+    bad = ~torch.isfinite(grams.sum(1))
+    nan = torch.full((), float("nan"), **f64)
+    param = tuple(torch.where(bad, nan, x) for x in param)
+    buf = tuple(torch.where(bad, nan, x) for x in buf) if buf is not None else None
+    scalars_new = [torch.where(bad, nan, x) for x in scalars_new]
+    skip = skip & ~bad
     if found_inf is not None:
         skip = skip | (found_inf.to(device).reshape(()) != 0)
     # The coefficients of the raw gradient carry the factor f (math.h fold_grad_factor).

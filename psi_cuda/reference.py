@@ -44,6 +44,28 @@ def rownorm(a: Tensor) -> Tensor:
     return a.norm(dim=1, keepdim=True)
 
 
+def rownorm_wide(w: Tensor) -> Tensor:
+    """Row norms of ``w`` summed in float64, so that rows of finite entries beyond float's
+    square range (|w| ~ 1e-25 or 1e20 in float32) keep a finite, nonzero norm
+    (docs/ALGORITHMS.md 6.7)."""
+    return w.double().square().sum(dim=1, keepdim=True).sqrt().to(w.dtype)
+
+
+def nonfinite_rows(*ts: Tensor | None) -> Tensor:
+    """Rows (groups) holding an inf or a NaN in any of the given row tensors, shape (rows, 1):
+    their step is NaN, not hidden (docs/ALGORITHMS.md 6.6)."""
+    bad = None
+    for t in ts:
+        if t is not None and t.dim() == 2:
+            b = ~torch.isfinite(t).all(dim=1, keepdim=True)
+            bad = b if bad is None else bad | b
+    return bad
+
+
+def poison_rows(t: Tensor | None, bad: Tensor) -> Tensor | None:
+    return None if t is None else torch.where(bad, torch.full_like(t, float("nan")), t)
+
+
 def project_tangent(g: Tensor, w: Tensor) -> Tensor:
     """h = g - (<g,w>/|w|^2) w: remove the radial component of g."""
     return g - rowdot(g, w) / rowdot(w, w) * w
@@ -122,7 +144,8 @@ def psi_sgd_rows(w, g, m, *, first, lr, momentum, dampening, nesterov, retractio
     ``g`` is the gradient already unscaled (and negated for maximize); ``m`` the momentum buffer
     rows or None. Returns the new (w, m). Rows with |w| = 0, and rows of length 1, do not move.
     """
-    n = rownorm(w)
+    n = rownorm_wide(w)
+    bad = nonfinite_rows(w, g, m)
     frozen = (n == 0) | (w.shape[1] < 2)
     n_safe = torch.where(frozen, torch.ones_like(n), n)
     u = w / n_safe
@@ -140,7 +163,7 @@ def psi_sgd_rows(w, g, m, *, first, lr, momentum, dampening, nesterov, retractio
     w_new = torch.where(keep, w, w_new)
     if m_new is not None:
         m_new = torch.where(keep, m, m_new)
-    return w_new, m_new
+    return poison_rows(w_new, bad), poison_rows(m_new, bad)
 
 
 def euclidean_sgd(w, g, m, *, first, lr, momentum, dampening, nesterov, weight_decay):
@@ -484,7 +507,8 @@ def psi_adam_rows(w, g, m, v, *, step, lr, beta1, beta2, eps, retraction, transp
     rows, ``v`` the second moments, shape (rows, 1), ``step`` the number of this step (1 first).
     Returns the new (w, m, v). Rows with |w| = 0, and rows of length 1, do not move.
     """
-    n = rownorm(w)
+    n = rownorm_wide(w)
+    bad = nonfinite_rows(w, g, m)
     frozen = (n == 0) | (w.shape[1] < 2)
     n_safe = torch.where(frozen, torch.ones_like(n), n)
     u = w / n_safe
@@ -500,8 +524,9 @@ def psi_adam_rows(w, g, m, v, *, step, lr, beta1, beta2, eps, retraction, transp
                                            transport=transport)
     # Rows that cannot move, or whose retraction degenerates, keep their old values.
     keep = frozen | ~(rownorm(u_new) > 0)  # also catches u - lr d = 0 (0/0 = nan)
-    return (torch.where(keep, w, w_new), torch.where(keep, m, m_moved),
-            torch.where(keep, v, v_new))
+    return (poison_rows(torch.where(keep, w, w_new), bad),
+            poison_rows(torch.where(keep, m, m_moved), bad),
+            poison_rows(torch.where(keep, v, v_new), bad))
 
 
 def euclidean_adamw(w, g, m, v, *, step, lr, beta1, beta2, eps, weight_decay):

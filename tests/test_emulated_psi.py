@@ -62,11 +62,15 @@ def check(key, op, case, kw, sched, dtype, steps=2):
             if i == len(out) - 1:  # state steps
                 assert torch.equal(a, e), f"state_steps[{j}]: {a.item()} != {e.item()}"
                 continue
-            # NaN where the CPU kernel has NaN (eps=0 on an underflowed second moment), else
-            # close; optimizer state at the params' tolerance (it is made of rounded params).
-            nan = torch.isnan(e)
-            assert torch.equal(torch.isnan(a), nan), f"{op} list {i} tensor {j}: NaN pattern"
-            assert_close_rel(a[~nan], e[~nan], dtype, f"{op} list {i} tensor {j} {tuple(a.shape)}")
+            # NaN/inf where the CPU kernel has them (eps=0 on an underflowed second moment, a
+            # non-finite gradient), else close; optimizer state at the params' tolerance (it is
+            # made of rounded params).
+            fin = torch.isfinite(e)
+            assert torch.equal(torch.isfinite(a), fin), f"{op} list {i} tensor {j}: inf/NaN pattern"
+            bad_a, bad_e = a[~fin], e[~fin]  # the same NaNs, the same infs
+            assert torch.equal(torch.isnan(bad_a), torch.isnan(bad_e)), f"{op} list {i} tensor {j}"
+            assert torch.equal(bad_a[~torch.isnan(bad_a)], bad_e[~torch.isnan(bad_e)])
+            assert_close_rel(a[fin], e[fin], dtype, f"{op} list {i} tensor {j} {tuple(a.shape)}")
     _cache.check(key, emulate, sched, out)
 
 
@@ -233,3 +237,40 @@ def test_float32_step_counter_saturates_harmlessly(op):
             assert torch.equal(a, b)
     for a, b in zip(results[0], results[2]):
         assert_close_rel(b, a, torch.float32, "emulated vs CPU")
+
+
+def _edge_case(op, length, manifold):
+    """One tensor per edge (docs/ALGORITHMS.md 6.6, 6.7): groups at 2^-83 (1e-25), 2^66 (7e19)
+    and 2^101 (3e30) with gradients about 1/s, a gradient of about 2^64 at unit |w|, a NaN and
+    an inf in one group's gradient, and a plain unit-scale tensor."""
+    case = make(op, [(3, length)] * 7, torch.float32, manifold)
+    params, grads = case[0], case[1]
+    for k, s in enumerate([2.0 ** -83, 2.0 ** 66, 2.0 ** 101]):
+        params[k].mul_(s)
+        grads[k].div_(s)
+    if op == "psi_adam_":
+        # (with PSI-SGD momentum the buffer transported after such a jump is the difference of
+        # two vectors of about 1e19 that cancel to about 1e4: ill-conditioned in any precision,
+        # so CPU and CUDA sums legitimately differ there; test_edges.py checks one step)
+        grads[3].mul_(2.0 ** 64)
+    grads[4][1, 5] = float("nan")
+    grads[5][2, length - 1] = float("inf")
+    return case
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
+@pytest.mark.parametrize("manifold", ["channel", "tensor"])
+@pytest.mark.parametrize("length", [70, 9000])  # short-group kernel; long (chunked) path
+@pytest.mark.parametrize("op", ["psi_sgd_", "psi_adam_"])
+def test_edges_of_the_range_and_nonfinite_gradients(op, length, manifold, sched):
+    """The double fallbacks of the Gram sums and of the writes, and the NaN policy, in the CUDA
+    kernels: equal to the CPU kernel (which test_edges.py checks against the oracles), the same
+    NaN pattern, and bit for bit across schedules."""
+    case = _edge_case(op, length, manifold)
+    expected = run(getattr(ops, op), case, 2, step_kw(op, manifold))
+    for k in range(4):  # the CPU kernel itself: finite, moved
+        assert torch.isfinite(expected[0][k]).all() and not torch.equal(expected[0][k], case[0][k])
+    bad_rows = (1, 2) if manifold == "channel" else (slice(None), slice(None))
+    assert torch.isnan(expected[0][4][bad_rows[0]]).all()
+    assert torch.isnan(expected[0][5][bad_rows[1]]).all()
+    check(("edges", op, length, manifold), op, case, step_kw(op, manifold), sched, torch.float32)

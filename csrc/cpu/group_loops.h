@@ -19,6 +19,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -41,6 +43,40 @@ constexpr int64_t kFlush = 1 << 10;      // opmath partial sums are moved to dou
 // torch's fused SGD on this loop, the plain loop runs at the same speed (benchmarks/).
 
 // On x86-64 the loops are compiled twice and picked at run time (cpu_clones.h).
+
+// Range of the opmath sums and coefficients (docs/ALGORITHMS.md 6.7). For float opmath the
+// squares of entries beyond about 1e19 overflow and those below about 1e-19 lose bits or vanish,
+// although the step itself is scale invariant. So a block whose float sums are not finite, or
+// whose |w|^2 or |g|^2 is below 2^-100, is summed again in double (the square of every finite
+// float is a normal double); and an update whose coefficients fall outside float's normal range
+// is written in double. Ordinary rows never take these paths (a compare per block and per row).
+template <typename opmath_t>
+inline bool suspect_sums(opmath_t ww, opmath_t wg, opmath_t gg, opmath_t wm, opmath_t gm,
+                         opmath_t mm) {
+  if constexpr (sizeof(opmath_t) >= sizeof(double)) {
+    return false;
+  } else {
+    const opmath_t s = ww + wg + gg + wm + gm + mm;
+    constexpr opmath_t kTiny = 0x1p-100f;
+    return !(s - s == 0) || ww < kTiny || gg < kTiny;
+  }
+}
+
+template <typename opmath_t>
+inline bool fits_opmath(const Update& up) {
+  if constexpr (sizeof(opmath_t) >= sizeof(double)) {
+    return true;
+  } else {
+    const double cs[6] = {up.param.w, up.param.g, up.param.m, up.buf.w, up.buf.g, up.buf.m};
+    for (double c : cs) {
+      const double a = std::fabs(c);  // NaN (a poisoned update) fits: it stays NaN in float
+      if (a > std::numeric_limits<opmath_t>::max() ||
+          (a != 0.0 && a < std::numeric_limits<opmath_t>::min()))
+        return false;
+    }
+    return true;
+  }
+}
 
 #define PSI_CPU_LOOPS "group_loops.inc"
 #include "cpu_dispatch_loops.h"

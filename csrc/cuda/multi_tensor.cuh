@@ -104,27 +104,87 @@ struct GramAcc {
     return Gram{static_cast<double>(ww), static_cast<double>(wg), static_cast<double>(wm),
                 static_cast<double>(gg), static_cast<double>(gm), static_cast<double>(mm)};
   }
+  // Sums that float opmath cannot be trusted with (not finite, or |w|^2 or |g|^2 below 2^-100:
+  // their terms were subnormal or flushed): the caller sums its elements again in double, where
+  // the square of every finite float is normal (docs/ALGORITHMS.md 6.7; the CPU kernels'
+  // suspect_sums).
+  __device__ __forceinline__ bool suspect() const {
+    if (sizeof(opmath_t) >= sizeof(double)) return false;
+    const opmath_t s = ww + wg + wm + gg + gm + mm;
+    const opmath_t tiny = static_cast<opmath_t>(0x1p-100);
+    return !(s - s == opmath_t(0)) || ww < tiny || gg < tiny;
+  }
 };
 
-// The coefficients of an Update in opmath precision; writes one element.
-template <typename scalar_t, typename opmath_t>
+// This thread's Gram sums of the items it holds in registers: opmath, or double when suspect.
+template <typename opmath_t, int N>
+__device__ __forceinline__ Gram items_gram(const GramAcc<opmath_t>& acc, const opmath_t (&w)[N],
+                                           const opmath_t (&g)[N], const opmath_t (&m)[N],
+                                           bool has_m) {
+  if (!acc.suspect()) return acc.to_double();
+  GramAcc<double> exact;
+#pragma unroll
+  for (int k = 0; k < N; ++k) exact.add(w[k], g[k], m[k], has_m);  // padding items are zeros
+  return exact.to_double();
+}
+
+// Whether the coefficients of `up` are normal numbers (or zero, or NaN) of opmath_t; if not,
+// the update is written in double (docs/ALGORITHMS.md 6.7).
+template <typename opmath_t>
+__device__ __forceinline__ bool fits_opmath(const Update& up) {
+  if (sizeof(opmath_t) >= sizeof(double)) return true;
+  const double cs[6] = {up.param.w, up.param.g, up.param.m, up.buf.w, up.buf.g, up.buf.m};
+  bool fits = true;
+#pragma unroll
+  for (int k = 0; k < 6; ++k) {
+    const double a = fabs(cs[k]);
+    fits = fits && !(a > 3.4028234663852886e38) && !(a != 0.0 && a < 1.1754943508222875e-38);
+  }
+  return fits;
+}
+
+// The coefficients of an Update in compute_t precision (opmath_t, or double for coefficients
+// outside its range); writes one element.
+template <typename scalar_t, typename opmath_t, typename compute_t = opmath_t>
 struct Writer {
-  opmath_t pw, pg, pm, bw, bg, bm;
+  compute_t pw, pg, pm, bw, bg, bm;
   __device__ __forceinline__ explicit Writer(const Update& up)
-      : pw(static_cast<opmath_t>(up.param.w)), pg(static_cast<opmath_t>(up.param.g)),
-        pm(static_cast<opmath_t>(up.param.m)), bw(static_cast<opmath_t>(up.buf.w)),
-        bg(static_cast<opmath_t>(up.buf.g)), bm(static_cast<opmath_t>(up.buf.m)) {}
+      : pw(static_cast<compute_t>(up.param.w)), pg(static_cast<compute_t>(up.param.g)),
+        pm(static_cast<compute_t>(up.param.m)), bw(static_cast<compute_t>(up.buf.w)),
+        bg(static_cast<compute_t>(up.buf.g)), bm(static_cast<compute_t>(up.buf.m)) {}
   // w <- P.w w + P.g g + P.m m and m <- B.w w + B.g g + B.m m (the CPU kernel's order of operations).
-  __device__ __forceinline__ void write(scalar_t* w, opmath_t* m, int64_t i, opmath_t wi,
-                                        opmath_t gi, opmath_t mi) const {
-    opmath_t nw = fmadd(pg, gi, pw * wi);
+  __device__ __forceinline__ void write(scalar_t* w, opmath_t* m, int64_t i, compute_t wi,
+                                        compute_t gi, compute_t mi) const {
+    compute_t nw = fmadd(pg, gi, pw * wi);
     if (m != nullptr) {
       nw = fmadd(pm, mi, nw);
-      m[i] = fmadd(bm, mi, fmadd(bg, gi, bw * wi));
+      m[i] = static_cast<opmath_t>(fmadd(bm, mi, fmadd(bg, gi, bw * wi)));
     }
     w[i] = static_cast<scalar_t>(nw);
   }
 };
+
+// Writes the items this thread holds in registers (elements threadIdx.x + k * kThreads < len).
+template <typename scalar_t, typename opmath_t, int N>
+__device__ __forceinline__ void write_items(const Update& up, scalar_t* wp, opmath_t* mp,
+                                            int64_t len, const opmath_t (&w)[N],
+                                            const opmath_t (&g)[N], const opmath_t (&m)[N]) {
+  if (up.skip) return;
+  if (fits_opmath<opmath_t>(up)) {
+    const Writer<scalar_t, opmath_t> wr(up);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const int i = static_cast<int>(threadIdx.x) + k * kThreads;
+      if (i < len) wr.write(wp, mp, i, w[k], g[k], m[k]);
+    }
+  } else {
+    const Writer<scalar_t, opmath_t, double> wr(up);
+    for (int k = 0; k < N; ++k) {
+      const int i = static_cast<int>(threadIdx.x) + k * kThreads;
+      if (i < len) wr.write(wp, mp, i, w[k], g[k], m[k]);
+    }
+  }
+}
 
 // Typed pointers of one tensor, offset to element `off`.
 template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
@@ -147,17 +207,31 @@ __device__ Gram thread_gram(const Ptrs<scalar_t>& p, int64_t n) {
     const opmath_t mi = has_m ? p.m[i] : opmath_t(0);
     acc.add(static_cast<opmath_t>(p.w[i]), static_cast<opmath_t>(p.g[i]), mi, has_m);
   }
-  return acc.to_double();
+  if (!acc.suspect()) return acc.to_double();
+  GramAcc<double> exact;  // the same elements again, in double
+  for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+    const double mi = has_m ? static_cast<double>(p.m[i]) : 0.0;
+    exact.add(static_cast<double>(p.w[i]), static_cast<double>(p.g[i]), mi, has_m);
+  }
+  return exact.to_double();
 }
 
 // Writes this thread's share of n elements with `up` (nothing when up.skip).
 template <typename scalar_t, typename opmath_t>
 __device__ void thread_apply(const Ptrs<scalar_t>& p, int64_t n, const Update& up) {
   if (up.skip) return;
-  const Writer<scalar_t, opmath_t> wr(up);
-  for (int64_t i = threadIdx.x; i < n; i += kThreads) {
-    const opmath_t mi = p.m != nullptr ? p.m[i] : opmath_t(0);
-    wr.write(p.w, p.m, i, static_cast<opmath_t>(p.w[i]), static_cast<opmath_t>(p.g[i]), mi);
+  if (fits_opmath<opmath_t>(up)) {
+    const Writer<scalar_t, opmath_t> wr(up);
+    for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+      const opmath_t mi = p.m != nullptr ? p.m[i] : opmath_t(0);
+      wr.write(p.w, p.m, i, static_cast<opmath_t>(p.w[i]), static_cast<opmath_t>(p.g[i]), mi);
+    }
+  } else {
+    const Writer<scalar_t, opmath_t, double> wr(up);
+    for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+      const double mi = p.m != nullptr ? static_cast<double>(p.m[i]) : 0.0;
+      wr.write(p.w, p.m, i, static_cast<double>(p.w[i]), static_cast<double>(p.g[i]), mi);
+    }
   }
 }
 

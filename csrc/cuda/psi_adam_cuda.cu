@@ -70,18 +70,11 @@ __global__ void __launch_bounds__(kThreads, short_blocks_per_sm<scalar_t>())
       m[k] = in ? p.m[i] : opmath_t(0);
       acc.add(w[k], g[k], m[k], true);
     }
-    const Gram G = BlockGramReduce(temp).Reduce(acc.to_double(), GramSum());  // thread 0 only
+    const Gram part = items_gram(acc, w, g, m, true);
+    const Gram G = BlockGramReduce(temp).Reduce(part, GramSum());  // thread 0 only
     if (threadIdx.x == 0) shared_up = solve_adam_group<opmath_t>(G, o, grad_scale, a, group);
     __syncthreads();
-    const Update up = shared_up;
-    if (!up.skip) {
-      const Writer<scalar_t, opmath_t> wr(up);
-#pragma unroll
-      for (int k = 0; k < kItems; ++k) {
-        const int i = static_cast<int>(threadIdx.x) + k * kThreads;
-        if (i < len) wr.write(p.w, p.m, i, w[k], g[k], m[k]);
-      }
-    }
+    write_items<scalar_t>(shared_up, p.w, p.m, len, w, g, m);
     __syncthreads();  // shared_up and temp are reused by the next group
   }
 }

@@ -73,20 +73,13 @@ __global__ void __launch_bounds__(kThreads, short_blocks_per_sm<scalar_t>())
       m[k] = in && has_m ? p.m[i] : opmath_t(0);
       acc.add(w[k], g[k], m[k], has_m);
     }
-    const Gram G = BlockGramReduce(temp).Reduce(acc.to_double(), GramSum());  // thread 0 only
+    const Gram part = items_gram(acc, w, g, m, has_m);
+    const Gram G = BlockGramReduce(temp).Reduce(part, GramSum());  // thread 0 only
     if (threadIdx.x == 0) {
       shared_up = solve_psi_group(G, o, grad_scale, reinterpret_cast<const float*>(a.step), len);
     }
     __syncthreads();
-    const Update up = shared_up;
-    if (!up.skip) {
-      const Writer<scalar_t, opmath_t> wr(up);
-#pragma unroll
-      for (int k = 0; k < kItems; ++k) {
-        const int i = static_cast<int>(threadIdx.x) + k * kThreads;
-        if (i < len) wr.write(p.w, p.m, i, w[k], g[k], m[k]);
-      }
-    }
+    write_items<scalar_t>(shared_up, p.w, p.m, len, w, g, m);
     __syncthreads();  // shared_up and temp are reused by the next group
   }
 }

@@ -126,6 +126,7 @@ class FusedOptimizer(Optimizer):
         loss."""
         loss, grad_scale, found_inf = self._begin_step(closure)
         check_capture(self, self._needs_state)
+        found_inf = self._skip_nonfinite(found_inf)
         for gi, group in enumerate(self.param_groups):
             writebacks = []
             self._step_group(group, gi, grad_scale, found_inf, writebacks)
@@ -191,6 +192,49 @@ class FusedOptimizer(Optimizer):
                     distributed.check_param(p, group.get("manifold"), where, self.name)
         return loss, getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
 
+    def _skip_nonfinite(self, found_inf):
+        """With ``skip_nonfinite=True`` (docs/ALGORITHMS.md 6.6): a 0/1 tensor saying whether a
+        gradient of such a group holds an inf or a NaN, or'ed with GradScaler's found_inf; the
+        ops then skip the whole step (every group), as under GradScaler, and the per-parameter
+        counters ``state['nonfinite_skips']`` count it. Decided on the device: no host sync."""
+        checked = [g for g in self.param_groups if g.get("skip_nonfinite")]
+        if not checked:
+            return found_inf
+        grads: dict = {}
+        for group in checked:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.numel() > 0:
+                    grads.setdefault(p.grad.device, []).append(as_real(p.grad))
+        found = None
+        for device, gs in grads.items():
+            # the inf-norm of each gradient: inf or NaN exactly when an entry is (no overflow)
+            f = (~torch.isfinite(torch.stack(torch._foreach_norm(gs, float("inf"))))).any()
+            f = f.to(torch.float32)
+            found = f if found is None else torch.maximum(found, f.to(found.device))
+        if found is None:
+            return found_inf
+        if found_inf is not None:
+            found = torch.maximum(found_inf.to(found.device, torch.float32).reshape(()), found)
+        counters: dict = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    c = self.state[p].get("nonfinite_skips")
+                    if c is None:
+                        c = self.state[p]["nonfinite_skips"] = torch.zeros(
+                            (), dtype=torch.float32, device=p.device)
+                    counters.setdefault(c.device, []).append(c)
+        for device, cs in counters.items():
+            torch._foreach_add_(cs, found.to(device))
+        return found
+
+    def nonfinite_skips(self) -> int:
+        """How many steps ``skip_nonfinite=True`` skipped (the largest count over the
+        parameters; a host sync)."""
+        counts = [int(st["nonfinite_skips"].item()) for st in self.state.values()
+                  if "nonfinite_skips" in st]
+        return max(counts, default=0)
+
     def _weight_decay(self, group: dict, index: int, manifold) -> float:
         """The group's weight decay; PSI groups ignore it (it only changes the representative),
         with a warning the first time."""
@@ -220,6 +264,8 @@ class FusedOptimizer(Optimizer):
         """Whether the next step would create state for ``p`` (the pre-capture check)."""
         state = self.state.get(p, {})
         keys = ["step"] + [k for k in self._state_keys(p, group) if k is not None]
+        if any(g.get("skip_nonfinite") for g in self.param_groups):
+            keys.append("nonfinite_skips")
         if uses_master(p, group):
             keys.append("master")
         return any(k not in state for k in keys)
@@ -286,6 +332,7 @@ class FusedOptimizer(Optimizer):
             self._init_state(as_real(torch.empty(p.shape, dtype=p.dtype)), group, expected)
         if uses_master(p, group):
             expected["master"] = p
+        expected["nonfinite_skips"] = torch.empty(())  # kept when skip_nonfinite was on
         for key, value in entry.items():
             if key not in expected:
                 raise ValueError(f"{where}: the state has {key!r}, which {self.name} does not "

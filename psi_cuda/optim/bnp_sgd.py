@@ -54,6 +54,8 @@ class BNPSGD(PSISGD):
             parameters; CUDA graph capture of ``step()``).
         sync_stats: for the default ``bnp``: average the statistics over the data-parallel
             ranks after every training forward (``BNP(sync_stats=True)``).
+        skip_nonfinite: as in :class:`PSISGD`: skip (and count) a step whose gradients hold an
+            inf or a NaN, instead of letting them propagate.
 
     Under FSDP2 (build the optimizer after ``fully_shard``) weights and biases are DTensors
     sharded on dim 0 (output channels): each rank preconditions and steps its own rows with the
@@ -68,14 +70,15 @@ class BNPSGD(PSISGD):
                  maximize: bool = False, bnp: BNP | None = None, backend: str = "auto",
                  master_weights: bool = False, capturable: bool = False,
                  sync_stats: bool = False, max_update: float | None = DEFAULT_MAX_UPDATE,
-                 update_floor: float = DEFAULT_UPDATE_FLOOR):
+                 update_floor: float = DEFAULT_UPDATE_FLOOR, skip_nonfinite: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError("BNPSGD: the first argument must be the model (an nn.Module), got "
                             f"{type(model).__name__}")
         super().__init__([{"params": list(model.parameters()), "manifold": None}], lr=lr,
                          momentum=momentum, dampening=dampening, nesterov=nesterov,
                          weight_decay=weight_decay, maximize=maximize, backend=backend,
-                         master_weights=master_weights, capturable=capturable)
+                         master_weights=master_weights, capturable=capturable,
+                         skip_nonfinite=skip_nonfinite)
         self.defaults.update(max_update=max_update, update_floor=update_floor)
         for gi, group in enumerate(self.param_groups):
             group.setdefault("max_update", max_update)

@@ -56,7 +56,7 @@ class PSIAdam(FusedOptimizer):
         lr, betas, eps, weight_decay, maximize: as in ``torch.optim.AdamW``.
         amsgrad: not supported (must be False).
         retraction, transport, max_grad_norm, backend, master_weights, capturable, manifold,
-            psi_lr, verify, sample_input: as in :class:`PSISGD` (with ``master_weights``, state
+            skip_nonfinite, psi_lr, verify, sample_input: as in :class:`PSISGD` (with ``master_weights``, state
             also holds ``master``).
 
     Works with ``torch.amp.GradScaler`` without an unscale pass: scaled gradients are unscaled
@@ -73,7 +73,8 @@ class PSIAdam(FusedOptimizer):
                  maximize: bool = False, retraction: str = "normalize",
                  transport: str = "project", max_grad_norm: float | None = None,
                  backend: str = "auto", master_weights: bool = False,
-                 capturable: bool = False, *, manifold=REQUIRED, psi_lr: float | None = None,
+                 capturable: bool = False, *, manifold=REQUIRED, skip_nonfinite: bool = False,
+                 psi_lr: float | None = None,
                  verify: bool = False, sample_input=None):
         if amsgrad:
             raise ValueError("PSIAdam: amsgrad=True is not supported (use torch.optim.AdamW "
@@ -81,7 +82,8 @@ class PSIAdam(FusedOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         maximize=maximize, retraction=retraction, transport=transport,
                         max_grad_norm=max_grad_norm, manifold=manifold,
-                        master_weights=master_weights, capturable=capturable)
+                        master_weights=master_weights, capturable=capturable,
+                        skip_nonfinite=skip_nonfinite)
         super().__init__(params, defaults, backend,
                          dict(psi_lr=psi_lr, verify=verify, sample_input=sample_input))
 

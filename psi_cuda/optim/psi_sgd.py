@@ -76,6 +76,11 @@ class PSISGD(FusedOptimizer):
             case and the kernels never wait for the host; on CPU parameters this changes
             nothing. Capturing a step with ``capturable=False`` is an error.
         manifold: (keyword) the manifold of groups that do not name one.
+        skip_nonfinite: (keyword) when a gradient of a group with this option holds an inf or a
+            NaN, skip the whole step (every group; as GradScaler does, decided on the device)
+            and count it in ``state["nonfinite_skips"]`` (``nonfinite_skips()`` reads it).
+            Default False: as in torch.optim, non-finite values propagate into the parameters
+            (a PSI group with one becomes NaN as a whole), so a divergence is seen.
         psi_lr, verify, sample_input: (keyword, with a model only) passed to
             ``psi_cuda.param_groups``: the learning rate of the PSI groups (default ``lr``), and
             the numerical check of every scale-invariant candidate.
@@ -94,12 +99,13 @@ class PSISGD(FusedOptimizer):
                  retraction: str = "normalize", transport: str = "project",
                  max_grad_norm: float | None = None, backend: str = "auto",
                  master_weights: bool = False, capturable: bool = False, *,
-                 manifold=REQUIRED, psi_lr: float | None = None, verify: bool = False,
-                 sample_input=None):
+                 manifold=REQUIRED, skip_nonfinite: bool = False, psi_lr: float | None = None,
+                 verify: bool = False, sample_input=None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
                         weight_decay=weight_decay, maximize=maximize, retraction=retraction,
                         transport=transport, max_grad_norm=max_grad_norm, manifold=manifold,
-                        master_weights=master_weights, capturable=capturable)
+                        master_weights=master_weights, capturable=capturable,
+                        skip_nonfinite=skip_nonfinite)
         super().__init__(params, defaults, backend,
                          dict(psi_lr=psi_lr, verify=verify, sample_input=sample_input))
 

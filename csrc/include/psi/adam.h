@@ -54,6 +54,7 @@ PSI_HD Combo adam_direction(Combo m, double v, double bc1, double bc2, double ep
 // Weight decay does not apply to PSI groups (the optimizer warns).
 PSI_HD AdamUpdate psi_adam_update(const Gram& raw, const AdamOptions& o, double f, double v,
                                   double t, int64_t numel) {
+  if (!is_finite(gram_sum(raw))) return AdamUpdate{poisoned(raw), gram_sum(raw) * 0.0};
   const Gram G = scale_grad(raw, f);
   // A zero group has no direction; a group of length 1 is a point of the 0-sphere: neither moves.
   if (!(G.ww > 0.0) || numel < 2) return AdamUpdate{unchanged(), v};

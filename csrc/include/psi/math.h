@@ -80,6 +80,18 @@ struct Update {
 
 PSI_HD Update unchanged() { return Update{Combo{1.0, 0.0, 0.0}, Combo{0.0, 0.0, 1.0}, true}; }
 
+// The non-finite policy (docs/ALGORITHMS.md 6.6): a group whose w, g or m holds an inf or a NaN
+// is not hidden: its new parameter and buffer are NaN, as torch.optim.SGD turns the affected
+// entries NaN. The kernels sum the Gram matrix without overflow for every finite input (they
+// redo a block in double when its opmath sums are not finite or too small), so a non-finite sum
+// here means a non-finite input.
+PSI_HD double gram_sum(const Gram& G) { return G.ww + G.wg + G.wm + G.gg + G.gm + G.mm; }
+PSI_HD bool is_finite(double x) { return x - x == 0.0; }  // false for inf and NaN
+PSI_HD Update poisoned(const Gram& G) {
+  const double nan = gram_sum(G) * 0.0;  // inf * 0 or NaN * 0: NaN
+  return Update{Combo{nan, nan, nan}, Combo{nan, nan, nan}, false};
+}
+
 // Options shared by psi_sgd_ and the Euclidean groups it also serves.
 struct SgdOptions {
   double lr, momentum, dampening, weight_decay, max_grad_norm;
@@ -116,7 +128,7 @@ PSI_HD Combo search_direction(Combo dir, Combo buf, double momentum, bool nester
 PSI_HD bool retract_normalize(Combo u, Combo d, double lr, const Gram& G, Combo* u_new) {
   const Combo v = u - lr * d;
   const double r = norm(v, G);
-  if (!(r > 0.0)) return false;
+  if (!(r > 0.0) || !is_finite(r)) return false;
   *u_new = (1.0 / r) * v;
   return true;
 }
@@ -161,7 +173,7 @@ PSI_HD bool move_on_sphere(const Gram& G, double n, Combo d, Combo buf, bool has
     // The plain quotient move w' = w - lr n d; its unit representative feeds the transport.
     up->param = Combo{1.0, 0.0, 0.0} - (lr * n) * d;
     const double r = norm(up->param, G);
-    if (!(r > 0.0)) return false;
+    if (!(r > 0.0) || !is_finite(r)) return false;
     u_new = (1.0 / r) * up->param;
   } else {
     if (retraction == kExp) {
@@ -188,6 +200,7 @@ PSI_HD bool move_on_sphere(const Gram& G, double n, Combo d, Combo buf, bool has
 // the buffer's first step. Weight decay does not apply to PSI groups (the optimizer warns).
 PSI_HD Update psi_sgd_update(const Gram& raw, const SgdOptions& o, double f, bool first,
                              int64_t numel) {
+  if (!is_finite(gram_sum(raw))) return poisoned(raw);
   const Gram G = scale_grad(raw, f);
   // A zero group has no direction; a group of length 1 is a point of the 0-sphere: neither moves.
   if (!(G.ww > 0.0) || numel < 2) return unchanged();

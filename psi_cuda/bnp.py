@@ -34,13 +34,16 @@ class BNPLayer:
         self.mean = torch.zeros(self.in_channels, dtype=dtype, device=w.device)
         self.sqmean = torch.ones(self.in_channels, dtype=dtype, device=w.device)
         self.step = torch.zeros((), dtype=torch.float32, device=w.device)
+        # Non-empty training batches seen; step counts those that entered the averages, so
+        # batches - step is the number of non-finite batches (left out, docs/ALGORITHMS.md 4.4).
+        self.batches = torch.zeros((), dtype=torch.float32, device=w.device)
 
     def channel_dim(self, x: Tensor) -> int:
         return x.dim() - 1 if self.spatial_dims == 0 else x.dim() - self.spatial_dims - 1
 
     def to(self, device: torch.device) -> None:
-        self.mean, self.sqmean, self.step = (t.to(device) for t in
-                                             (self.mean, self.sqmean, self.step))
+        self.mean, self.sqmean, self.step, self.batches = (
+            t.to(device) for t in (self.mean, self.sqmean, self.step, self.batches))
 
     def has_bias_grad(self) -> bool:
         b = self.module.bias
@@ -128,6 +131,8 @@ class BNP:
                 reference.bnp_update_stats_
             fn(x.detach(), layer.mean, layer.sqmean, layer.step,
                channel_dim=layer.channel_dim(x), momentum=self.momentum)
+            if x.numel() > 0:  # (an empty batch changes nothing and is not counted)
+                layer.batches.add_(1)
             if self.sync_stats:
                 distributed.average_([layer.mean, layer.sqmean], self.process_group)
             return None
@@ -180,8 +185,14 @@ class BNP:
             "momentum": self.momentum,
             "eps": self.eps,
             "layers": {l.name: {"mean": l.mean.clone(), "sqmean": l.sqmean.clone(),
-                                "step": l.step.clone()} for l in self.layers},
+                                "step": l.step.clone(), "batches": l.batches.clone()}
+                       for l in self.layers},
         }
+
+    def nonfinite_batches(self) -> dict[str, int]:
+        """Per layer (by module name): the training batches left out of the statistics because
+        they held an inf or a NaN (docs/ALGORITHMS.md 4.4). A host sync."""
+        return {l.name: int((l.batches - l.step).item()) for l in self.layers}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restores statistics saved by ``state_dict()`` (bit for bit, in place)."""
@@ -202,6 +213,7 @@ class BNP:
             l.mean.copy_(s["mean"])
             l.sqmean.copy_(s["sqmean"])
             l.step.copy_(s["step"])
+            l.batches.copy_(s.get("batches", s["step"]))  # states saved before the counter
         self.momentum = float(state_dict["momentum"])
         self.eps = float(state_dict["eps"])
 

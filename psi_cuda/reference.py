@@ -347,7 +347,7 @@ def bnp_update_stats_(x: Tensor, mean: Tensor, sqmean: Tensor, step: Tensor, *,
     """Reference of ``ops.bnp_update_stats_``: per-channel batch mean and mean of squares of the
     layer input ``x``, folded into the bias-corrected moving averages ``mean`` and ``sqmean``
     (state dtype: float32, or float64). ``step`` (float32 scalar) counts the updates.
-    An empty batch changes nothing."""
+    An empty batch, and a batch whose statistics are not finite, change nothing."""
     if x.numel() == 0:
         return
     xf = x.detach().to(torch.float64)
@@ -355,9 +355,12 @@ def bnp_update_stats_(x: Tensor, mean: Tensor, sqmean: Tensor, step: Tensor, *,
     batch_mean = xf.mean(dims) if dims else xf
     batch_sqmean = (xf * xf).mean(dims) if dims else xf * xf
     a = bnp_batch_weight(momentum, step.item())
-    mean.copy_((1 - a) * mean.double() + a * batch_mean)
-    sqmean.copy_((1 - a) * sqmean.double() + a * batch_sqmean)
-    step.add_(1)
+    # A batch with an inf or a NaN does not enter the averages nor count as a step
+    # (docs/ALGORITHMS.md 4.4); decided with tensors.
+    ok = torch.isfinite(batch_mean).all() & torch.isfinite(batch_sqmean).all()
+    mean.copy_(torch.where(ok, (1 - a) * mean.double() + a * batch_mean, mean.double()))
+    sqmean.copy_(torch.where(ok, (1 - a) * sqmean.double() + a * batch_sqmean, sqmean.double()))
+    step.add_(ok.to(step.dtype))
 
 
 def bnp_channel_coefs(mean: Tensor, sqmean: Tensor, eps: float, centered: bool):

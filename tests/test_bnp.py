@@ -220,6 +220,56 @@ def test_stats_empty_batch_changes_nothing(device):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["rows", "planes"])  # Linear input; NCHW conv input
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_stats_nonfinite_batch_changes_nothing(backend, bad, layout, device):
+    """A batch holding one inf or NaN does not enter the averages (it would poison them for
+    good) and does not count as a step; the next finite batch blends as if it had not been."""
+    fn = ops.bnp_update_stats_ if backend == "fused" else reference.bnp_update_stats_
+    shape, cd = ((64, 5), -1) if layout == "rows" else ((4, 5, 6, 6), 1)
+    torch.manual_seed(0)
+    x1, x2 = torch.randn(shape, device=device), torch.randn(shape, device=device) + 1
+    st = [torch.zeros(5, device=device), torch.ones(5, device=device),
+          torch.zeros((), device=device)]
+    twin = [t.clone() for t in st]
+    fn(x1, *st, channel_dim=cd, momentum=0.1)
+    fn(x1, *twin, channel_dim=cd, momentum=0.1)
+    before = [t.clone() for t in st]
+    poisoned = x2.clone()
+    poisoned.view(-1)[7] = bad
+    fn(poisoned, *st, channel_dim=cd, momentum=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(st, before))
+    fn(x2, *st, channel_dim=cd, momentum=0.1)
+    fn(x2, *twin, channel_dim=cd, momentum=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(st, twin))
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_bnp_counts_nonfinite_batches(backend):
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4))
+    bnp = psi_cuda.BNP(model, backend=backend)
+    x = torch.randn(5, 2, 4, 4)
+    model(x)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    model(bad)  # both layers see NaN (it propagates through the conv)
+    model(torch.empty(0, 2, 4, 4))  # empty: not counted
+    model(x)
+    assert bnp.nonfinite_batches() == {"0": 1, "3": 1}
+    assert all(torch.isfinite(l.mean).all() and l.step.item() == 2 for l in bnp.layers)
+    other = psi_cuda.BNP(nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(),
+                                       nn.Linear(12, 4)), backend=backend)
+    other.load_state_dict(bnp.state_dict())
+    assert other.nonfinite_batches() == {"0": 1, "3": 1}
+    old = bnp.state_dict()
+    for entry in old["layers"].values():  # a state saved before the counter existed
+        del entry["batches"]
+    other.load_state_dict(old)
+    assert other.nonfinite_batches() == {"0": 0, "3": 0}
+
+
 def test_eval_mode_and_removed_hooks_leave_statistics_untouched():
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4))
     bnp = psi_cuda.BNP(model)

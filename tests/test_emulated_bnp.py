@@ -178,3 +178,33 @@ def test_stats_accurate_far_from_zero_mean(shape):
         fn(x, mean, sqmean, torch.zeros(()), channel_dim=1, momentum=0.1)
         rel = ((sqmean - mean * mean - var_true).abs() / var_true).max().item()
         assert rel < 5e-3, f"{fn.__module__}: variance off by {rel:.2e}"
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("case", [((300, 6), 1, None), ((3, 6, 2, 2), 1, None),
+                                  ((2, 3, 9000), 1, None)], ids=str)
+def test_update_stats_skips_nonfinite_batch(case, bad, sched):
+    """The check kernel's flag: a batch with one inf/NaN leaves mean, sqmean and step as they
+    are (the CPU kernel too), between two finite batches that blend."""
+    def run(fn):
+        x, cd = stats_inputs(case, torch.float32)
+        C = x.size(cd)
+        mean, sqmean = torch.zeros(C), torch.ones(C)
+        step = torch.zeros((), dtype=torch.float32)
+        fn(x, mean, sqmean, step, channel_dim=cd, momentum=0.1)
+        poisoned = x.clone()
+        poisoned.view(-1)[x.numel() // 2] = bad
+        fn(poisoned, mean, sqmean, step, channel_dim=cd, momentum=0.1)
+        fn(x * 0.5 + 1, mean, sqmean, step, channel_dim=cd, momentum=0.1)
+        return [[mean, sqmean, step]]
+
+    expected = run(ops.bnp_update_stats_)
+    assert expected[0][2].item() == 2 and torch.isfinite(expected[0][0]).all()
+    with emulated.schedule(*sched):
+        out = run(emulated.bnp_update_stats_)
+    assert_launches_within_limits()
+    for a, e in zip(out[0], expected[0]):
+        close(a, e, torch.float32)
+    _cache.check(("stats-nonfinite", str(case), bad), lambda: run(emulated.bnp_update_stats_),
+                 sched, out)

@@ -119,6 +119,11 @@ void bnp_update_stats_cpu(const at::Tensor& input, const at::Tensor& mean, const
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, L.x.scalar_type(), "bnp_stats", [&] {
     channel_sums(L.x.const_data_ptr<scalar_t>(), L.outer, C, L.inner, sum.data(), sq.data());
   });
+  // A batch with an inf or a NaN (or squares that overflow the sums) does not enter the
+  // averages and does not count as a step (docs/ALGORITHMS.md 4.4).
+  for (int64_t c = 0; c < C; ++c) {
+    if (!(sum[c] - sum[c] == 0.0) || !(sq[c] - sq[c] == 0.0)) return;
+  }
   float* t = step.data_ptr<float>();
   const double a = bnp_batch_weight(momentum, static_cast<double>(*t));
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bnp_stats_blend", [&] {

@@ -2,7 +2,7 @@
 // (math: psi/bnp.h; semantics: the CPU kernels in csrc/cpu/bnp_cpu.cpp, which this file follows:
 // same checks, same layouts, same order of the formulas). Only sums and element loops are here.
 //
-// bnp_update_stats_ (input seen as [outer, C, inner] in memory order), three launches:
+// bnp_update_stats_ (input seen as [outer, C, inner] in memory order), four launches:
 //   stats_rows_kernel     inner == 1 (Linear input, channels-last conv input): a block is a tile
 //                         of tx channels (threads along channels, coalesced) x ty threads along
 //                         rows, over one chunk of rows; it writes the tile's per-channel sum and
@@ -12,6 +12,8 @@
 //   stats_finalize_kernel one warp per channel adds the chunk partials in a fixed order (in
 //                         double), reads the step on the device, a = bnp_batch_weight(momentum,
 //                         step), blends mean/sqmean with bnp_blend.
+//   (stats_check_kernel   before the finalize: one block flags a batch whose partial sums are
+//                         not finite; finalize and step increment then change nothing.)
 //   increment_step_kernel step += 1 (after the finalize kernel, which read it: stream order).
 // Each thread sums in float (double for float64 input) and moves its sums to double every
 // kStatsFlush elements; block sums and partials are double, without atomics: the result does not
@@ -206,12 +208,29 @@ __global__ void __launch_bounds__(kThreads)
 // One warp per channel c: the partials of c are at p[c * c_stride + k * k_stride], k < chunks;
 // they are added in double (fixed order), divided by count and blended into mean/sqmean with the
 // batch weight of the step read here.
+// One block: *bad = 1 when any of the n partial sums is not finite (the batch holds an inf or a
+// NaN, or its squares overflow the sums), else 0. The finalize and step kernels read it: such a
+// batch changes nothing (docs/ALGORITHMS.md 4.4).
+__global__ void __launch_bounds__(kThreads)
+    stats_check_kernel(const double* __restrict__ partials, int64_t n, double* bad) {
+  using CheckReduce = BlockReduce<int, kThreads>;
+  PSI_SHARED(typename CheckReduce::TempStorage, temp);
+  int found = 0;
+  for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+    const double v = partials[i];
+    found |= !(v - v == 0.0);
+  }
+  const int total = CheckReduce(temp).Sum(found);
+  if (threadIdx.x == 0) *bad = total != 0 ? 1.0 : 0.0;
+}
+
 template <typename acc_t, typename stat_t>
 __global__ void __launch_bounds__(kThreads)
     stats_finalize_kernel(const acc_t* __restrict__ psum, const acc_t* __restrict__ psq,
                           int64_t C, int64_t chunks, int64_t c_stride, int64_t k_stride,
                           double count, stat_t* __restrict__ mean, stat_t* __restrict__ sqmean,
-                          const float* step, double momentum) {
+                          const float* step, double momentum, const double* bad) {
+  if (*bad != 0.0) return;  // a non-finite batch does not enter the averages
   using FinalReduce = WarpReduce<SumSq<double>>;
   PSI_SHARED(typename FinalReduce::TempStorage[kWarps], temp);
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
@@ -233,7 +252,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-__global__ void increment_step_kernel(float* step) { *step += 1.0f; }
+__global__ void increment_step_kernel(float* step, const double* bad) {
+  if (*bad == 0.0) *step += 1.0f;
+}
 
 void bnp_update_stats_cuda(const at::Tensor& input, const at::Tensor& mean,
                            const at::Tensor& sqmean, const at::Tensor& step, int64_t channel_dim,
@@ -265,10 +286,12 @@ void bnp_update_stats_cuda(const at::Tensor& input, const at::Tensor& mean,
     c_stride = chunks;
     k_stride = 1;
   }
+  // The partials, then one double: the flag of stats_check_kernel.
   const at::Tensor partials = at::empty(
-      {2 * C * chunks}, at::TensorOptions().dtype(at::kDouble).device(input.device()));
+      {2 * C * chunks + 1}, at::TensorOptions().dtype(at::kDouble).device(input.device()));
   double* psum = partials.data_ptr<double>();
   double* psq = psum + C * chunks;
+  double* bad = psum + 2 * C * chunks;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, L.x.scalar_type(),
                                   "bnp_update_stats_cuda", [&] {
@@ -284,14 +307,15 @@ void bnp_update_stats_cuda(const at::Tensor& input, const at::Tensor& mean,
     }
   });
 
+  PSI_LAUNCH(stats_check_kernel, 1, kThreads, 0, stream, psum, 2 * C * chunks, bad);
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bnp_update_stats_cuda_blend", [&] {
     PSI_LAUNCH((stats_finalize_kernel<double, scalar_t>), grid_for(ceil_div(C, kWarps)), kThreads,
                0, stream, psum, psq, C, chunks, c_stride, k_stride, static_cast<double>(count),
                mean.data_ptr<scalar_t>(), sqmean.data_ptr<scalar_t>(), step.const_data_ptr<float>(),
-               momentum);
+               momentum, bad);
   });
 
-  PSI_LAUNCH(increment_step_kernel, 1, 1, 0, stream, step.data_ptr<float>());
+  PSI_LAUNCH(increment_step_kernel, 1, 1, 0, stream, step.data_ptr<float>(), bad);
 }
 
 // ================================================================ rows: precondition and sgd

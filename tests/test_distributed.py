@@ -216,6 +216,43 @@ def test_sharded_tensor_groups_match_fused_op(one_rank_mesh, dtype, kind, opts):
     assert not torch.equal(w_dt[0].to_local(), ws[0])
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_sharded_tensor_group_nonfinite_gradient_propagates(one_rank_mesh, kind):
+    """The one non-finite policy on the sharded path too (docs/ALGORITHMS.md 6.6): a NaN in a
+    tensor group's gradient makes that group NaN, as the fused op does; the others step as the
+    fused op steps them."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    ws, gs = _tensors(torch.float32)
+    gs[0][2, 1] = float("nan")
+    w_f = [x.clone() for x in ws]
+    w_d = [distribute_tensor(x.clone(), one_rank_mesh, [Shard(0)]) for x in ws]
+    g_d = [distribute_tensor(x.clone(), one_rank_mesh, [Shard(0)]) for x in gs]
+    m_f = [torch.zeros_like(x) for x in ws]
+    m_d = [distribute_tensor(torch.zeros_like(x), one_rank_mesh, [Shard(0)]) for x in ws]
+    s_f = [torch.zeros(()) for _ in ws]
+    s_d = [torch.zeros(()) for _ in ws]
+    common = dict(maximize=False, retraction="normalize", transport="project",
+                  max_grad_norm=None, weight_decay=0.0)
+    if kind == "sgd":
+        opts = dict(momentum=0.9, dampening=0.0, nesterov=False, **common)
+        ops.psi_sgd_(w_f, [g.clone() for g in gs], m_f, s_f, lr=0.1, manifold="tensor", **opts)
+        distributed.step_call(ops.psi_sgd_, [w_d, g_d, m_d, s_d], manifold="tensor",
+                              solve=PSISGD.solve, lr=0.1, grad_scale=None, **opts)
+    else:
+        v_f = [torch.zeros(()) for _ in ws]
+        v_d = [torch.zeros(()) for _ in ws]
+        opts = dict(beta1=0.9, beta2=0.999, eps=1e-8, **common)
+        ops.psi_adam_(w_f, [g.clone() for g in gs], m_f, v_f, s_f, lr=0.1, manifold="tensor",
+                      **opts)
+        distributed.step_call(ops.psi_adam_, [w_d, g_d, m_d, v_d, s_d], manifold="tensor",
+                              solve=PSIAdam.solve, lr=0.1, grad_scale=None, **opts)
+        assert torch.isnan(v_f[0]) and torch.isnan(v_d[0])
+    assert torch.isnan(w_f[0]).all() and torch.isnan(w_d[0].to_local()).all()
+    assert torch.isnan(m_d[0].to_local()).all()
+    for a, b in zip(w_f[1:], w_d[1:]):
+        torch.testing.assert_close(b.to_local(), a, atol=1e-4, rtol=1e-4)
+
+
 def test_sharded_tensor_group_found_inf_changes_nothing(one_rank_mesh):
     from torch.distributed.tensor import Shard, distribute_tensor
     ws, gs = _tensors(torch.float32)

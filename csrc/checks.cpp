@@ -24,12 +24,13 @@ SgdOptions make_sgd_options(double lr, double momentum, double dampening, bool n
   o.retraction = retraction;
   o.transport = transport;
   o.max_grad_norm = max_grad_norm;
+  o.block_rows = 1;
   return o;
 }
 
-int64_t group_size(const at::Tensor& p, int64_t manifold) {
+int64_t group_size(const at::Tensor& p, int64_t manifold, int64_t block_rows) {
   if (manifold != kChannel) return p.numel();
-  return p.size(0) == 0 ? 0 : p.numel() / p.size(0);
+  return p.size(0) == 0 ? 0 : p.numel() / p.size(0) * block_rows;
 }
 
 at::Tensor grad_like_param(const at::Tensor& g, const at::Tensor& p) {
@@ -39,10 +40,12 @@ at::Tensor grad_like_param(const at::Tensor& g, const at::Tensor& p) {
 
 namespace {
 
+// Rows of p.view(p.size(0), -1) lie one after the other in memory (so a group of consecutive
+// rows is one block of memory too).
 bool groups_are_blocks(const at::Tensor& p, int64_t manifold) {
   if (!p.is_non_overlapping_and_dense()) return false;
   if (manifold != kChannel || p.dim() == 0 || p.size(0) <= 1 || p.numel() == 0) return true;
-  return p.stride(0) == group_size(p, manifold);
+  return p.stride(0) == p.numel() / p.size(0);
 }
 
 void check_scalar_arg(const char* op, const std::optional<at::Tensor>& t, const char* name,
@@ -56,7 +59,11 @@ void check_scalar_arg(const char* op, const std::optional<at::Tensor>& t, const 
 }
 
 void check_options(const char* op, int64_t manifold, int64_t retraction, int64_t transport,
-                   double lr, double max_grad_norm) {
+                   double lr, double max_grad_norm, int64_t block_rows) {
+  TORCH_CHECK_VALUE(block_rows >= 1, op, ": block_rows must be >= 1, got ", block_rows);
+  TORCH_CHECK_VALUE(block_rows == 1 || manifold == kChannel, op,
+              ": block_rows applies to manifold=1 (channel rows, grouped by block_rows); got "
+              "block_rows=", block_rows, " with manifold ", manifold);
   TORCH_CHECK_VALUE(manifold >= kEuclidean && manifold <= kTensor, op,
               ": manifold must be 0 (euclidean), 1 (channel) or 2 (tensor), got ", manifold);
   TORCH_CHECK_VALUE(retraction >= kNormalize && retraction <= kRetractNone, op,
@@ -80,13 +87,17 @@ c10::ScalarType check_params_dtype(const char* op, at::TensorList params) {
 
 // params[i] and grads[i] against params[0]'s device and dtype.
 void check_param_and_grad(const char* op, size_t i, const at::Tensor& p, const at::Tensor& g,
-                          c10::ScalarType dtype, const at::Device& device, int64_t manifold) {
+                          c10::ScalarType dtype, const at::Device& device, int64_t manifold,
+                          int64_t block_rows) {
   TORCH_CHECK(p.layout() == at::kStrided, op, ": params[", i, "] must be a strided tensor");
   TORCH_CHECK(p.device() == device && p.scalar_type() == dtype, op, ": params[", i, "] is ",
               p.scalar_type(), " on ", p.device(), " but params[0] is ", dtype, " on ", device,
               "; call the op once per (device, dtype)");
   TORCH_CHECK(manifold != kChannel || p.dim() >= 1, op, ": params[", i,
               "] is a 0-dim tensor; manifold=channel needs at least one dimension");
+  TORCH_CHECK_VALUE(block_rows == 1 || p.size(0) % block_rows == 0, op, ": params[", i,
+              "] has ", p.size(0), " rows (size of dim 0), which block_rows=", block_rows,
+              " does not divide");
   TORCH_CHECK(groups_are_blocks(p, manifold), op, ": params[", i, "] with sizes ", p.sizes(),
               " and strides ", p.strides(),
               " is not dense with dim 0 outermost; make it contiguous (or channels_last)");
@@ -125,7 +136,7 @@ void check_psi_sgd_args(at::TensorList params, at::TensorList grads, at::TensorL
                         const std::optional<at::Tensor>& grad_scale,
                         const std::optional<at::Tensor>& found_inf) {
   const char* op = "psi_sgd_";
-  check_options(op, o.manifold, o.retraction, o.transport, o.lr, o.max_grad_norm);
+  check_options(op, o.manifold, o.retraction, o.transport, o.lr, o.max_grad_norm, o.block_rows);
   TORCH_CHECK_VALUE(o.momentum >= 0.0, "psi_sgd_: momentum must be >= 0, got ", o.momentum);
   TORCH_CHECK_VALUE(!o.nesterov || (o.momentum > 0.0 && o.dampening == 0.0),
               "psi_sgd_: nesterov needs momentum > 0 and dampening == 0");
@@ -144,7 +155,7 @@ void check_psi_sgd_args(at::TensorList params, at::TensorList grads, at::TensorL
   const c10::ScalarType dtype = check_params_dtype(op, params);
   const c10::ScalarType state_dtype = opmath_dtype(dtype);
   for (size_t i = 0; i < n; ++i) {
-    check_param_and_grad(op, i, params[i], grads[i], dtype, device, o.manifold);
+    check_param_and_grad(op, i, params[i], grads[i], dtype, device, o.manifold, o.block_rows);
     if (has_momentum) {
       check_state_like_param(op, "momentum_buffers", i, bufs[i], params[i], state_dtype);
     }
@@ -154,9 +165,9 @@ void check_psi_sgd_args(at::TensorList params, at::TensorList grads, at::TensorL
   check_scalar_arg(op, found_inf, "found_inf", device);
 }
 
-int64_t num_groups(const at::Tensor& p, int64_t manifold) {
+int64_t num_groups(const at::Tensor& p, int64_t manifold, int64_t block_rows) {
   if (manifold == kEuclidean) return p.numel();
-  return manifold == kChannel ? p.size(0) : 1;
+  return manifold == kChannel ? p.size(0) / block_rows : 1;
 }
 
 void check_psi_adam_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -164,7 +175,7 @@ void check_psi_adam_args(at::TensorList params, at::TensorList grads, at::Tensor
                          const std::optional<at::Tensor>& grad_scale,
                          const std::optional<at::Tensor>& found_inf) {
   const char* op = "psi_adam_";
-  check_options(op, o.manifold, o.retraction, o.transport, o.lr, o.max_grad_norm);
+  check_options(op, o.manifold, o.retraction, o.transport, o.lr, o.max_grad_norm, o.block_rows);
   TORCH_CHECK_VALUE(o.beta1 >= 0.0 && o.beta1 < 1.0, "psi_adam_: beta1 must be in [0, 1), got ",
               o.beta1);
   TORCH_CHECK_VALUE(o.beta2 >= 0.0 && o.beta2 < 1.0, "psi_adam_: beta2 must be in [0, 1), got ",
@@ -188,14 +199,14 @@ void check_psi_adam_args(at::TensorList params, at::TensorList grads, at::Tensor
   const c10::ScalarType state_dtype = opmath_dtype(dtype);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    check_param_and_grad(op, i, p, grads[i], dtype, device, o.manifold);
+    check_param_and_grad(op, i, p, grads[i], dtype, device, o.manifold, o.block_rows);
     check_state_like_param(op, "exp_avgs", i, exp_avgs[i], p, state_dtype);
     if (o.manifold == kEuclidean) {
       check_state_like_param(op, "exp_avg_sqs", i, exp_avg_sqs[i], p, state_dtype);
     } else {
       // One second-moment scalar per group: shape (rows,) for channel, () or (1,) for tensor.
       const at::Tensor& v = exp_avg_sqs[i];
-      const int64_t groups = num_groups(p, o.manifold);
+      const int64_t groups = num_groups(p, o.manifold, o.block_rows);
       TORCH_CHECK(v.layout() == at::kStrided && v.numel() == groups &&
                       v.scalar_type() == state_dtype && v.device() == device &&
                       v.is_contiguous(),
@@ -216,7 +227,7 @@ AdamOptions checked_adam_options(at::TensorList params, at::TensorList grads,
                                  double eps, double weight_decay, bool maximize, int64_t manifold,
                                  int64_t retraction, int64_t transport, double max_grad_norm,
                                  const std::optional<at::Tensor>& grad_scale,
-                                 const std::optional<at::Tensor>& found_inf) {
+                                 const std::optional<at::Tensor>& found_inf, int64_t block_rows) {
   AdamOptions o;
   o.lr = lr;
   o.beta1 = beta1;
@@ -228,6 +239,7 @@ AdamOptions checked_adam_options(at::TensorList params, at::TensorList grads,
   o.manifold = manifold;
   o.retraction = retraction;
   o.transport = transport;
+  o.block_rows = block_rows;
   check_psi_adam_args(params, grads, exp_avgs, exp_avg_sqs, steps, o, grad_scale, found_inf);
   return o;
 }
@@ -237,9 +249,10 @@ SgdOptions checked_sgd_options(at::TensorList params, at::TensorList grads, at::
                                bool nesterov, double weight_decay, bool maximize,
                                int64_t manifold, int64_t retraction, int64_t transport,
                                double max_grad_norm, const std::optional<at::Tensor>& grad_scale,
-                               const std::optional<at::Tensor>& found_inf) {
-  const SgdOptions o = make_sgd_options(lr, momentum, dampening, nesterov, weight_decay, maximize,
-                                        manifold, retraction, transport, max_grad_norm);
+                               const std::optional<at::Tensor>& found_inf, int64_t block_rows) {
+  SgdOptions o = make_sgd_options(lr, momentum, dampening, nesterov, weight_decay, maximize,
+                                  manifold, retraction, transport, max_grad_norm);
+  o.block_rows = block_rows;
   check_psi_sgd_args(params, grads, bufs, steps, o, grad_scale, found_inf);
   return o;
 }

@@ -9,15 +9,16 @@ namespace psi {
 
 inline void define_ops(torch::Library& m) {
   // One PSI-SGD (or, with manifold=0, torch.optim.SGD) step over a list of same-device,
-  // same-dtype tensors. manifold: 0 euclidean, 1 channel (rows of p.view(p.size(0), -1)),
-  // 2 tensor. retraction: 0 normalize, 1 exp, 2 none. transport: 0 project, 1 parallel.
+  // same-dtype tensors. manifold: 0 euclidean, 1 channel (groups of block_rows consecutive rows
+  // of p.view(p.size(0), -1): one row for channel groups, more for block groups), 2 tensor. retraction: 0 normalize, 1 exp, 2 none. transport: 0 project, 1 parallel.
   // momentum_buffers is empty when momentum == 0. state_steps are float32 scalars, incremented
   // unless found_inf is set; a step of 0 marks a buffer's first step.
   m.def(
       "psi_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor(c!)[] state_steps, *, float lr, float momentum, float dampening, bool nesterov, "
       "float weight_decay, bool maximize, int manifold, int retraction, int transport, "
-      "float max_grad_norm, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "float max_grad_norm, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "int block_rows=1) -> ()");
 
   // BNP (psi/bnp.h). Statistics of one layer input: per channel (dim channel_dim) batch mean and
   // mean of squares in one pass, folded into the bias-corrected moving averages mean/sqmean
@@ -42,7 +43,7 @@ inline void define_ops(torch::Library& m) {
       "Tensor? found_inf=None) -> ()");
   // One PSI-Adam (or, with manifold=0, torch.optim.AdamW) step over a list of same-device,
   // same-dtype tensors (docs/ALGORITHMS.md section 3). exp_avgs have the params' shapes; exp_avg_sqs
-  // hold one scalar per group (shape (rows,) for channel, () or (1,) for tensor), per element
+  // hold one scalar per group (shape (rows / block_rows,) for channel, () or (1,) for tensor), per element
   // for euclidean. state_steps are float32 scalars: step t = state_step + 1 sets the bias
   // corrections; incremented unless found_inf is set, in which case nothing changes at all.
   m.def(
@@ -50,7 +51,7 @@ inline void define_ops(torch::Library& m) {
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] state_steps, *, float lr, float beta1, "
       "float beta2, float eps, float weight_decay, bool maximize, int manifold, int retraction, "
       "int transport, float max_grad_norm, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, int block_rows=1) -> ()");
 }
 
 }  // namespace psi

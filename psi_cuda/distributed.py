@@ -77,6 +77,10 @@ def check_param(p: Tensor, manifold: str | None, where: str, name: str) -> None:
             raise RuntimeError(f"{where}: the {what} has a Partial placement "
                                f"{tuple(t.placements)}; {name} needs reduced (Shard/Replicate) "
                                "DTensors")
+    if manifold == "block" and any(pl.is_shard() for pl in p.placements):
+        raise NotImplementedError(f"{where}: manifold='block' on a sharded DTensor (placements "
+                                  f"{tuple(p.placements)}) is not supported yet; use "
+                                  "manifold='tensor' or None for sharded parameters")
     if manifold == "channel":
         bad = [pl for pl in p.placements if pl.is_shard() and not pl.is_shard(0)]
         if bad:

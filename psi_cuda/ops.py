@@ -12,7 +12,9 @@ from . import _C  # noqa: F401  (loading the library registers the ops)
 from . import reference
 
 BACKENDS = ("auto", "fused", "reference")  # the backend= option of the optimizers and BNP
-MANIFOLDS = {None: 0, **{name: code for code, name in enumerate(reference.MANIFOLDS)}}
+# "block" is the kernels' channel code with block_rows > 1 (groups of consecutive rows).
+MANIFOLDS = {None: 0, "euclidean": 0, "channel": 1, "tensor": 2, "block": 1}
+assert set(MANIFOLDS) == {None, *reference.MANIFOLDS}
 RETRACTIONS = {name: code for code, name in enumerate(reference.RETRACTIONS)}
 TRANSPORTS = {name: code for code, name in enumerate(reference.TRANSPORTS)}
 
@@ -61,12 +63,15 @@ def psi_sgd_(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     check: bool = True,
+    block_rows: int | None = None,
 ) -> None:
     """One fused PSI-SGD step (or torch.optim.SGD step with ``manifold=None``) over a tensor list.
 
     Updates ``params``, ``momentum_buffers`` (empty when ``momentum == 0``) and ``state_steps``
     in place. All params must share one device and dtype. ``check=False`` skips the Python-side
     layout/device check (for callers that made it already); the kernels check everything else.
+    ``manifold="block"`` takes ``block_rows``: each group is that many consecutive rows of
+    ``p.reshape(p.size(0), -1)``.
     """
     if check:
         _check_dispatchable("psi_sgd_", params=params, grads=grads,
@@ -82,7 +87,7 @@ def psi_sgd_(
         nesterov=nesterov,
         weight_decay=weight_decay,
         maximize=maximize,
-        **_sphere_options(manifold, retraction, transport, max_grad_norm),
+        **_sphere_options(manifold, retraction, transport, max_grad_norm, block_rows),
         grad_scale=grad_scale,
         found_inf=found_inf,
     )
@@ -108,12 +113,13 @@ def psi_adam_(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     check: bool = True,
+    block_rows: int | None = None,
 ) -> None:
     """One fused PSI-Adam step (or torch.optim.AdamW step with ``manifold=None``) over a list.
 
     Updates ``params``, ``exp_avgs`` (shaped like params), ``exp_avg_sqs`` (one scalar per group:
-    shape ``(rows,)`` for ``"channel"``, ``()`` for ``"tensor"``; shaped like params for
-    ``None``) and ``state_steps`` in place. ``weight_decay`` is decoupled (AdamW) and applies to
+    shape ``(rows,)`` for ``"channel"``, ``(rows // block_rows,)`` for ``"block"``, ``()`` for
+    ``"tensor"``; shaped like params for ``None``) and ``state_steps`` in place. ``weight_decay`` is decoupled (AdamW) and applies to
     Euclidean tensors only.
     """
     if check:
@@ -131,7 +137,7 @@ def psi_adam_(
         eps=eps,
         weight_decay=weight_decay,
         maximize=maximize,
-        **_sphere_options(manifold, retraction, transport, max_grad_norm),
+        **_sphere_options(manifold, retraction, transport, max_grad_norm, block_rows),
         grad_scale=grad_scale,
         found_inf=found_inf,
     )
@@ -153,9 +159,17 @@ def _check_dispatchable(op: str, **lists: list[Tensor]) -> None:
                                    f"{device}; all tensors of one call must share a device")
 
 
-def _sphere_options(manifold, retraction, transport, max_grad_norm) -> dict:
-    """The PSI options as the ops take them: integer codes, and 0.0 for no clipping."""
-    return dict(manifold=_code(MANIFOLDS, manifold, "manifold"),
+def _sphere_options(manifold, retraction, transport, max_grad_norm, block_rows=None) -> dict:
+    """The PSI options as the ops take them: integer codes, 0.0 for no clipping, block_rows 1
+    unless manifold is "block" (the kernels check that it divides every tensor's rows)."""
+    if manifold == "block":
+        if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
+            raise ValueError(f"manifold='block' needs block_rows, an int >= 1; got {block_rows!r}")
+    elif block_rows not in (None, 1):
+        raise ValueError(f"block_rows applies to manifold='block'; got block_rows={block_rows!r} "
+                         f"with manifold={manifold!r}")
+    return dict(block_rows=block_rows if manifold == "block" else 1,
+                manifold=_code(MANIFOLDS, manifold, "manifold"),
                 retraction=_code(RETRACTIONS, retraction, "retraction"),
                 transport=_code(TRANSPORTS, transport, "transport"),
                 max_grad_norm=float(max_grad_norm or 0.0))
@@ -172,7 +186,7 @@ def _code(table: dict, value, name: str) -> int:
 @torch.library.register_fake("psi_cuda::psi_sgd_")
 def _psi_sgd_fake(params, grads, momentum_buffers, state_steps, *, lr, momentum, dampening,
                   nesterov, weight_decay, maximize, manifold, retraction, transport,
-                  max_grad_norm, grad_scale=None, found_inf=None):
+                  max_grad_norm, grad_scale=None, found_inf=None, block_rows=1):
     torch._check(len(grads) == len(params), lambda: "psi_sgd_: params and grads differ in length")
     torch._check(len(state_steps) == len(params),
                  lambda: "psi_sgd_: params and state_steps differ in length")
@@ -288,7 +302,7 @@ def bnp_cap_grads(weights: list[Tensor], weight_grads: list[Tensor], bias_grads:
 @torch.library.register_fake("psi_cuda::psi_adam_")
 def _psi_adam_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps,
                    weight_decay, maximize, manifold, retraction, transport, max_grad_norm,
-                   grad_scale=None, found_inf=None):
+                   grad_scale=None, found_inf=None, block_rows=1):
     for name, lst in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
                       ("state_steps", state_steps)):
         torch._check(len(lst) == len(params),

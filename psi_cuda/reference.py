@@ -13,7 +13,9 @@ from torch import Tensor
 EXP_MIN_ANGLE = 1e-7  # below this the exponential map falls back to "normalize"
 
 # Option names, in the order of their integer codes in csrc/include/psi/math.h (ops.py maps them).
-MANIFOLDS = ("euclidean", "channel", "tensor")  # None also means "euclidean"
+# None also means "euclidean"; "block": groups of block_rows consecutive rows (the kernels'
+# channel code with block_rows > 1, docs/ALGORITHMS.md 1.2b)
+MANIFOLDS = ("euclidean", "channel", "tensor", "block")
 PSI_MANIFOLDS = MANIFOLDS[1:]  # the scale-invariant ones
 RETRACTIONS = ("normalize", "exp", "none")
 TRANSPORTS = ("project", "parallel")
@@ -127,6 +129,33 @@ def move_on_sphere(w, u, n, d, buf, *, lr, retraction, transport):
     return w_new, u_new, buf_new
 
 
+def group_rows(p: Tensor, manifold, block_rows) -> int:
+    """The number of groups of ``p`` as rows of ``p.reshape(rows, -1)``: every row for
+    ``"channel"``, ``p.size(0) // block_rows`` for ``"block"``, one for ``"tensor"``."""
+    if manifold == "channel":
+        return p.size(0)
+    if manifold == "block":
+        return p.size(0) // block_rows
+    return 1
+
+
+def check_block_rows(params, manifold, block_rows) -> int:
+    """block_rows as the ops take it (1 unless manifold is "block"); ValueError naming the
+    tensor whose dim 0 it does not divide."""
+    if manifold != "block":
+        if block_rows not in (None, 1):
+            raise ValueError(f"block_rows applies to manifold='block'; got block_rows="
+                             f"{block_rows!r} with manifold={manifold!r}")
+        return 1
+    if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
+        raise ValueError(f"manifold='block' needs block_rows, an int >= 1; got {block_rows!r}")
+    for i, p in enumerate(params):
+        if p.dim() == 0 or p.size(0) % block_rows:
+            raise ValueError(f"params[{i}] has shape {tuple(p.shape)}: block_rows={block_rows} "
+                             "must divide its size of dim 0 (its rows)")
+    return block_rows
+
+
 def check_sphere_options(manifold, retraction, transport) -> None:
     """The option checks of psi_sgd_ and psi_adam_ (the ops reject the same values)."""
     if manifold not in (None,) + MANIFOLDS:
@@ -182,9 +211,10 @@ def euclidean_sgd(w, g, m, *, first, lr, momentum, dampening, nesterov, weight_d
 def psi_sgd_(params, grads, momentum_buffers, state_steps, *, lr, momentum=0.0, dampening=0.0,
              nesterov=False, weight_decay=0.0, maximize=False, manifold="channel",
              retraction="normalize", transport="project", max_grad_norm=None, grad_scale=None,
-             found_inf=None):
+             found_inf=None, block_rows=None):
     """Reference of ``psi_cuda.ops.psi_sgd_`` (same arguments, same in-place effects)."""
     check_sphere_options(manifold, retraction, transport)
+    block_rows = check_block_rows(params, manifold, block_rows)
     if found_inf is not None and found_inf.item() != 0:
         return
     for i, (p, grad) in enumerate(zip(params, grads)):
@@ -200,7 +230,7 @@ def psi_sgd_(params, grads, momentum_buffers, state_steps, *, lr, momentum=0.0, 
                                          dampening=dampening, nesterov=nesterov,
                                          weight_decay=weight_decay)
         else:
-            rows = p.size(0) if manifold == "channel" else 1
+            rows = group_rows(p, manifold, block_rows)
             as_rows = lambda t: t.reshape(rows, -1)  # noqa: E731
             w_rows, m_rows = psi_sgd_rows(
                 as_rows(w), as_rows(g), as_rows(m) if m is not None else None, first=first,
@@ -233,7 +263,8 @@ def psi_sgd_foreach_(params, grads, momentum_buffers, state_steps, *, lr, moment
     """
     if manifold not in (None,) + MANIFOLDS:
         raise ValueError(f"manifold must be one of {MANIFOLDS} or None; got {manifold!r}")
-    unsupported = {"retraction": retraction != "normalize", "transport": transport != "project",
+    unsupported = {"manifold='block'": manifold == "block",
+                   "retraction": retraction != "normalize", "transport": transport != "project",
                    "max_grad_norm": bool(max_grad_norm), "grad_scale": grad_scale is not None,
                    "found_inf": found_inf is not None}
     bad = [k for k, v in unsupported.items() if v]
@@ -546,9 +577,10 @@ def euclidean_adamw(w, g, m, v, *, step, lr, beta1, beta2, eps, weight_decay):
 def psi_adam_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1=0.9, beta2=0.999,
               eps=1e-8, weight_decay=0.0, maximize=False, manifold="channel",
               retraction="normalize", transport="project", max_grad_norm=None, grad_scale=None,
-              found_inf=None):
+              found_inf=None, block_rows=None):
     """Reference of ``psi_cuda.ops.psi_adam_`` (same arguments, same in-place effects)."""
     check_sphere_options(manifold, retraction, transport)
+    block_rows = check_block_rows(params, manifold, block_rows)
     if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
         raise ValueError(f"betas must be in [0, 1); got ({beta1}, {beta2})")
     if found_inf is not None and found_inf.item() != 0:
@@ -565,7 +597,7 @@ def psi_adam_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1=0.
         if manifold in (None, "euclidean"):
             w_new, m_new, v_new = euclidean_adamw(w, g, m, v, weight_decay=weight_decay, **kw)
         else:
-            rows = p.size(0) if manifold == "channel" else 1
+            rows = group_rows(p, manifold, block_rows)
             as_rows = lambda t: t.reshape(rows, -1)  # noqa: E731
             w_rows, m_rows, v_rows = psi_adam_rows(
                 as_rows(w), as_rows(g), as_rows(m), v.reshape(rows, 1), retraction=retraction,

@@ -274,3 +274,17 @@ def test_edges_of_the_range_and_nonfinite_gradients(op, length, manifold, sched)
     assert torch.isnan(expected[0][4][bad_rows[0]]).all()
     assert torch.isnan(expected[0][5][bad_rows[1]]).all()
     check(("edges", op, length, manifold), op, case, step_kw(op, manifold), sched, torch.float32)
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
+@pytest.mark.parametrize("shape,b", [((8, 70), 2), ((6, 700), 3), ((4, 3000), 2), ((3, 5), 3)],
+                         ids=str)
+@pytest.mark.parametrize("op", ["psi_sgd_", "psi_adam_"])
+def test_block_groups(op, shape, b, sched):
+    """manifold="block" (docs/ALGORITHMS.md 1.2b): groups of b rows on the short-group kernel
+    (140, 2100 elements) and the long chunked path (6000), and a block that is the whole tensor."""
+    case = make(op, [shape, (2 * b, 9)], torch.float32, "channel")
+    if op == "psi_adam_":
+        case[3] = [torch.zeros(p.size(0) // b) for p in case[0]]
+    kw = dict(step_kw(op, "block"), block_rows=b)
+    check(("block", op, shape, b), op, case, kw, sched, torch.float32)

@@ -54,11 +54,11 @@ void psi_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList ex
                   double beta2, double eps, double weight_decay, bool maximize, int64_t manifold,
                   int64_t retraction, int64_t transport, double max_grad_norm,
                   const std::optional<at::Tensor>& grad_scale,
-                  const std::optional<at::Tensor>& found_inf) {
+                  const std::optional<at::Tensor>& found_inf, int64_t block_rows) {
   const AdamOptions o = checked_adam_options(params, grads, exp_avgs, exp_avg_sqs, state_steps,
                                              lr, beta1, beta2, eps, weight_decay, maximize,
                                              manifold, retraction, transport, max_grad_norm,
-                                             grad_scale, found_inf);
+                                             grad_scale, found_inf, block_rows);
   if (params.empty()) return;
   if (found_inf.has_value() && *found_inf->data_ptr<float>() != 0.0f) return;  // CPU memory
   const double f = grad_factor(maximize, grad_scale ? grad_scale->data_ptr<float>() : nullptr);
@@ -78,7 +78,7 @@ void psi_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList ex
     a.g = grads_laid_out.back().data_ptr();
     a.m = exp_avgs[i].data_ptr();
     a.numel = params[i].numel();
-    a.group = group_size(params[i], manifold);
+    a.group = group_size(params[i], manifold, block_rows);
     ts.push_back(a);
     vs.push_back(exp_avg_sqs[i].data_ptr());
     t_of.push_back(static_cast<double>(*state_steps[i].data_ptr<float>()) + 1.0);

@@ -35,11 +35,11 @@ void psi_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mom
                  bool nesterov, double weight_decay, bool maximize, int64_t manifold,
                  int64_t retraction, int64_t transport, double max_grad_norm,
                  const std::optional<at::Tensor>& grad_scale,
-                 const std::optional<at::Tensor>& found_inf) {
+                 const std::optional<at::Tensor>& found_inf, int64_t block_rows) {
   const SgdOptions o = checked_sgd_options(params, grads, momentum_buffers, state_steps, lr,
                                            momentum, dampening, nesterov, weight_decay, maximize,
                                            manifold, retraction, transport, max_grad_norm,
-                                           grad_scale, found_inf);
+                                           grad_scale, found_inf, block_rows);
   if (params.empty()) return;
   if (found_inf.has_value() && *found_inf->data_ptr<float>() != 0.0f) return;  // CPU memory
   const double f = grad_factor(maximize, grad_scale ? grad_scale->data_ptr<float>() : nullptr);
@@ -58,7 +58,7 @@ void psi_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mom
     a.g = grads_laid_out.back().data_ptr();
     a.m = has_momentum ? momentum_buffers[i].data_ptr() : nullptr;
     a.numel = params[i].numel();
-    a.group = group_size(params[i], manifold);
+    a.group = group_size(params[i], manifold, block_rows);
     first.push_back(*state_steps[i].data_ptr<float>() == 0.0f);
     ts.push_back(a);
   }

@@ -299,7 +299,8 @@ struct Plan {
 
 // bufs: empty (no buffer) or one per param; second_moments: empty (psi_sgd_) or one per param.
 Plan make_plan(at::TensorList params, const std::vector<at::Tensor>& grads, at::TensorList bufs,
-               at::TensorList second_moments, at::TensorList steps, int64_t manifold) {
+               at::TensorList second_moments, at::TensorList steps, int64_t manifold,
+               int64_t block_rows) {
   Plan plan;
   for (size_t i = 0; i < params.size(); ++i) {
     plan.steps.push_back(address(steps[i].data_ptr<float>()));
@@ -318,7 +319,7 @@ Plan make_plan(at::TensorList params, const std::vector<at::Tensor>& grads, at::
       plan.plains.push_back(a);
       continue;
     }
-    a.group = group_size(p, manifold);  // >= 1 since numel > 0
+    a.group = group_size(p, manifold, block_rows);  // >= 1 since numel > 0
     const int64_t groups = a.numel / a.group;
     if (a.group <= kShortGroup) {
       a.first_unit = plan.short_groups;

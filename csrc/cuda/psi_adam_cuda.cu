@@ -173,11 +173,11 @@ void psi_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList e
                    double beta1, double beta2, double eps, double weight_decay, bool maximize,
                    int64_t manifold, int64_t retraction, int64_t transport, double max_grad_norm,
                    const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf) {
+                   const std::optional<at::Tensor>& found_inf, int64_t block_rows) {
   const AdamOptions o = checked_adam_options(params, grads, exp_avgs, exp_avg_sqs, state_steps,
                                              lr, beta1, beta2, eps, weight_decay, maximize,
                                              manifold, retraction, transport, max_grad_norm,
-                                             grad_scale, found_inf);
+                                             grad_scale, found_inf, block_rows);
   if (params.empty()) return;
   const at::Device device = params[0].device();
   dev::check_device(device, "psi_adam_", "params");
@@ -190,7 +190,7 @@ void psi_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList e
     grads_laid_out.push_back(grad_like_param(grads[i], params[i]));
   }
   const Plan plan = make_plan(params, grads_laid_out, exp_avgs, exp_avg_sqs, state_steps,
-                              manifold);
+                              manifold, block_rows);
   const DeviceTables tables = upload_plan(plan, device, stream);
   const float* scale = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
   const float* inf = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;

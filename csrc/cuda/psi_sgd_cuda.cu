@@ -167,11 +167,11 @@ void psi_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList mo
                   bool nesterov, double weight_decay, bool maximize, int64_t manifold,
                   int64_t retraction, int64_t transport, double max_grad_norm,
                   const std::optional<at::Tensor>& grad_scale,
-                  const std::optional<at::Tensor>& found_inf) {
+                  const std::optional<at::Tensor>& found_inf, int64_t block_rows) {
   const SgdOptions o = checked_sgd_options(params, grads, momentum_buffers, state_steps, lr,
                                            momentum, dampening, nesterov, weight_decay, maximize,
                                            manifold, retraction, transport, max_grad_norm,
-                                           grad_scale, found_inf);
+                                           grad_scale, found_inf, block_rows);
   if (params.empty()) return;
   const at::Device device = params[0].device();
   dev::check_device(device, "psi_sgd_", "params");
@@ -184,7 +184,7 @@ void psi_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList mo
     grads_laid_out.push_back(grad_like_param(grads[i], params[i]));
   }
   const Plan plan =
-      make_plan(params, grads_laid_out, momentum_buffers, {}, state_steps, manifold);
+      make_plan(params, grads_laid_out, momentum_buffers, {}, state_steps, manifold, block_rows);
   const DeviceTables tables = upload_plan(plan, device, stream);
 
   const float* scale = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;

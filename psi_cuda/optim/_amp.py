@@ -31,13 +31,13 @@ def _dense(t: Tensor) -> bool:
 
 
 def steppable(p: Tensor, manifold) -> bool:
-    """Whether the kernels step ``p`` in place: dense, and for channel groups with each row one
-    block (dim 0 outermost), as contiguous and channels-last tensors are."""
+    """Whether the kernels step ``p`` in place: dense, and for channel and block groups with
+    each row one block of memory (dim 0 outermost), as contiguous and channels-last tensors are."""
     if p.numel() == 0:
         return True
     if not _dense(p):
         return False
-    if manifold != "channel" or p.dim() == 0 or p.size(0) <= 1:
+    if manifold not in ("channel", "block") or p.dim() == 0 or p.size(0) <= 1:
         return True
     return p.stride(0) == p.numel() // p.size(0)
 

@@ -141,6 +141,8 @@ class FusedOptimizer(Optimizer):
         weight_decay = self._weight_decay(group, index, manifold)
         buckets = self._lists(group, group["params"] if params is None else params, writebacks)
         options = self._op_options(group, weight_decay)
+        if manifold == "block":
+            options["block_rows"] = group["block_rows"]
         for (device, _, _), lists in buckets.items():
             # _begin_step made the fused op's Python-side check: skip it.
             fn = (partial(getattr(ops, self.op), check=False) if self._use_fused(device)
@@ -409,6 +411,14 @@ def check_sphere_options(group: dict, where: str) -> None:
     mgn = group["max_grad_norm"]
     if mgn is not None and not mgn > 0:
         raise ValueError(f"{where}['max_grad_norm'] must be None or > 0; got {mgn}")
+    rows = group.get("block_rows")
+    if group.get("manifold") == "block":
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"{where}: manifold='block' needs 'block_rows', an int >= 1 (each "
+                             f"group is that many consecutive rows); got {rows!r}")
+    elif rows not in (None, 1):
+        raise ValueError(f"{where}['block_rows'] applies to manifold='block'; got {rows!r} with "
+                         f"manifold={group.get('manifold')!r}")
     check_flag(group, "master_weights", where)
     check_flag(group, "capturable", where)
 
@@ -427,9 +437,12 @@ def check_params(group: dict, where: str, name: str) -> None:
             raise ValueError(f"{where}['params'][{pi}] has dtype {p.dtype}; {name} needs "
                              "float32, float64, float16 or bfloat16 parameters (complex64 or "
                              "complex128 in Euclidean groups)")
-        if manifold == "channel" and p.dim() == 0:
-            raise ValueError(f"{where}['params'][{pi}] is a 0-dim tensor; manifold='channel' "
+        if manifold in ("channel", "block") and p.dim() == 0:
+            raise ValueError(f"{where}['params'][{pi}] is a 0-dim tensor; manifold={manifold!r} "
                              "needs at least one dimension (use manifold=None or 'tensor')")
+        if manifold == "block" and p.size(0) % group["block_rows"]:
+            raise ValueError(f"{where}['params'][{pi}] has shape {tuple(p.shape)}: block_rows="
+                             f"{group['block_rows']} must divide its size of dim 0 (its rows)")
         if manifold == "channel" and p.dim() == 1 and p.numel() > 0:
             frozen.append((pi, tuple(p.shape)))
     if frozen:

@@ -107,11 +107,17 @@ class PSIAdam(FusedOptimizer):
         if manifold is None:
             state_like(p, state, "exp_avg_sq", manifold)
         elif "exp_avg_sq" not in state:
-            # One second moment per group: per row for "channel", one for "tensor".
-            # Per row: a DTensor sharded like p's rows when p is one; per tensor: a plain scalar.
+            # One second moment per group: per row for "channel", per block of block_rows rows
+            # for "block", one for "tensor". Per row: a DTensor sharded like p's rows when p is
+            # one; per block or tensor: a plain tensor.
             dtype = reference.opmath_dtype(p.dtype)
-            state["exp_avg_sq"] = (distributed.rows_like(p, dtype) if manifold == "channel" else
-                                   torch.zeros((), dtype=dtype, device=p.device))
+            if manifold == "channel":
+                state["exp_avg_sq"] = distributed.rows_like(p, dtype)
+            elif manifold == "block":
+                state["exp_avg_sq"] = torch.zeros((p.size(0) // group["block_rows"],),
+                                                  dtype=dtype, device=p.device)
+            else:
+                state["exp_avg_sq"] = torch.zeros((), dtype=dtype, device=p.device)
 
     def _op_options(self, group: dict, weight_decay: float) -> dict:
         beta1, beta2 = group["betas"]

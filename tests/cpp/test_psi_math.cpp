@@ -489,6 +489,7 @@ psi::AdamOptions adam_options(double lr, double beta1, double beta2, double eps,
   o.manifold = manifold;
   o.retraction = retraction;
   o.transport = transport;
+  o.block_rows = 1;
   return o;
 }
 
@@ -680,7 +681,8 @@ at::Device g_device = at::kCPU;  // where the op tests put their tensors
 
 using PsiSgdSig = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, double,
                        double, double, bool, double, bool, int64_t, int64_t, int64_t, double,
-                       const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+                       const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                       int64_t);
 
 c10::TypedOperatorHandle<PsiSgdSig> psi_sgd_op() {
   static const c10::TypedOperatorHandle<PsiSgdSig> op =
@@ -712,7 +714,7 @@ void call(State& s, const psi::SgdOptions& o, const std::optional<at::Tensor>& g
           const std::optional<at::Tensor>& found_inf = {}) {
   psi_sgd_op().call(s.params, s.grads, s.bufs, s.steps, o.lr, o.momentum, o.dampening,
                     o.nesterov, o.weight_decay, o.maximize, o.manifold, o.retraction, o.transport,
-                    o.max_grad_norm, grad_scale, found_inf);
+                    o.max_grad_norm, grad_scale, found_inf, o.block_rows);
 }
 
 Vec to_vec(const at::Tensor& t) {

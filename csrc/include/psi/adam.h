@@ -18,6 +18,7 @@ struct AdamOptions {
   double lr, beta1, beta2, eps, weight_decay, max_grad_norm;
   bool maximize;
   int64_t manifold, retraction, transport;
+  int64_t block_rows;  // manifold channel: rows per group (as SgdOptions)
 };
 
 // Bias corrections of step t (t = 1 on the first step): 1 - beta^t.

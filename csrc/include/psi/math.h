@@ -97,6 +97,7 @@ struct SgdOptions {
   double lr, momentum, dampening, weight_decay, max_grad_norm;
   bool nesterov, maximize;
   int64_t manifold, retraction, transport;
+  int64_t block_rows;  // manifold channel: rows per group (1: channel groups; > 1: block groups)
 };
 
 // Tangent gradient at the unit representative u = w/n, scale-free:

@@ -32,7 +32,7 @@ SgdOptions checked_sgd_options(at::TensorList params, at::TensorList grads, at::
                                bool nesterov, double weight_decay, bool maximize,
                                int64_t manifold, int64_t retraction, int64_t transport,
                                double max_grad_norm, const std::optional<at::Tensor>& grad_scale,
-                               const std::optional<at::Tensor>& found_inf);
+                               const std::optional<at::Tensor>& found_inf, int64_t block_rows);
 
 // Checks every argument of psi_adam_ (as check_psi_sgd_args; exp_avgs have the params' layout,
 // exp_avg_sqs too for manifold=euclidean, else one contiguous element per group).
@@ -49,15 +49,16 @@ AdamOptions checked_adam_options(at::TensorList params, at::TensorList grads,
                                  double eps, double weight_decay, bool maximize, int64_t manifold,
                                  int64_t retraction, int64_t transport, double max_grad_norm,
                                  const std::optional<at::Tensor>& grad_scale,
-                                 const std::optional<at::Tensor>& found_inf);
+                                 const std::optional<at::Tensor>& found_inf, int64_t block_rows);
 
-// Number of groups of `p`: rows for channel, 1 for tensor, elements for euclidean.
-int64_t num_groups(const at::Tensor& p, int64_t manifold);
+// Number of groups of `p`: rows / block_rows for channel, 1 for tensor, elements for euclidean.
+int64_t num_groups(const at::Tensor& p, int64_t manifold, int64_t block_rows);
 
-// Length of one group of `p` in memory: a row of p.view(p.size(0), -1) for the channel manifold,
-// the whole tensor otherwise. Groups are contiguous blocks of memory in every layout the checks
-// admit (contiguous, channels-last, any dense layout whose outermost dimension is dim 0).
-int64_t group_size(const at::Tensor& p, int64_t manifold);
+// Length of one group of `p` in memory: block_rows rows of p.view(p.size(0), -1) for the channel
+// manifold (one row: channel groups; more: block groups, docs/ALGORITHMS.md 1.2b), the whole
+// tensor otherwise. Groups are contiguous blocks of memory in every layout the checks admit
+// (contiguous, channels-last, any dense layout whose outermost dimension is dim 0).
+int64_t group_size(const at::Tensor& p, int64_t manifold, int64_t block_rows);
 
 // `g` itself when it has the layout of `p`, else a copy of it in that layout.
 at::Tensor grad_like_param(const at::Tensor& g, const at::Tensor& p);

@@ -53,6 +53,9 @@ def param_groups(model: nn.Module, lr: float, psi_lr: float | None = None,
 
     * ``manifold="channel"``: ``W`` of a layer whose output feeds a per-channel normalization;
       ``L(c_i w_i) = L(w_i)`` for every row ``w_i = W.view(out, -1)[i]`` and ``c_i > 0``.
+    * ``manifold="block"`` with ``block_rows = C / G``: ``W`` of a bias-free conv whose output
+      feeds GroupNorm(G, C) with several channels per group; each block of ``C / G``
+      consecutive rows is invariant on its own (one group per distinct ``block_rows``).
     * ``manifold="tensor"``: ``W`` of a layer whose output feeds a normalization over several
       channels at once; only ``L(c W) = L(W)`` for one common ``c > 0`` holds.
     * ``manifold=None``: everything else (norm affine parameters, biases, classifier, embeddings,
@@ -69,7 +72,8 @@ def param_groups(model: nn.Module, lr: float, psi_lr: float | None = None,
                                   (out,)``
     Conv1d/2d/3d                  BatchNorm*, SyncBatchNorm, InstanceNorm*,          ``channel``
                                   GroupNorm with ``num_groups == num_channels``
-    Conv1d/2d/3d without bias     GroupNorm with ``num_groups < num_channels``       ``tensor``
+    Conv1d/2d/3d without bias     GroupNorm with ``num_groups < num_channels``       ``block``
+                                  (``block_rows = num_channels // num_groups``)
     ConvTranspose1d/2d/3d         same per-channel norms as Conv                     ``tensor``
     ConvTranspose without bias    GroupNorm with ``num_groups < num_channels``       ``tensor``
     ============================  =================================================  ===========
@@ -172,6 +176,11 @@ def param_groups(model: nn.Module, lr: float, psi_lr: float | None = None,
          "manifold": manifold, **psi, **defaults}
         for manifold in ("channel", "tensor")
     ]
+    # block groups ("block:<rows>" candidates), one group per block_rows
+    for rows in sorted({int(m.split(":")[1]) for m in candidates.values() if m.startswith("block:")}):
+        groups.append({"params": [p for name, p in trainable
+                                  if candidates.get(name) == f"block:{rows}"],
+                       "manifold": "block", "block_rows": rows, **psi, **defaults})
     groups.append({"params": [p for name, p in trainable if name not in candidates],
                    "manifold": None, "lr": lr, "weight_decay": weight_decay, **defaults})
     return [group for group in groups if group["params"]]
@@ -196,7 +205,11 @@ def _manifold_of(layer: nn.Module, norm: nn.Module) -> str | None:
     if layer.bias is not None:
         return None
     if norm_kind is nn.GroupNorm and kind not in _LINEAR and norm.num_channels == out:
-        return "tensor"
+        # each GroupNorm group of C / G consecutive output channels is invariant on its own: a
+        # block group (docs/ALGORITHMS.md 1.2b); a ConvTranspose's channels lie along dim 1
+        if kind in _CONV_TRANSPOSE:
+            return "tensor"
+        return f"block:{out // norm.num_groups}"
     if norm_kind in _FEATURE_NORMS and kind in _LINEAR and tuple(norm.normalized_shape) == (out,):
         return "tensor"
     return None
@@ -277,9 +290,16 @@ def _output_changes(model: nn.Module, candidates: dict[str, str], args: tuple,
         reference = _run(work, inputs)
         for name, manifold in candidates.items():
             p = params[name]
-            shape = (p.shape[0],) + (1,) * (p.dim() - 1) if manifold == "channel" else ()
+            if manifold == "channel":
+                shape = (p.shape[0],) + (1,) * (p.dim() - 1)
+            elif manifold.startswith("block:"):  # one factor per block of rows
+                shape = (p.shape[0] // int(manifold.split(":")[1]),) + (1,) * (p.dim() - 1)
+            else:
+                shape = ()
             factors = torch.empty(shape, dtype=dtype).uniform_(
                 -_LOG_MAX_FACTOR, _LOG_MAX_FACTOR, generator=factors_rng).exp_()
+            if manifold.startswith("block:"):
+                factors = factors.repeat_interleave(int(manifold.split(":")[1]), dim=0)
             saved = p.clone()
             p.mul_(factors.to(p.device))
             changes[name] = _relative_change(_run(work, inputs), reference)

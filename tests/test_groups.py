@@ -65,11 +65,16 @@ def _output_change(model, name, mode, x, seed=0):
         p = dict(work.named_parameters())[name]
         if mode == "rows":
             shape = (p.shape[0],) + (1,) * (p.dim() - 1)
+        elif mode.startswith("block"):  # one factor per block of int(mode[5:]) rows
+            shape = (p.shape[0] // int(mode[5:]),) + (1,) * (p.dim() - 1)
         elif mode == "cols":
             shape = (1, p.shape[1]) + (1,) * (p.dim() - 2)
         else:
             shape = ()
-        p.mul_(torch.empty(shape, dtype=torch.float64).uniform_(0.5, 2.0, generator=gen))
+        factors = torch.empty(shape, dtype=torch.float64).uniform_(0.5, 2.0, generator=gen)
+        if mode.startswith("block"):
+            factors = factors.repeat_interleave(int(mode[5:]), dim=0)
+        p.mul_(factors)
         torch.manual_seed(seed)
         after = work(x)
     return float((after - before).norm() / before.norm())
@@ -83,6 +88,10 @@ def check_oracle(model, groups, x):
             assert _output_change(model, name, "rows", x) < 1e-9, name
         elif manifold == "tensor":
             assert _output_change(model, name, "tensor", x) < 1e-9, name
+        elif manifold == "block":
+            p = dict(model.named_parameters())[name]
+            rows = next(g["block_rows"] for g in groups if any(q is p for q in g["params"]))
+            assert _output_change(model, name, f"block{rows}", x) < 1e-9, name
         elif dict(model.named_parameters())[name].dim() >= 2:
             assert _output_change(model, name, "rows", x) > 1e-4, name
 
@@ -174,7 +183,7 @@ class NormZoo(nn.Module):
         self.gn1 = nn.GroupNorm(8, 8)
         self.c_gn2 = nn.Conv2d(3, 8, 3, padding=1)          # 2 channels/group, bias: Euclidean
         self.gn2 = nn.GroupNorm(4, 8)
-        self.c_gn2nb = nn.Conv2d(3, 8, 3, padding=1, bias=False)  # 2 ch/group, no bias: tensor
+        self.c_gn2nb = nn.Conv2d(3, 8, 3, padding=1, bias=False)  # 2 ch/group, no bias: block
         self.gn2nb = nn.GroupNorm(4, 8)
         self.c_in = nn.Conv2d(3, 8, 3, padding=1)           # InstanceNorm: channel
         self.inorm = nn.InstanceNorm2d(8, affine=True)
@@ -286,10 +295,19 @@ def test_group_norm_instance_norm_conv_transpose():
     groups = psi_cuda.param_groups(model, lr=0.1)
     assert psi_names(model, groups, "channel") == {"c_gn1.weight", "c_in.weight", "c1d.weight",
                                                    "lin.weight"}
-    assert psi_names(model, groups, "tensor") == {"c_gn2nb.weight", "ct.weight"}
+    assert psi_names(model, groups, "tensor") == {"ct.weight"}
+    assert psi_names(model, groups, "block") == {"c_gn2nb.weight"}
+    assert [g["block_rows"] for g in groups if g["manifold"] == "block"] == [2]
     assert {"c_gn2.weight", "out.weight"} <= psi_names(model, groups, None)
     x = torch.randn(4, 3, 4, 4)
     check_oracle(model, groups, x)
+    # each GroupNorm group's 2 rows are invariant on their own; rows one by one are not
+    assert _output_change(model, "c_gn2nb.weight", "block2", x) < 1e-9
+    assert _output_change(model, "c_gn2nb.weight", "rows", x) > 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # verify=True confirms the block numerically
+        verified = psi_cuda.param_groups(model, lr=0.1, verify=True, sample_input=x)
+    assert psi_names(model, verified, "block") == {"c_gn2nb.weight"}
 
 
 def test_conv_transpose_channels_are_dim1():

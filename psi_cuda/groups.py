@@ -74,6 +74,8 @@ def param_groups(model: nn.Module, lr: float, psi_lr: float | None = None,
                                   GroupNorm with ``num_groups == num_channels``
     Conv1d/2d/3d without bias     GroupNorm with ``num_groups < num_channels``       ``block``
                                   (``block_rows = num_channels // num_groups``)
+    Linear without bias, output   LayerNorm / RMSNorm with ``normalized_shape ==     ``block``
+    split into heads of D         (D,)`` (per-head QK-norm; ``block_rows = D``)
     ConvTranspose1d/2d/3d         same per-channel norms as Conv                     ``tensor``
     ConvTranspose without bias    GroupNorm with ``num_groups < num_channels``       ``tensor``
     ============================  =================================================  ===========
@@ -90,7 +92,10 @@ def param_groups(model: nn.Module, lr: float, psi_lr: float | None = None,
     have exactly one user, which is the norm, either directly or through a chain of
     ``nn.Identity`` / ``nn.Dropout`` modules (each again with one user) and nothing else. So a
     residual add, an activation, a reshape or any other use of the output in between or besides
-    breaks the edge. Conservatively Euclidean as well: a layer or norm module called more than
+    breaks the edge. The one reshape allowed is the split of a bias-free Linear's output into
+    heads: a ``view``/``reshape``/``unflatten(-1, ...)`` whose last size D divides the features,
+    then only transposes/permutes that provably keep D last (and ``contiguous``), then the norm
+    over (D,). Conservatively Euclidean as well: a layer or norm module called more than
     once, a weight registered under several names (shared/tied), a weight read directly in
     ``forward`` (``self.fc.weight``). When tracing fails (data-dependent control flow, ...), a
     warning says why and the heuristic fallback pairs each Linear/Conv with the module that
@@ -226,9 +231,14 @@ def _traced_candidates(model: nn.Module) -> dict[str, str]:
         if node.op != "call_module" or calls[node.target] != 1:
             continue
         norm_node = _norm_fed_by(node, modules)
+        if norm_node is None:  # per-head: a bias-free Linear viewed as (..., H, D), norm over D
+            norm_node, manifold = _heads_norm_fed_by(node, modules)
+        else:
+            manifold = None
         if norm_node is None or calls[norm_node.target] != 1:
             continue
-        manifold = _manifold_of(modules[node.target], modules[norm_node.target])
+        if manifold is None:
+            manifold = _manifold_of(modules[node.target], modules[norm_node.target])
         name = f"{node.target}.weight"
         if manifold is not None and name not in read_directly:
             found[name] = manifold
@@ -246,6 +256,72 @@ def _norm_fed_by(node: torch.fx.Node, modules: dict[str, nn.Module]) -> torch.fx
             return user
         node = user
     return None
+
+
+_SPLITS = ("view", "reshape", "unflatten")
+
+
+def _heads_norm_fed_by(node: torch.fx.Node, modules: dict[str, nn.Module]):
+    """(norm node, manifold) when the output of the bias-free Linear ``node`` (features last,
+    contiguous) is split into heads by a view/reshape/unflatten whose last size D divides the
+    features, kept with D last through transposes/permutes/contiguous (and Identity/Dropout), and
+    fed to a LayerNorm/RMSNorm over exactly (D,): each head's D consecutive rows of the weight are
+    then scale invariant on their own (``"block:D"``; ``"tensor"`` if D is all the features).
+    (None, None) for anything else."""
+    layer = modules[node.target]
+    if type(layer) not in _LINEAR or layer.bias is not None:
+        return None, None
+    out, d, rank = layer.out_features, None, None
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if not user.args or user.args[0] is not node:
+            return None, None
+        if user.op == "call_method" and user.target in _SPLITS and d is None:
+            if user.target == "unflatten":
+                dim, sizes = user.args[1], user.args[2]
+                if dim != -1 or not isinstance(sizes, (tuple, list)):
+                    return None, None
+                shape = list(sizes)
+            else:
+                shape = list(user.args[1]) if len(user.args) == 2 and isinstance(
+                    user.args[1], (tuple, list)) else list(user.args[1:])
+            last = shape[-1] if shape else None
+            if not isinstance(last, int) or last <= 0 or out % last:
+                return None, None
+            d = last
+            rank = len(shape) if user.target != "unflatten" else None
+        elif user.op == "call_method" and user.target in ("transpose", "permute", "contiguous"):
+            if d is None:
+                return None, None
+            if user.target == "contiguous":
+                pass
+            elif rank is None:  # after unflatten the rank is unknown: only negative dims other
+                dims = user.args[1:3]  # than -1 provably leave D last
+                if user.target != "transpose" or not all(isinstance(x, int) and -1 > x
+                                                         for x in dims):
+                    return None, None
+            elif user.target == "transpose":
+                dims = [x % rank if isinstance(x, int) else None for x in user.args[1:3]]
+                if None in dims or rank - 1 in dims:
+                    return None, None
+            else:
+                perm = user.args[1] if len(user.args) == 2 else user.args[1:]
+                if not perm or not isinstance(perm[-1], int) or perm[-1] % rank != rank - 1:
+                    return None, None
+        elif user.op == "call_module" and user.all_input_nodes == [node]:
+            kind = type(modules[user.target])
+            if kind in _PASS_THROUGH:
+                pass
+            elif kind in _FEATURE_NORMS and d is not None:
+                if tuple(modules[user.target].normalized_shape) != (d,):
+                    return None, None
+                return user, ("tensor" if d == out else f"block:{d}")
+            else:
+                return None, None
+        else:
+            return None, None
+        node = user
+    return None, None
 
 
 def _registration_candidates(model: nn.Module) -> dict[str, str]:

@@ -571,3 +571,72 @@ def test_one_warning_per_group_for_vectors_on_channel_groups():
     assert len(caught) == 1
     text = str(caught[0].message)
     assert "100 of its 101 tensors are 1-D" in text and "(4,), (5,), (6,)" in text
+
+
+# --- per-head QK-norm: block groups found in the graph ------------------------------------------
+
+class HeadsAttention(nn.Module):
+    """Hand-written attention with per-head QK-norm, in the ways models write the split."""
+
+    def __init__(self, mode, dim=16, heads=4, norm=nn.RMSNorm, affine=True, bias=False):
+        super().__init__()
+        self.mode, self.h, self.d = mode, heads, dim // heads
+        self.wq = nn.Linear(dim, dim, bias=bias)
+        self.wk = nn.Linear(dim, dim, bias=bias)
+        self.wv = nn.Linear(dim, dim, bias=False)
+        self.q_norm = norm(self.d, elementwise_affine=affine)
+        self.k_norm = norm(self.d, elementwise_affine=affine)
+        self.wo = nn.Linear(dim, dim)
+
+    def split(self, t, B, T):
+        if self.mode == "view":
+            return self.q_or_k_transpose(t.view(B, T, self.h, self.d))
+        if self.mode == "reshape_minus1":
+            return t.reshape(B, T, -1, self.d).transpose(1, 2)
+        return t.unflatten(-1, (self.h, self.d)).transpose(-3, -2)  # unflatten
+
+    def q_or_k_transpose(self, t):
+        return t.transpose(1, 2)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q = self.q_norm(self.split(self.wq(x), B, T))  # (B, H, T, D), normalized over D
+        k = self.k_norm(self.split(self.wk(x), B, T))
+        v = self.wv(x).view(B, T, self.h, self.d).transpose(1, 2)
+        a = torch.softmax(q @ k.transpose(-1, -2) / self.d ** 0.5, dim=-1) @ v
+        return self.wo(a.transpose(1, 2).reshape(B, T, -1))
+
+
+@pytest.mark.parametrize("mode", ["view", "reshape_minus1", "unflatten"])
+@pytest.mark.parametrize("norm,affine", [(nn.RMSNorm, True), (nn.LayerNorm, False)])
+def test_per_head_qk_norm_gives_block_groups(mode, norm, affine):
+    torch.manual_seed(0)
+    model = HeadsAttention(mode, norm=norm, affine=affine)
+    x = torch.randn(3, 5, 16)
+    groups = psi_cuda.param_groups(model, lr=0.1)
+    assert psi_names(model, groups, "block") == {"wq.weight", "wk.weight"}
+    assert [g["block_rows"] for g in groups if g["manifold"] == "block"] == [4]
+    for name in ("wq.weight", "wk.weight"):  # per-head invariance holds, per-row does not
+        assert _output_change(model, name, "block4", x) < 1e-9
+        assert _output_change(model, name, "rows", x) > 1e-4
+    assert "wv.weight" in psi_names(model, groups, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        verified = psi_cuda.param_groups(model, lr=0.1, verify=True, sample_input=x)
+    assert psi_names(model, verified, "block") == {"wq.weight", "wk.weight"}
+
+
+def test_per_head_norm_not_proven_stays_euclidean():
+    """A bias, or a norm over something else than the head dim, is not a block group."""
+    torch.manual_seed(0)
+    biased = HeadsAttention("view", bias=True)
+    assert psi_names(biased, psi_cuda.param_groups(biased, lr=0.1), "block") == set()
+
+    class WrongDim(HeadsAttention):
+        def forward(self, x):
+            B, T, _ = x.shape
+            q = self.wq(x).view(B, T, self.h, self.d).transpose(-1, -2)  # D no longer last
+            return self.q_norm(q.transpose(-1, -2).contiguous()).sum()
+
+    wrong = WrongDim("view")
+    assert "wq.weight" not in psi_names(wrong, psi_cuda.param_groups(wrong, lr=0.1), "block")

@@ -162,13 +162,7 @@ def _check_dispatchable(op: str, **lists: list[Tensor]) -> None:
 def _sphere_options(manifold, retraction, transport, max_grad_norm, block_rows=None) -> dict:
     """The PSI options as the ops take them: integer codes, 0.0 for no clipping, block_rows 1
     unless manifold is "block" (the kernels check that it divides every tensor's rows)."""
-    if manifold == "block":
-        if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
-            raise ValueError(f"manifold='block' needs block_rows, an int >= 1; got {block_rows!r}")
-    elif block_rows not in (None, 1):
-        raise ValueError(f"block_rows applies to manifold='block'; got block_rows={block_rows!r} "
-                         f"with manifold={manifold!r}")
-    return dict(block_rows=block_rows if manifold == "block" else 1,
+    return dict(block_rows=reference.op_block_rows(manifold, block_rows),
                 manifold=_code(MANIFOLDS, manifold, "manifold"),
                 retraction=_code(RETRACTIONS, retraction, "retraction"),
                 transport=_code(TRANSPORTS, transport, "transport"),

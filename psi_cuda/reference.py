@@ -139,9 +139,9 @@ def group_rows(p: Tensor, manifold, block_rows) -> int:
     return 1
 
 
-def check_block_rows(params, manifold, block_rows) -> int:
-    """block_rows as the ops take it (1 unless manifold is "block"); ValueError naming the
-    tensor whose dim 0 it does not divide."""
+def op_block_rows(manifold, block_rows) -> int:
+    """block_rows as the ops take it: an int >= 1 for manifold "block", else 1 (None or 1
+    given); ValueError otherwise."""
     if manifold != "block":
         if block_rows not in (None, 1):
             raise ValueError(f"block_rows applies to manifold='block'; got block_rows="
@@ -149,6 +149,15 @@ def check_block_rows(params, manifold, block_rows) -> int:
         return 1
     if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
         raise ValueError(f"manifold='block' needs block_rows, an int >= 1; got {block_rows!r}")
+    return block_rows
+
+
+def check_block_rows(params, manifold, block_rows) -> int:
+    """:func:`op_block_rows`, and a ValueError naming the tensor whose dim 0 it does not
+    divide."""
+    block_rows = op_block_rows(manifold, block_rows)
+    if manifold != "block":
+        return 1
     for i, p in enumerate(params):
         if p.dim() == 0 or p.size(0) % block_rows:
             raise ValueError(f"params[{i}] has shape {tuple(p.shape)}: block_rows={block_rows} "

@@ -182,13 +182,18 @@ def param_groups(model: nn.Module, lr: float, psi_lr: float | None = None,
         for manifold in ("channel", "tensor")
     ]
     # block groups ("block:<rows>" candidates), one group per block_rows
-    for rows in sorted({int(m.split(":")[1]) for m in candidates.values() if m.startswith("block:")}):
+    for rows in sorted({r for r in map(_block_rows, candidates.values()) if r is not None}):
         groups.append({"params": [p for name, p in trainable
                                   if candidates.get(name) == f"block:{rows}"],
                        "manifold": "block", "block_rows": rows, **psi, **defaults})
     groups.append({"params": [p for name, p in trainable if name not in candidates],
                    "manifold": None, "lr": lr, "weight_decay": weight_decay, **defaults})
     return [group for group in groups if group["params"]]
+
+
+def _block_rows(candidate: str) -> int | None:
+    """The block_rows of a ``"block:<rows>"`` candidate; None for the other manifolds."""
+    return int(candidate[len("block:"):]) if candidate.startswith("block:") else None
 
 
 def _manifold_of(layer: nn.Module, norm: nn.Module) -> str | None:
@@ -366,16 +371,12 @@ def _output_changes(model: nn.Module, candidates: dict[str, str], args: tuple,
         reference = _run(work, inputs)
         for name, manifold in candidates.items():
             p = params[name]
-            if manifold == "channel":
-                shape = (p.shape[0],) + (1,) * (p.dim() - 1)
-            elif manifold.startswith("block:"):  # one factor per block of rows
-                shape = (p.shape[0] // int(manifold.split(":")[1]),) + (1,) * (p.dim() - 1)
-            else:
-                shape = ()
+            rows = 1 if manifold == "channel" else _block_rows(manifold)  # None: one factor
+            shape = () if rows is None else (p.shape[0] // rows,) + (1,) * (p.dim() - 1)
             factors = torch.empty(shape, dtype=dtype).uniform_(
                 -_LOG_MAX_FACTOR, _LOG_MAX_FACTOR, generator=factors_rng).exp_()
-            if manifold.startswith("block:"):
-                factors = factors.repeat_interleave(int(manifold.split(":")[1]), dim=0)
+            if rows is not None:  # one factor per block of rows
+                factors = factors.repeat_interleave(rows, dim=0)
             saved = p.clone()
             p.mul_(factors.to(p.device))
             changes[name] = _relative_change(_run(work, inputs), reference)

@@ -25,6 +25,13 @@ def _ms(x: float) -> str:
     return f"{x:.1f}" if x >= 1 else f"{x:.2f}"
 
 
+def _copy_line(model: str, fused: dict, target: float) -> str:
+    """The target line of the fused step's fraction of the copy bandwidth."""
+    ok = fused["frac_copy_bw"] >= target
+    return (f"- {model}: fused PSISGD at {100 * fused['frac_copy_bw']:.0f}% of the copy "
+            f"bandwidth (target >= {100 * target:.0f}%): {'met' if ok else 'NOT met'}")
+
+
 def targets(result: dict) -> list[str]:
     gpu = "gpu" in result["machine"]
     lines = []
@@ -34,10 +41,7 @@ def targets(result: dict) -> list[str]:
                 continue
             f = r["methods"].get("psi_cuda PSISGD (fused)")
             if f:
-                ok = f["frac_copy_bw"] >= GPU_COPY_FRACTION
-                lines.append(f"- {model}: fused PSISGD at {100 * f['frac_copy_bw']:.0f}% of the "
-                             f"copy bandwidth (target >= {100 * GPU_COPY_FRACTION:.0f}%): "
-                             f"{'met' if ok else 'NOT met'}")
+                lines.append(_copy_line(model, f, GPU_COPY_FRACTION))
             ref = r["ratios"].get("best PSISGD reference / PSISGD fused")
             if ref:
                 ok = ref >= GPU_REFERENCE_RATIO
@@ -56,10 +60,7 @@ def targets(result: dict) -> list[str]:
                      f"{'met' if ok else 'NOT met'}")
     f = r["methods"].get("psi_cuda PSISGD (fused)")
     if f:
-        ok = f["frac_copy_bw"] >= CPU_COPY_FRACTION
-        lines.append(f"- resnet50: fused PSISGD at {100 * f['frac_copy_bw']:.0f}% of the copy "
-                     f"bandwidth (target >= {100 * CPU_COPY_FRACTION:.0f}%): "
-                     f"{'met' if ok else 'NOT met'}")
+        lines.append(_copy_line("resnet50", f, CPU_COPY_FRACTION))
     return lines
 
 

@@ -3,6 +3,13 @@
     torchrun --nproc-per-node 2 examples/train_large.py              # CPU (gloo), about a minute
     torchrun --nproc-per-node 8 examples/train_large.py --dim 1024 --layers 24 --bf16   # 8 GPUs
     python examples/train_large.py                                    # one process
+    python examples/train_large.py --optimizer adamw --log-json adamw.json   # the baseline
+
+``--optimizer psi-adam`` (the default) is PSIAdam with the tensor groups on the sphere;
+``--optimizer adamw`` is the baseline: plain ``torch.optim.AdamW`` on every parameter, with the
+same lr, betas and weight decay rule (decay on matrices, none on norms and biases) and the same
+data and seeds, so the only difference is how the scale-invariant weights move. ``--log-json
+PATH`` writes every step's loss (mean over ranks) and the settings as JSON (rank 0).
 
 The model is pre-LN (``x + attn(LN(x))``, ``x + mlp(LN(x))``) with QK-norm: the query and key
 projections are bias-free Linears whose outputs go straight into a LayerNorm over the whole
@@ -23,6 +30,7 @@ gloo on CPU otherwise.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -132,10 +140,18 @@ def setup():
     return torch.device("cuda" if cuda else "cpu")
 
 
-def build_optimizer(model: nn.Module, named_groups: dict, args) -> PSIAdam:
+def build_optimizer(model: nn.Module, named_groups: dict, args) -> torch.optim.Optimizer:
     """PSIAdam groups from the names param_groups classified before sharding (fully_shard
-    replaces the parameters by DTensors, so the groups are rebuilt by name)."""
+    replaces the parameters by DTensors, so the groups are rebuilt by name). ``--optimizer
+    adamw``: torch.optim.AdamW on every parameter, the PSI groups' weights decayed and stepped
+    like the other matrices."""
     named = dict(model.named_parameters())
+    if args.optimizer == "adamw":
+        decay = [q for q in named.values() if q.dim() >= 2]
+        other = [q for q in named.values() if q.dim() < 2]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                  {"params": other, "weight_decay": 0.0}],
+                                 lr=args.lr, betas=(0.9, 0.95))
     groups = []
     for manifold, names in named_groups.items():
         if manifold is None:  # AdamW: decay the matrices, not norms/biases
@@ -171,6 +187,11 @@ def main():
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --ckpt")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--optimizer", choices=("psi-adam", "adamw"), default="psi-adam",
+                   help="psi-adam (PSIAdam, tensor groups on the sphere) or adamw "
+                        "(torch.optim.AdamW on every parameter, same lr and weight decay)")
+    p.add_argument("--log-json", default=None, metavar="PATH",
+                   help="write every step's loss (mean over ranks) and the settings here")
     args = p.parse_args()
 
     device = setup()
@@ -197,8 +218,8 @@ def main():
     if rank == 0:
         n_params = sum(q.numel() for q in model.parameters())
         print(f"{world} rank(s) on {device.type} ({dist.get_backend()}), mesh {tuple(mesh.shape)},"
-              f" {n_params / 1e6:.2f}M parameters; tensor groups: {named_groups['tensor']}",
-              flush=True)
+              f" {n_params / 1e6:.2f}M parameters, {args.optimizer}; tensor groups: "
+              f"{named_groups['tensor']}", flush=True)
 
     start = 0
     if args.resume:
@@ -217,7 +238,7 @@ def main():
     if rank == 0 and start == 0:
         print(f"loss floor (bigram entropy) {entropy:.3f}, uniform {math.log(args.vocab):.3f}",
               flush=True)
-    t0, tokens = time.perf_counter(), 0
+    t0, tokens, losses = time.perf_counter(), 0, []
     for step in range(start, args.steps):
         x, y = (t.to(device) for t in batch(table, step, rank, args.batch, args.seq))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
@@ -227,6 +248,8 @@ def main():
         loss.backward()
         opt.step()
         tokens += x.numel() * world
+        if args.log_json:
+            losses.append(loss.detach())
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             mean = loss.detach().clone()
             dist.all_reduce(mean)
@@ -239,6 +262,15 @@ def main():
                       "optim": get_optimizer_state_dict(model, opt),
                       "step": torch.tensor(step + 1)},
                      checkpoint_id=os.path.join(args.ckpt, f"step_{step + 1:07d}"))
+    if args.log_json:
+        mean = torch.stack(losses).float() if losses else torch.zeros(0, device=device)
+        dist.all_reduce(mean)
+        if rank == 0:
+            with open(args.log_json, "w") as f:
+                json.dump(dict(settings=vars(args), world=world, first_step=start + 1,
+                               loss_floor=entropy, uniform_loss=math.log(args.vocab),
+                               tokens_per_s=tokens / (time.perf_counter() - t0),
+                               step_loss=(mean / world).tolist()), f)
     dist.destroy_process_group()
     # gloo's worker threads drop each finished collective a moment after the caller's wait()
     # returns, and dropping one can need the GIL (the tensors of DCP's broadcasts and of the log's

@@ -4,6 +4,8 @@
     python benchmarks/claims.py --only a   # sweep, a, b, c: one part (a and b need the sweep's
                                            # results, benchmarks/results/claims_sweep.json)
     python benchmarks/claims.py --readme   # also rewrite the README block from the JSON files
+    python benchmarks/claims.py --only robustness   # "When does PSI help?" (benchmarks/psi_study.py,
+                                           # about 15 minutes; --full for more seeds and settings)
 
 Parts (every run is ``psi_cuda.apps.train.run``, the function behind ``psi-cuda train``):
 
@@ -18,6 +20,10 @@ Parts (every run is ``psi_cuda.apps.train.run``, the function behind ``psi-cuda 
   factor log-uniform in [1/4, 4] (BatchNorm makes it the same network). SGD's trajectory and
   result change; PSI-SGD's do not (up to BatchNorm's eps and float rounding). -> claims_b.json,
   claims_b.png
+* robustness: benchmarks/psi_study.py, PSI-SGD vs SGD and PSI-Adam vs AdamW across learning
+  rates, init scales, weight decay and schedule, batch sizes and a transformer, 8 seeds per cell,
+  paired 95% intervals. -> claims_robustness.json, claims_robustness.png. The README's (a) and
+  (b) come from its cells (8 seeds) rather than from parts a and b (5 and 3 seeds), which stay.
 * c: BNP at batch sizes 1, 2 and 4 against BatchNorm (SGD on the BN model) and plain SGD (the
   BN-free twin), 2 epochs, lr picked per method and batch size on seed 100 from a grid, then
   seeds 0-2. -> claims_c.json, claims_c.png
@@ -34,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+import psi_study
 from psi_cuda.apps import bench, train
 from psi_cuda.apps.data import load_dataset
 from psi_cuda.apps.train import SPLIT_SEED, TrainSettings, smoothed, time_to_target
@@ -43,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- claims:start -->", "<!-- claims:end -->"
+STUDY_BEGIN, STUDY_END = "<!-- psi-study:start -->", "<!-- psi-study:end -->"
 TARGETS = (0.3, 0.1, 0.05)
 EPOCHS = 6
 SWEEP_SEEDS = (100, 101)
@@ -101,7 +109,7 @@ def load(name: str) -> dict:
     path = RESULTS / f"{name}.json"
     if not path.exists():
         sys.exit(f"{path} is missing: run `python benchmarks/claims.py --only "
-                 f"{name.split('_')[1]}` first")
+                 f"{name.split('_', 1)[1]}` first")
     return json.loads(path.read_text())
 
 
@@ -303,71 +311,97 @@ def plot_c(runs: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------- README
 
 def readme_block() -> str:
+    """The claims block: the sweep's learning rates, (a) and (b) from the cells of the
+    robustness study (8 seeds, paired 95% intervals), (c) from part c."""
     sweep_ = load("claims_sweep")
-    a, b, c = load("claims_a"), load("claims_b"), load("claims_c")
-    lines = [f"Measured by `python benchmarks/claims.py` ({a['machine']['cpu']}, "
-             f"{a['machine']['cores']} cores, 1 thread per run, torch {a['machine']['torch']}; "
-             f"results in `benchmarks/results/claims_*.json` and `.png`). Mean ± std over "
-             f"seeds.", ""]
+    c = load("claims_c")
+    study = load("claims_robustness")
+    cells = {e["name"]: e for e in study["cells"]}
+    n = study["config"]["seeds"]
+    ci = psi_study.fmt_ci
+    lines = [f"Measured by `python benchmarks/claims.py` ({study['machine']['cpu']}, "
+             f"{study['machine']['cores']} cores, 1 thread per run, torch "
+             f"{study['machine']['torch']}; results in `benchmarks/results/claims_*.json` and "
+             "`.png`). (a) and (b) are cells of the robustness study (`--only robustness`, "
+             f"{n} seeds, mean [95% t-interval]; the comparisons paired over seeds); (c) is "
+             "part c (mean ± std over 3 seeds).", ""]
     best = {k: v["best"] for k, v in sweep_["results"].items()}
+
+    def opts_text(k, opts):
+        text = f"{k} " + ", ".join(f"{o} {v:g}" for o, v in opts.items())
+        if k == "bnp-sgd":
+            text += (" (the exact BNP step, before BNPSGD's step cap; with the cap the default "
+                     "is lr 0.1, see [BNP](#bnp-batchnorms-conditioning-without-a-batchnorm-"
+                     "layer))")
+        return text
+
+    width = study.get("lr_width", {})
     lines += ["**Learning rates** (sweep: " + ", ".join(
         f"{k} {len(v['grid'])} settings" for k, v in sweep_["results"].items())
         + f", {sweep_['epochs']} epochs, seeds {sweep_['seeds'][0]} and "
         f"{sweep_['seeds'][1]}, lowest final training loss; `claims_sweep.json`): "
-        + "; ".join(f"{k} " + ", ".join(f"{o} {v:g}" for o, v in opts.items())
-                    for k, opts in best.items()) + ".", ""]
+        + "; ".join(opts_text(k, opts) for k, opts in best.items()) + "."
+        + (f" Checked with {n} seeds on the study's lr grid (each setting's lrs times 2^k, "
+           "lowest mean final training loss at): " + "; ".join(
+               f"{k} x{psi_study._fmt_mult(v['best_mult'])}" for k, v in width.items())
+           + " (x1: the sweep's choice)." if width else ""), ""]
 
-    lines += [f"**(a) PSI-SGD vs SGD** ({a['epochs']} epochs, batch 64, seeds "
-              f"{a['seeds'][0]}-{a['seeds'][-1]}; steps and training seconds until the mean "
-              "training loss over the last epoch of steps is at most the target; load average "
-              f"{a['machine']['load_average'][0]:.1f} at the end):", "",
-              "| optimizer | steps to 0.3 | steps to 0.1 | steps to 0.05 | seconds to 0.1 | "
-              "final train loss | test acc % |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name, runs in a["runs"].items():
-        def steps(t):
-            return train.mean_std_reached([r["to_target"][str(t)]["step"] for r in runs],
-                                          ".0f", "±", "{hit}/{total} reach it")
-        secs = [r["to_target"]["0.1"]["seconds"] for r in runs]
-        lines.append(f"| {name} | {steps(0.3)} | {steps(0.1)} | {steps(0.05)} | "
-                     f"{mean_std(secs, '.2f')} | "
-                     f"{mean_std([r['final']['train_loss'] for r in runs], '.4f')} | "
-                     f"{mean_std([100 * r['final']['test_acc'] for r in runs], '.2f')} |")
-    lines += ["", "![claim a](benchmarks/results/claims_a.png)", ""]
+    base = cells["lr x1"]
+    lines += [f"**(a) PSI-SGD vs SGD, PSI-Adam vs AdamW** at the swept settings "
+              f"({study['config']['epochs']} epochs, batch 64, cosine, seeds 0-{n - 1}; steps "
+              "until the mean training loss over the last epoch of steps is at most "
+              f"{study['target']:g}; the study's `lr x1` cell):", "",
+              f"| optimizer | steps to {study['target']:g} | final train loss | test acc % |",
+              "| --- | ---: | ---: | ---: |"]
+    for name, v in base["methods"].items():
+        st = v["stats"]
+        reach = "" if st["reached"] == st["n"] else f" ({st['reached']}/{st['n']} reach it)"
+        lines.append(f"| {name} | {ci(st['steps_to_target'], '.0f', True)}{reach} | "
+                     f"{ci(st['loss'], '.4f', True)} | {ci(st['test_acc'], '.2f', True)} |")
+    for pair, comp in base["compare"].items():
+        a, b = pair.split(" vs ")
+        lines.append(f"| {a} against {b} | {ci(comp['steps_diff'], '.1f')} steps "
+                     f"({comp['steps_diff']['n']} pairs) | x{ci(comp['loss_ratio'], '.2f', True)}"
+                     f" | {ci(comp['test_acc_diff'], '.2f')} points |")
+    verdicts = {pair: {k: comp[k]["verdict"] for k in ("steps_diff", "loss_ratio",
+                                                        "test_acc_diff")}
+                for pair, comp in base["compare"].items()}
+    words = {"same": "no difference detected", "better": "PSI better", "worse": "PSI worse"}
+    lines += ["", "At these settings: " + "; ".join(
+        f"{pair}: steps {words[v['steps_diff']]}, final loss {words[v['loss_ratio']]}, test "
+        f"accuracy {words[v['test_acc_diff']]}" for pair, v in verdicts.items())
+        + ". The claim that PSI-SGD accelerates training holds only where these intervals "
+        "exclude zero; see [When PSI helps](#when-psi-helps) for the other settings.", ""]
 
-    lines += [f"**(b) Equivalent starts** (every conv output channel multiplied by a factor "
-              f"log-uniform in [1/{b['spread']:g}, {b['spread']:g}] after initialization, which "
-              "BatchNorm turns into the same network up to its eps; same seed, data order and "
-              "settings. The noise floor: the original start with one weight nudged by 2 ulp. "
-              "Mean over seeds; `first step` is the first step whose loss differs by more than "
-              "1e-3):", "",
-              "| setting | optimizer | rescaled: max \\|loss diff\\| | rescaled: first step | "
-              "nudged 2 ulp: max \\|loss diff\\| | nudged: first step | final train loss: "
-              "original / rescaled | test acc %: original / rescaled |",
-              "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |"]
-    for label, by_name in b["results"].items():
-        opts = b["settings"][label]
-        for name, rows in by_name.items():
-            def firsts(key):
-                return train.mean_std_reached(
-                    [r[key]["first_step_diff_over_1e3"] for r in rows], ".0f", "±",
-                    "never in {miss}/{total}")
-            setting = ", ".join(f"{k} {v:g}" for k, v in opts[name].items())
-            lines.append(
-                f"| {label} ({setting}) | {name} | "
-                f"{mean_std([r['rescaled']['max_loss_diff'] for r in rows], '.2g')} | "
-                f"{firsts('rescaled')} | "
-                f"{mean_std([r['nudged']['max_loss_diff'] for r in rows], '.2g')} | "
-                f"{firsts('nudged')} | "
-                f"{mean_std([r['base']['train_loss'] for r in rows], '.4f')} / "
-                f"{mean_std([r['rescaled']['final']['train_loss'] for r in rows], '.4f')} | "
-                f"{mean_std([100 * r['base']['test_acc'] for r in rows], '.2f')} / "
-                f"{mean_std([100 * r['rescaled']['final']['test_acc'] for r in rows], '.2f')} |")
-    lines += ["", "![claim b](benchmarks/results/claims_b.png)", ""]
+    init = [e for e in study["cells"] if e["part"] == "init" and not e.get("same_as")]
+    lines += ["**(b) Equivalent starts** (the same seed, data order and settings, from the "
+              "start changed by the row: conv weights times a constant, or every conv output "
+              "channel times its own log-uniform factor; BatchNorm makes every one of them the "
+              "same network up to its eps. The noise floor: one weight nudged by 2 ulp. Largest "
+              "per-step difference in training loss from the unchanged start, and the final "
+              "loss of the changed start over the unchanged one, paired over seeds):", "",
+              "| start | " + " | ".join(f"{m}: max \|loss diff\|" for m in ("sgd", "psi-sgd"))
+              + " | " + " | ".join(f"{m}: final loss ratio" for m in ("sgd", "psi-sgd")) + " |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+    for e in init:
+        diffs, ratios = [], []
+        for m in ("sgd", "psi-sgd"):
+            diffs.append(ci(e["methods"][m]["stats"]["max_loss_diff"], ".2g", True))
+            ratios.append("x" + ci(psi_study.ratio_interval(
+                [r["loss"] for r in e["methods"][m]["runs"]],
+                [r["loss"] for r in base["methods"][m]["runs"]]), ".2f", True))
+        lines.append(f"| {e['name']} | " + " | ".join(diffs + ratios) + " |")
+    lines += ["", "PSI-Adam and AdamW in the same cells: [When PSI helps](#when-psi-helps). "
+              "`python benchmarks/claims.py --only b` (`claims_b.json`, `claims_b.png`; 3 "
+              "seeds, so not restated here) also runs these starts at lr 0.1 and with "
+              "BatchNorm's eps made 1e-10.", ""]
 
     lines += [f"**(c) BNP at small batches** ({c['epochs']} epochs, lr per method and batch "
               f"size from a grid on seed 100, then seeds {c['seeds'][0]}-{c['seeds'][-1]}; "
-              "final training loss / test accuracy %):", "",
+              "final training loss / test accuracy %; mean ± std over 3 seeds, fewer than "
+              "the 8 of (a) and (b), so read it as an indication; BNP-SGD with the exact step, "
+              "measured before the step cap: `python benchmarks/claims.py --only c --readme` "
+              "refreshes it):", "",
               "| batch | " + " | ".join(c["runs"]) + " |",
               "| ---: | " + " | ".join("---" for _ in c["runs"]) + " |"]
     for batch in c["batches"]:
@@ -382,26 +416,35 @@ def readme_block() -> str:
     return "\n".join(lines)
 
 
+def replace_block(text: str, begin: str, end: str, body: str) -> str:
+    if begin not in text or end not in text:
+        sys.exit(f"README.md has no {begin} ... {end} block")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return head + begin + "\n" + body + "\n" + end + tail
+
+
 def write_readme() -> None:
-    text = README.read_text()
-    if BEGIN not in text or END not in text:
-        sys.exit(f"README.md has no {BEGIN} ... {END} block")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    README.write_text(head + BEGIN + "\n" + readme_block() + "\n" + END + tail)
-    print(f"wrote the claims block of {README}")
+    """Rewrites the claims block and the "When PSI helps" block from the JSON files."""
+    text = replace_block(README.read_text(), BEGIN, END, readme_block())
+    text = replace_block(text, STUDY_BEGIN, STUDY_END,
+                         psi_study.readme_section(load("claims_robustness")))
+    README.write_text(text)
+    print(f"wrote the claims and PSI-study blocks of {README}")
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", nargs="+", choices=("sweep", "a", "b", "c"),
-                   default=["sweep", "a", "b", "c"])
+    p.add_argument("--only", nargs="+", choices=("sweep", "a", "b", "c", "robustness"),
+                   default=["sweep", "a", "b", "c"],
+                   help="parts to run (default sweep a b c; robustness: benchmarks/psi_study.py)")
     p.add_argument("--seeds", type=int, default=5, help="evaluation seeds of part a (default 5)")
     p.add_argument("--sweep-optimizers", nargs="+", choices=tuple(GRID), default=None,
                    help="re-sweep only these optimizers, keeping the others' saved results")
     p.add_argument("--readme", action="store_true", help="rewrite the README block")
     p.add_argument("--readme-only", action="store_true",
                    help="only rewrite the README block from the saved JSON")
+    psi_study.add_arguments(p)
     args = p.parse_args(argv)
     if not args.readme_only:
         torch.set_num_threads(1)
@@ -415,6 +458,8 @@ def main(argv=None) -> None:
             part_b(data, (0, 1, 2))
         if "c" in args.only:
             part_c(data, (0, 1, 2))
+        if "robustness" in args.only:
+            psi_study.run_from_args(args)
         print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
     if args.readme or args.readme_only:
         write_readme()

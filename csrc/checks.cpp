@@ -129,7 +129,58 @@ void check_step(const char* op, size_t i, const at::Tensor& s, const at::Device&
               ", got ", s.scalar_type(), " with ", s.numel(), " elements on ", s.device());
 }
 
+int64_t total_groups(at::TensorList params, int64_t manifold, int64_t block_rows);
+
+// grams of psi_sgd_ / psi_adam_: float64, contiguous, (groups, kGramCols) on the params' device.
+void check_grams(const char* op, at::TensorList params, int64_t manifold, int64_t block_rows,
+                 const std::optional<at::Tensor>& grams) {
+  if (!grams.has_value()) return;
+  TORCH_CHECK_VALUE(manifold != kEuclidean, op,
+                    ": grams (given Gram sums) apply to PSI groups (manifold 1 or 2), not to "
+                    "manifold=0 (euclidean)");
+  const int64_t groups = params.empty() ? 0 : total_groups(params, manifold, block_rows);
+  const at::Tensor& G = *grams;
+  TORCH_CHECK(G.layout() == at::kStrided && G.scalar_type() == at::kDouble && G.dim() == 2 &&
+                  G.size(0) == groups && G.size(1) == kGramCols && G.is_contiguous(),
+              op, ": grams must be a contiguous float64 tensor of shape (", groups, ", ",
+              kGramCols, ") (a row of Gram sums and length per group of the call, as psi_grams "
+              "returns), got ", G.scalar_type(),
+              " of shape ", G.sizes(), G.is_contiguous() ? "" : " (not contiguous)");
+  TORCH_CHECK(params.empty() || G.device() == params[0].device(), op, ": grams is on ",
+              G.device(), " but params are on ", params[0].device());
+}
+
+int64_t total_groups(at::TensorList params, int64_t manifold, int64_t block_rows) {
+  int64_t groups = 0;
+  for (const at::Tensor& p : params) {
+    if (p.numel() > 0) groups += num_groups(p, manifold, block_rows);
+  }
+  return groups;
+}
+
 }  // namespace
+
+int64_t checked_grams_args(at::TensorList params, at::TensorList grads, at::TensorList buffers,
+                           int64_t manifold, int64_t block_rows) {
+  const char* op = "psi_grams";
+  TORCH_CHECK_VALUE(manifold == kChannel || manifold == kTensor, op,
+                    ": manifold must be 1 (channel or block rows) or 2 (tensor), got ", manifold);
+  check_options(op, manifold, kNormalize, kProject, 0.0, 0.0, block_rows);
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n, op, ": got ", n, " params but ", grads.size(), " grads");
+  TORCH_CHECK(buffers.empty() || buffers.size() == n, op, ": got ", buffers.size(),
+              " buffers for ", n, " params; expected none or one per param");
+  if (n == 0) return 0;
+  const at::Device device = params[0].device();
+  const c10::ScalarType dtype = check_params_dtype(op, params);
+  for (size_t i = 0; i < n; ++i) {
+    check_param_and_grad(op, i, params[i], grads[i], dtype, device, manifold, block_rows);
+    if (!buffers.empty()) {
+      check_state_like_param(op, "buffers", i, buffers[i], params[i], opmath_dtype(dtype));
+    }
+  }
+  return total_groups(params, manifold, block_rows);
+}
 
 void check_psi_sgd_args(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                         at::TensorList steps, const SgdOptions& o,
@@ -227,7 +278,8 @@ AdamOptions checked_adam_options(at::TensorList params, at::TensorList grads,
                                  double eps, double weight_decay, bool maximize, int64_t manifold,
                                  int64_t retraction, int64_t transport, double max_grad_norm,
                                  const std::optional<at::Tensor>& grad_scale,
-                                 const std::optional<at::Tensor>& found_inf, int64_t block_rows) {
+                                 const std::optional<at::Tensor>& found_inf, int64_t block_rows,
+                                 const std::optional<at::Tensor>& grams) {
   AdamOptions o;
   o.lr = lr;
   o.beta1 = beta1;
@@ -241,6 +293,7 @@ AdamOptions checked_adam_options(at::TensorList params, at::TensorList grads,
   o.transport = transport;
   o.block_rows = block_rows;
   check_psi_adam_args(params, grads, exp_avgs, exp_avg_sqs, steps, o, grad_scale, found_inf);
+  check_grams("psi_adam_", params, manifold, block_rows, grams);
   return o;
 }
 
@@ -249,11 +302,13 @@ SgdOptions checked_sgd_options(at::TensorList params, at::TensorList grads, at::
                                bool nesterov, double weight_decay, bool maximize,
                                int64_t manifold, int64_t retraction, int64_t transport,
                                double max_grad_norm, const std::optional<at::Tensor>& grad_scale,
-                               const std::optional<at::Tensor>& found_inf, int64_t block_rows) {
+                               const std::optional<at::Tensor>& found_inf, int64_t block_rows,
+                               const std::optional<at::Tensor>& grams) {
   SgdOptions o = make_sgd_options(lr, momentum, dampening, nesterov, weight_decay, maximize,
                                   manifold, retraction, transport, max_grad_norm);
   o.block_rows = block_rows;
   check_psi_sgd_args(params, grads, bufs, steps, o, grad_scale, found_inf);
+  check_grams("psi_sgd_", params, manifold, block_rows, grams);
   return o;
 }
 

@@ -13,12 +13,25 @@ inline void define_ops(torch::Library& m) {
   // of p.view(p.size(0), -1): one row for channel groups, more for block groups), 2 tensor. retraction: 0 normalize, 1 exp, 2 none. transport: 0 project, 1 parallel.
   // momentum_buffers is empty when momentum == 0. state_steps are float32 scalars, incremented
   // unless found_inf is set; a step of 0 marks a buffer's first step.
+  // grams (PSI manifolds only): the Gram sums of every group of the call, given instead of
+  // computed: psi_grams' table (float64, shape (groups, 7), rows in the order of the groups,
+  // tensor by tensor; columns ww, wg, wm, gg, gm, mm of the raw (w, g, m), then the group's
+  // length). For groups cut across ranks (sharded parameters): each rank sums its part, the
+  // table is all-reduced, and every rank writes its part with the whole group's step; the op
+  // does not read the data for sums, and takes group lengths from the table.
   m.def(
       "psi_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor(c!)[] state_steps, *, float lr, float momentum, float dampening, bool nesterov, "
       "float weight_decay, bool maximize, int manifold, int retraction, int transport, "
       "float max_grad_norm, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "int block_rows=1) -> ()");
+      "int block_rows=1, Tensor? grams=None) -> ()");
+  // The Gram sums of every group (manifold 1 with block_rows, or 2) of the lists, in one read of
+  // (w, g, m): float64 (groups, 7), the table that psi_sgd_'s and psi_adam_'s grams take (6 sums,
+  // then the group's length). buffers: empty (m = 0) or one per param, in the opmath dtype and
+  // the params' layout.
+  m.def(
+      "psi_grams(Tensor[] params, Tensor[] grads, Tensor[] buffers, *, int manifold, "
+      "int block_rows=1) -> Tensor");
 
   // BNP (psi/bnp.h). Statistics of one layer input: per channel (dim channel_dim) batch mean and
   // mean of squares in one pass, folded into the bias-corrected moving averages mean/sqmean
@@ -46,12 +59,13 @@ inline void define_ops(torch::Library& m) {
   // hold one scalar per group (shape (rows / block_rows,) for channel, () or (1,) for tensor), per element
   // for euclidean. state_steps are float32 scalars: step t = state_step + 1 sets the bias
   // corrections; incremented unless found_inf is set, in which case nothing changes at all.
+  // grams: as in psi_sgd_.
   m.def(
       "psi_adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] state_steps, *, float lr, float beta1, "
       "float beta2, float eps, float weight_decay, bool maximize, int manifold, int retraction, "
       "int transport, float max_grad_norm, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, int block_rows=1) -> ()");
+      "Tensor? found_inf=None, int block_rows=1, Tensor? grams=None) -> ()");
 }
 
 }  // namespace psi

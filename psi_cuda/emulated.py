@@ -1,6 +1,6 @@
 """The CUDA kernels of psi_cuda, run on the CPU by an emulator of the CUDA execution model.
 
-``psi_cuda.emulated.psi_sgd_`` (and ``psi_adam_``, ``bnp_update_stats_``, ``bnp_precondition_``,
+``psi_cuda.emulated.psi_sgd_`` (and ``psi_adam_``, ``psi_grams``, ``bnp_update_stats_``, ``bnp_precondition_``,
 ``bnp_sgd_``) take exactly the arguments of the same functions in :mod:`psi_cuda.ops`, on CPU
 tensors, and run the host code and kernels of ``csrc/cuda/*.cu`` compiled as C++ (``csrc/emu/``):
 every thread of a block is a fiber, ``__syncthreads()`` a switch between them, shared memory is
@@ -33,7 +33,7 @@ except ImportError:  # a build without PSI_CUDA_BUILD_EMULATOR=1
 ORDERS = ("forward", "reverse", "random")
 
 __all__ = ["available", "schedule", "capture", "launches", "psi_sgd_", "psi_adam_",
-           "bnp_update_stats_", "bnp_precondition_", "bnp_sgd_", "ORDERS"]
+           "psi_grams", "bnp_update_stats_", "bnp_precondition_", "bnp_sgd_", "ORDERS"]
 
 
 def available() -> bool:
@@ -124,6 +124,7 @@ def _bind(fn):
 
 psi_sgd_ = _bind(ops.psi_sgd_)
 psi_adam_ = _bind(ops.psi_adam_)
+psi_grams = _bind(ops.psi_grams)
 bnp_update_stats_ = _bind(ops.bnp_update_stats_)
 bnp_precondition_ = _bind(ops.bnp_precondition_)
 bnp_sgd_ = _bind(ops.bnp_sgd_)

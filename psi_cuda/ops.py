@@ -64,6 +64,7 @@ def psi_sgd_(
     found_inf: Tensor | None = None,
     check: bool = True,
     block_rows: int | None = None,
+    grams: Tensor | None = None,
 ) -> None:
     """One fused PSI-SGD step (or torch.optim.SGD step with ``manifold=None``) over a tensor list.
 
@@ -71,7 +72,10 @@ def psi_sgd_(
     in place. All params must share one device and dtype. ``check=False`` skips the Python-side
     layout/device check (for callers that made it already); the kernels check everything else.
     ``manifold="block"`` takes ``block_rows``: each group is that many consecutive rows of
-    ``p.reshape(p.size(0), -1)``.
+    ``p.reshape(p.size(0), -1)``. ``grams`` (PSI manifolds): the Gram sums of every group, given
+    instead of computed (:func:`psi_grams`' float64 ``(groups, 7)`` table, e.g. all-reduced over
+    the ranks that hold parts of each group); the op then skips its reduction and takes each
+    group's length from the table.
     """
     if check:
         _check_dispatchable("psi_sgd_", params=params, grads=grads,
@@ -90,7 +94,39 @@ def psi_sgd_(
         **_sphere_options(manifold, retraction, transport, max_grad_norm, block_rows),
         grad_scale=grad_scale,
         found_inf=found_inf,
+        grams=grams,
     )
+
+
+def psi_grams(params: list[Tensor], grads: list[Tensor], buffers: list[Tensor], *,
+              manifold: str = "channel", block_rows: int | None = None,
+              check: bool = True) -> Tensor:
+    """The Gram sums of every PSI group of a list in one fused read of (w, g, m): a float64
+    tensor of shape ``(groups, 7)``, one row per group (tensor by tensor, groups in order; empty
+    tensors have none), columns ``<w,w>, <w,g>, <w,m>, <g,g>, <g,m>, <m,m>`` of the raw
+    parameter, gradient (as stored: scaled, not negated) and buffer (``buffers`` empty: m = 0),
+    then the group's number of elements. Rows of parts of one group add up to the group's row
+    (what an all-reduce over ranks does). Summed as :func:`psi_sgd_` and :func:`psi_adam_` sum
+    them, so passing the result back as their ``grams`` gives their step (to rounding: the
+    write loops differ)."""
+    if check:
+        _check_dispatchable("psi_grams", params=params, grads=grads, buffers=buffers)
+    opts = _sphere_options(manifold, "normalize", "project", None, block_rows)
+    if opts["manifold"] == 0:
+        raise ValueError("psi_grams: manifold must be 'channel', 'block' or 'tensor'; got "
+                         f"{manifold!r}")
+    return _OPS.psi_grams(params, grads, buffers, manifold=opts["manifold"],
+                          block_rows=opts["block_rows"])
+
+
+@torch.library.register_fake("psi_cuda::psi_grams")
+def _psi_grams_fake(params, grads, buffers, *, manifold, block_rows=1):
+    groups = 0
+    for p in params:
+        if p.numel() > 0:
+            groups += (p.size(0) // block_rows) if manifold == 1 else 1
+    device = params[0].device if params else torch.device("cpu")
+    return torch.empty((groups, 7), dtype=torch.float64, device=device)
 
 
 def psi_adam_(
@@ -114,13 +150,15 @@ def psi_adam_(
     found_inf: Tensor | None = None,
     check: bool = True,
     block_rows: int | None = None,
+    grams: Tensor | None = None,
 ) -> None:
     """One fused PSI-Adam step (or torch.optim.AdamW step with ``manifold=None``) over a list.
 
     Updates ``params``, ``exp_avgs`` (shaped like params), ``exp_avg_sqs`` (one scalar per group:
     shape ``(rows,)`` for ``"channel"``, ``(rows // block_rows,)`` for ``"block"``, ``()`` for
-    ``"tensor"``; shaped like params for ``None``) and ``state_steps`` in place. ``weight_decay`` is decoupled (AdamW) and applies to
-    Euclidean tensors only.
+    ``"tensor"``; shaped like params for ``None``) and ``state_steps`` in place.
+    ``weight_decay`` is decoupled (AdamW) and applies to Euclidean tensors only. ``grams``: as
+    in :func:`psi_sgd_`.
     """
     if check:
         _check_dispatchable("psi_adam_", params=params, grads=grads, exp_avgs=exp_avgs,
@@ -140,6 +178,7 @@ def psi_adam_(
         **_sphere_options(manifold, retraction, transport, max_grad_norm, block_rows),
         grad_scale=grad_scale,
         found_inf=found_inf,
+        grams=grams,
     )
 
 
@@ -180,7 +219,7 @@ def _code(table: dict, value, name: str) -> int:
 @torch.library.register_fake("psi_cuda::psi_sgd_")
 def _psi_sgd_fake(params, grads, momentum_buffers, state_steps, *, lr, momentum, dampening,
                   nesterov, weight_decay, maximize, manifold, retraction, transport,
-                  max_grad_norm, grad_scale=None, found_inf=None, block_rows=1):
+                  max_grad_norm, grad_scale=None, found_inf=None, block_rows=1, grams=None):
     torch._check(len(grads) == len(params), lambda: "psi_sgd_: params and grads differ in length")
     torch._check(len(state_steps) == len(params),
                  lambda: "psi_sgd_: params and state_steps differ in length")
@@ -296,7 +335,7 @@ def bnp_cap_grads(weights: list[Tensor], weight_grads: list[Tensor], bias_grads:
 @torch.library.register_fake("psi_cuda::psi_adam_")
 def _psi_adam_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps,
                    weight_decay, maximize, manifold, retraction, transport, max_grad_norm,
-                   grad_scale=None, found_inf=None, block_rows=1):
+                   grad_scale=None, found_inf=None, block_rows=1, grams=None):
     for name, lst in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
                       ("state_steps", state_steps)):
         torch._check(len(lst) == len(params),

@@ -10,7 +10,8 @@
 //            then a second parallel pass writes it;
 //   plain  - a piece of a Euclidean tensor: elementwise, no reduction.
 // One at::parallel_for runs every item; a second one runs the write pass of the chunks. Each
-// thread gets an equal share of the elements.
+// thread gets an equal share of the elements. A tensor with given sums (the ops' grams=) skips
+// every reduction: its rows items solve and write, its chunks only write.
 // Sums of a group are combined in a fixed order, so results do not depend on the thread count.
 #pragma once
 
@@ -26,6 +27,7 @@
 
 #include "cpu_clones.h"
 #include "psi/math.h"
+#include "psi/ops.h"
 
 namespace psi {
 namespace {
@@ -99,12 +101,17 @@ Gram apply_then_reduce(scalar_t* w0, const scalar_t* g0, opmath_t* m0, const Upd
 }
 
 // One tensor of a call: addresses of w, g (laid out like w) and m (null: no buffer), its size and
-// the length of its groups.
+// the length of its groups; `given`: the Gram sums of its groups (rows of the op's grams table,
+// psi/ops.h gram_row), or null to compute them.
 struct GroupTensor {
   void* w;
   const void* g;
   void* m;
   int64_t numel, group;
+  const double* given = nullptr;
+  // The length of group `g` as the solve sees it: with given sums, the table's (the group may
+  // extend beyond this tensor, cut across ranks).
+  int64_t solve_len(int64_t g) const { return given != nullptr ? gram_row_len(given, g) : group; }
 };
 
 enum ItemKind : int { kRows, kChunk, kPlain };
@@ -150,7 +157,8 @@ void run_group_items(const std::vector<GroupTensor>& ts, bool euclidean, const S
       for (int64_t off = 0; off < a.numel; off += a.group) {
         const int64_t first_slot = slots;
         for (int64_t b = off; b < off + a.group; b += kItemElems)
-          items.push_back({kChunk, t, b, std::min(off + a.group, b + kItemElems), slots++,
+          items.push_back({kChunk, t, b, std::min(off + a.group, b + kItemElems),
+                           a.given != nullptr ? -1 : slots++,
                            static_cast<int64_t>(longs.size())});
         longs.push_back({t, off, first_slot, slots - first_slot});
       }
@@ -184,6 +192,11 @@ void run_group_items(const std::vector<GroupTensor>& ts, bool euclidean, const S
     const GroupTensor& a = ts[it.tensor];
     if (it.kind == kPlain) {
       plain(it.tensor, it.begin, it.end);
+    } else if (it.kind == kRows && a.given != nullptr) {  // given sums: solve, write
+      for (int64_t r = it.begin; r < it.end; ++r) {
+        auto [w, g, m] = ptrs(a, r * a.group);
+        apply_update(w, g, m, a.group, solve(it.tensor, r, gram_row(a.given, r)));
+      }
     } else if (it.kind == kRows) {
       auto [w0, g0, m0] = ptrs(a, it.begin * a.group);
       Update up = solve(it.tensor, it.begin, reduce_gram(w0, g0, m0, a.group));
@@ -194,7 +207,7 @@ void run_group_items(const std::vector<GroupTensor>& ts, bool euclidean, const S
         w0 = w1; g0 = g1; m0 = m1;
       }
       apply_update(w0, g0, m0, a.group, up);
-    } else {
+    } else if (it.slot >= 0) {
       auto [w, g, m] = ptrs(a, it.begin);
       partial[it.slot] = reduce_gram(w, g, m, it.end - it.begin);
     }
@@ -204,12 +217,14 @@ void run_group_items(const std::vector<GroupTensor>& ts, bool euclidean, const S
   std::vector<Update> updates(longs.size());
   for (size_t j = 0; j < longs.size(); ++j) {
     const LongGroup& lg = longs[j];
+    const GroupTensor& a = ts[lg.tensor];
+    const int64_t group = lg.offset / a.group;
     Gram G{0, 0, 0, 0, 0, 0};
     for (int64_t s = lg.first_slot; s < lg.first_slot + lg.num_slots; ++s) {
       const Gram& P = partial[s];
       G.ww += P.ww; G.wg += P.wg; G.wm += P.wm; G.gg += P.gg; G.gm += P.gm; G.mm += P.mm;
     }
-    updates[j] = solve(lg.tensor, lg.offset / ts[lg.tensor].group, G);
+    updates[j] = solve(lg.tensor, group, a.given != nullptr ? gram_row(a.given, group) : G);
   }
   for_items([&](const Item& it) {
     if (it.kind != kChunk) return;

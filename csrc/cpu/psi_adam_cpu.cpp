@@ -34,7 +34,8 @@ void psi_adam_cpu_impl(const std::vector<GroupTensor>& ts, const std::vector<voi
   using opmath_t = at::opmath_type<scalar_t>;
   const auto solve = [&](int64_t t, int64_t group, const Gram& G) {
     opmath_t* v = static_cast<opmath_t*>(vs[t]) + group;
-    const AdamUpdate r = psi_adam_update(G, o, f, static_cast<double>(*v), t_of[t], ts[t].group);
+    const AdamUpdate r =
+        psi_adam_update(G, o, f, static_cast<double>(*v), t_of[t], ts[t].solve_len(group));
     if (!r.up.skip) *v = static_cast<opmath_t>(r.v);
     return r.up;
   };
@@ -54,11 +55,12 @@ void psi_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList ex
                   double beta2, double eps, double weight_decay, bool maximize, int64_t manifold,
                   int64_t retraction, int64_t transport, double max_grad_norm,
                   const std::optional<at::Tensor>& grad_scale,
-                  const std::optional<at::Tensor>& found_inf, int64_t block_rows) {
+                  const std::optional<at::Tensor>& found_inf, int64_t block_rows,
+                 const std::optional<at::Tensor>& grams) {
   const AdamOptions o = checked_adam_options(params, grads, exp_avgs, exp_avg_sqs, state_steps,
                                              lr, beta1, beta2, eps, weight_decay, maximize,
                                              manifold, retraction, transport, max_grad_norm,
-                                             grad_scale, found_inf, block_rows);
+                                             grad_scale, found_inf, block_rows, grams);
   if (params.empty()) return;
   if (found_inf.has_value() && *found_inf->data_ptr<float>() != 0.0f) return;  // CPU memory
   const double f = grad_factor(maximize, grad_scale ? grad_scale->data_ptr<float>() : nullptr);
@@ -71,6 +73,7 @@ void psi_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList ex
   ts.reserve(params.size());
   vs.reserve(params.size());
   t_of.reserve(params.size());
+  int64_t given_row = 0;
   for (size_t i = 0; i < params.size(); ++i) {
     grads_laid_out.push_back(grad_like_param(grads[i], params[i]));
     GroupTensor a;
@@ -79,6 +82,10 @@ void psi_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList ex
     a.m = exp_avgs[i].data_ptr();
     a.numel = params[i].numel();
     a.group = group_size(params[i], manifold, block_rows);
+    if (grams.has_value() && a.numel > 0) {  // row offsets follow the non-empty tensors' groups
+      a.given = grams->data_ptr<double>() + kGramCols * given_row;
+      given_row += num_groups(params[i], manifold, block_rows);
+    }
     ts.push_back(a);
     vs.push_back(exp_avg_sqs[i].data_ptr());
     t_of.push_back(static_cast<double>(*state_steps[i].data_ptr<float>()) + 1.0);

@@ -17,8 +17,8 @@ template <typename scalar_t>
 void psi_sgd_cpu_impl(const std::vector<GroupTensor>& ts, const std::vector<char>& first,
                       const SgdOptions& o, double f) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const auto solve = [&](int64_t t, int64_t /*group*/, const Gram& G) {
-    return psi_sgd_update(G, o, f, first[t] != 0, ts[t].group);
+  const auto solve = [&](int64_t t, int64_t group, const Gram& G) {
+    return psi_sgd_update(G, o, f, first[t] != 0, ts[t].solve_len(group));
   };
   const auto plain = [&](int64_t t, int64_t begin, int64_t end) {
     const GroupTensor& a = ts[t];
@@ -35,11 +35,12 @@ void psi_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mom
                  bool nesterov, double weight_decay, bool maximize, int64_t manifold,
                  int64_t retraction, int64_t transport, double max_grad_norm,
                  const std::optional<at::Tensor>& grad_scale,
-                 const std::optional<at::Tensor>& found_inf, int64_t block_rows) {
+                 const std::optional<at::Tensor>& found_inf, int64_t block_rows,
+                 const std::optional<at::Tensor>& grams) {
   const SgdOptions o = checked_sgd_options(params, grads, momentum_buffers, state_steps, lr,
                                            momentum, dampening, nesterov, weight_decay, maximize,
                                            manifold, retraction, transport, max_grad_norm,
-                                           grad_scale, found_inf, block_rows);
+                                           grad_scale, found_inf, block_rows, grams);
   if (params.empty()) return;
   if (found_inf.has_value() && *found_inf->data_ptr<float>() != 0.0f) return;  // CPU memory
   const double f = grad_factor(maximize, grad_scale ? grad_scale->data_ptr<float>() : nullptr);
@@ -51,6 +52,7 @@ void psi_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mom
   ts.reserve(params.size());
   std::vector<char> first;
   first.reserve(params.size());
+  int64_t given_row = 0;
   for (size_t i = 0; i < params.size(); ++i) {
     grads_laid_out.push_back(grad_like_param(grads[i], params[i]));
     GroupTensor a;
@@ -59,6 +61,10 @@ void psi_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mom
     a.m = has_momentum ? momentum_buffers[i].data_ptr() : nullptr;
     a.numel = params[i].numel();
     a.group = group_size(params[i], manifold, block_rows);
+    if (grams.has_value() && a.numel > 0) {  // row offsets follow the non-empty tensors' groups
+      a.given = grams->data_ptr<double>() + kGramCols * given_row;
+      given_row += num_groups(params[i], manifold, block_rows);
+    }
     first.push_back(*state_steps[i].data_ptr<float>() == 0.0f);
     ts.push_back(a);
   }

@@ -42,6 +42,9 @@ struct TensorMeta {
   int64_t chunks;         // long groups: chunks per group
   int64_t first_unit;     // index of the tensor's first work unit (group or chunk) in its launch
   int64_t first_group;    // long groups: index of the tensor's first group among all long groups
+  int64_t gram;           // device address of the given Gram sums of its first group (a row
+                          // of the op's grams table, psi/ops.h gram_row), 0: none
+  int64_t gram_out;       // psi_grams: where the sums of its first group go, 0: none
 };
 constexpr int64_t kMetaWords = sizeof(TensorMeta) / sizeof(int64_t);
 static_assert(sizeof(TensorMeta) == kMetaWords * sizeof(int64_t), "TensorMeta must be int64s");
@@ -235,6 +238,17 @@ __device__ void thread_apply(const Ptrs<scalar_t>& p, int64_t n, const Update& u
   }
 }
 
+// The Gram sums given for group `group` of tensor `a` (a.gram != 0).
+__device__ __forceinline__ Gram given_gram(const TensorMeta& a, int64_t group) {
+  return gram_row(reinterpret_cast<const double*>(a.gram), group);
+}
+
+// The length of group `group` of tensor `a` as the solve sees it: with given sums, the table's
+// (the group may extend beyond this tensor, cut across ranks).
+__device__ __forceinline__ int64_t solve_len(const TensorMeta& a, int64_t group) {
+  return a.gram != 0 ? gram_row_len(reinterpret_cast<const double*>(a.gram), group) : a.group;
+}
+
 // Chunk `unit` of a long-group tensor: its group's index within the tensor and its elements.
 struct ChunkOfGroup {
   int64_t group, begin, len;
@@ -256,6 +270,7 @@ __global__ void __launch_bounds__(kThreads)
   PSI_SHARED(typename BlockGramReduce::TempStorage, temp);
   for (int64_t unit = blockIdx.x; unit < num_chunks; unit += gridDim.x) {
     const TensorMeta& a = find_tensor<&TensorMeta::first_unit>(metas, num_tensors, unit);
+    if (a.gram != 0) continue;  // given sums (the branch is the same for the whole block)
     const ChunkOfGroup c = chunk_of_group(a, unit);
     const Gram part = thread_gram<scalar_t, opmath_t>(Ptrs<scalar_t>(a, c.begin), c.len);
     const Gram G = BlockGramReduce(temp).Reduce(part, GramSum());
@@ -278,6 +293,17 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The Gram sums of long group j (its tensor `a`): the partials of its chunks added in a fixed
+// order (results do not depend on timing); the result is in thread 0. A block-wide call.
+__device__ __forceinline__ Gram long_group_gram(const TensorMeta& a, int64_t j,
+                                                const Gram* partials,
+                                                typename BlockGramReduce::TempStorage& temp) {
+  const Gram* part = partials + a.first_unit + (j - a.first_group) * a.chunks;
+  Gram sum{0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  for (int64_t c = threadIdx.x; c < a.chunks; c += kThreads) sum = GramSum()(sum, part[c]);
+  return BlockGramReduce(temp).Reduce(sum, GramSum());
+}
+
 // atomicAdd: a step tensor passed twice is incremented twice, as on the CPU.
 __global__ void increment_steps_kernel(const int64_t* steps, int64_t n, const float* found_inf) {
   if (skip_step(found_inf)) return;
@@ -298,12 +324,16 @@ struct Plan {
 };
 
 // bufs: empty (no buffer) or one per param; second_moments: empty (psi_sgd_) or one per param.
+// steps: one per param, or empty (psi_grams). grams_in: null, or the (groups, 7) float64 table
+// of given Gram sums (psi_sgd_/psi_adam_); grams_out: null, or the table psi_grams writes.
 Plan make_plan(at::TensorList params, const std::vector<at::Tensor>& grads, at::TensorList bufs,
                at::TensorList second_moments, at::TensorList steps, int64_t manifold,
-               int64_t block_rows) {
+               int64_t block_rows, const double* grams_in = nullptr,
+               double* grams_out = nullptr) {
   Plan plan;
+  int64_t first_row = 0;  // grams row of the tensor's first group
   for (size_t i = 0; i < params.size(); ++i) {
-    plan.steps.push_back(address(steps[i].data_ptr<float>()));
+    if (!steps.empty()) plan.steps.push_back(address(steps[i].data_ptr<float>()));
     const at::Tensor& p = params[i];
     if (p.numel() == 0) continue;
     TensorMeta a{};
@@ -311,8 +341,11 @@ Plan make_plan(at::TensorList params, const std::vector<at::Tensor>& grads, at::
     a.g = address(grads[i].data_ptr());
     a.m = bufs.empty() ? 0 : address(bufs[i].data_ptr());
     a.v = second_moments.empty() ? 0 : address(second_moments[i].data_ptr());
-    a.step = address(steps[i].data_ptr<float>());
+    a.step = steps.empty() ? 0 : address(steps[i].data_ptr<float>());
     a.numel = p.numel();
+    if (grams_in != nullptr) a.gram = address(grams_in + kGramCols * first_row);
+    if (grams_out != nullptr) a.gram_out = address(grams_out + kGramCols * first_row);
+    if (manifold != kEuclidean) first_row += num_groups(p, manifold, block_rows);
     if (manifold == kEuclidean) {
       a.first_unit = plan.plain_chunks;
       plan.plain_chunks += ceil_div(a.numel, kChunk);

@@ -37,7 +37,7 @@ __device__ __noinline__ Update solve_adam_group(const Gram& G, const AdamOptions
   opmath_t* v = reinterpret_cast<opmath_t*>(a.v) + group;
   const double t = static_cast<double>(*reinterpret_cast<const float*>(a.step)) + 1.0;
   const AdamUpdate r = psi_adam_update(G, o, grad_factor(o.maximize, grad_scale),
-                                       static_cast<double>(*v), t, a.group);
+                                       static_cast<double>(*v), t, solve_len(a, group));
   if (!r.up.skip) *v = static_cast<opmath_t>(r.v);
   return r.up;
 }
@@ -70,8 +70,10 @@ __global__ void __launch_bounds__(kThreads, short_blocks_per_sm<scalar_t>())
       m[k] = in ? p.m[i] : opmath_t(0);
       acc.add(w[k], g[k], m[k], true);
     }
-    const Gram part = items_gram(acc, w, g, m, true);
-    const Gram G = BlockGramReduce(temp).Reduce(part, GramSum());  // thread 0 only
+    // Given sums (psi_grams, all-reduced): no reduction. The branch is the same for the block.
+    const Gram G = a.gram != 0 ? given_gram(a, group)
+                               : BlockGramReduce(temp).Reduce(items_gram(acc, w, g, m, true),
+                                                              GramSum());  // thread 0 only
     if (threadIdx.x == 0) shared_up = solve_adam_group<opmath_t>(G, o, grad_scale, a, group);
     __syncthreads();
     write_items<scalar_t>(shared_up, p.w, p.m, len, w, g, m);
@@ -91,10 +93,8 @@ __global__ void __launch_bounds__(kThreads)
   PSI_SHARED(typename BlockGramReduce::TempStorage, temp);
   for (int64_t j = blockIdx.x; j < num_groups; j += gridDim.x) {
     const TensorMeta& a = find_tensor<&TensorMeta::first_group>(metas, num_tensors, j);
-    const Gram* part = partials + a.first_unit + (j - a.first_group) * a.chunks;
-    Gram sum{0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
-    for (int64_t c = threadIdx.x; c < a.chunks; c += kThreads) sum = GramSum()(sum, part[c]);
-    const Gram G = BlockGramReduce(temp).Reduce(sum, GramSum());
+    const Gram G = a.gram != 0 ? given_gram(a, j - a.first_group)
+                               : long_group_gram(a, j, partials, temp);  // thread 0 only
     if (threadIdx.x == 0) {
       updates[j] = solve_adam_group<opmath_t>(G, o, grad_scale, a, j - a.first_group);
     }
@@ -173,11 +173,12 @@ void psi_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList e
                    double beta1, double beta2, double eps, double weight_decay, bool maximize,
                    int64_t manifold, int64_t retraction, int64_t transport, double max_grad_norm,
                    const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf, int64_t block_rows) {
+                   const std::optional<at::Tensor>& found_inf, int64_t block_rows,
+                   const std::optional<at::Tensor>& grams) {
   const AdamOptions o = checked_adam_options(params, grads, exp_avgs, exp_avg_sqs, state_steps,
                                              lr, beta1, beta2, eps, weight_decay, maximize,
                                              manifold, retraction, transport, max_grad_norm,
-                                             grad_scale, found_inf, block_rows);
+                                             grad_scale, found_inf, block_rows, grams);
   if (params.empty()) return;
   const at::Device device = params[0].device();
   dev::check_device(device, "psi_adam_", "params");
@@ -190,7 +191,7 @@ void psi_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList e
     grads_laid_out.push_back(grad_like_param(grads[i], params[i]));
   }
   const Plan plan = make_plan(params, grads_laid_out, exp_avgs, exp_avg_sqs, state_steps,
-                              manifold, block_rows);
+                              manifold, block_rows, grams ? grams->data_ptr<double>() : nullptr);
   const DeviceTables tables = upload_plan(plan, device, stream);
   const float* scale = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
   const float* inf = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;

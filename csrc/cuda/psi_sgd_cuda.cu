@@ -73,10 +73,14 @@ __global__ void __launch_bounds__(kThreads, short_blocks_per_sm<scalar_t>())
       m[k] = in && has_m ? p.m[i] : opmath_t(0);
       acc.add(w[k], g[k], m[k], has_m);
     }
-    const Gram part = items_gram(acc, w, g, m, has_m);
-    const Gram G = BlockGramReduce(temp).Reduce(part, GramSum());  // thread 0 only
+    const int64_t group = unit - a.first_unit;
+    // Given sums (psi_grams, all-reduced): no reduction. The branch is the same for the block.
+    const Gram G = a.gram != 0 ? given_gram(a, group)
+                               : BlockGramReduce(temp).Reduce(items_gram(acc, w, g, m, has_m),
+                                                              GramSum());  // thread 0 only
     if (threadIdx.x == 0) {
-      shared_up = solve_psi_group(G, o, grad_scale, reinterpret_cast<const float*>(a.step), len);
+      shared_up = solve_psi_group(G, o, grad_scale, reinterpret_cast<const float*>(a.step),
+                                  solve_len(a, group));
     }
     __syncthreads();
     write_items<scalar_t>(shared_up, p.w, p.m, len, w, g, m);
@@ -94,13 +98,11 @@ __global__ void __launch_bounds__(kThreads)
   PSI_SHARED(typename BlockGramReduce::TempStorage, temp);
   for (int64_t j = blockIdx.x; j < num_groups; j += gridDim.x) {
     const TensorMeta& a = find_tensor<&TensorMeta::first_group>(metas, num_tensors, j);
-    const Gram* part = partials + a.first_unit + (j - a.first_group) * a.chunks;
-    Gram sum{0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
-    for (int64_t c = threadIdx.x; c < a.chunks; c += kThreads) sum = GramSum()(sum, part[c]);
-    const Gram G = BlockGramReduce(temp).Reduce(sum, GramSum());
+    const Gram G = a.gram != 0 ? given_gram(a, j - a.first_group)
+                               : long_group_gram(a, j, partials, temp);  // thread 0 only
     if (threadIdx.x == 0) {
       updates[j] = solve_psi_group(G, o, grad_scale, reinterpret_cast<const float*>(a.step),
-                                   a.group);
+                                   solve_len(a, j - a.first_group));
     }
     __syncthreads();  // temp is reused by the next group
   }
@@ -167,11 +169,12 @@ void psi_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList mo
                   bool nesterov, double weight_decay, bool maximize, int64_t manifold,
                   int64_t retraction, int64_t transport, double max_grad_norm,
                   const std::optional<at::Tensor>& grad_scale,
-                  const std::optional<at::Tensor>& found_inf, int64_t block_rows) {
+                  const std::optional<at::Tensor>& found_inf, int64_t block_rows,
+                  const std::optional<at::Tensor>& grams) {
   const SgdOptions o = checked_sgd_options(params, grads, momentum_buffers, state_steps, lr,
                                            momentum, dampening, nesterov, weight_decay, maximize,
                                            manifold, retraction, transport, max_grad_norm,
-                                           grad_scale, found_inf, block_rows);
+                                           grad_scale, found_inf, block_rows, grams);
   if (params.empty()) return;
   const at::Device device = params[0].device();
   dev::check_device(device, "psi_sgd_", "params");
@@ -183,8 +186,8 @@ void psi_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList mo
   for (size_t i = 0; i < params.size(); ++i) {
     grads_laid_out.push_back(grad_like_param(grads[i], params[i]));
   }
-  const Plan plan =
-      make_plan(params, grads_laid_out, momentum_buffers, {}, state_steps, manifold, block_rows);
+  const Plan plan = make_plan(params, grads_laid_out, momentum_buffers, {}, state_steps, manifold,
+                              block_rows, grams ? grams->data_ptr<double>() : nullptr);
   const DeviceTables tables = upload_plan(plan, device, stream);
 
   const float* scale = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;

@@ -133,12 +133,18 @@ class OpScope {
 
 template <auto F>
 struct OpEntry;
-template <typename... A, void (*F)(A...)>
+template <typename R, typename... A, R (*F)(A...)>
 struct OpEntry<F> {
-  static void call(A... a) {
+  static R call(A... a) {
     OpScope scope;
-    F(std::forward<A>(a)...);
-    scope.finish();
+    if constexpr (std::is_void_v<R>) {
+      F(std::forward<A>(a)...);
+      scope.finish();
+    } else {
+      R result = F(std::forward<A>(a)...);
+      scope.finish();  // the kernels that write `result` run here
+      return result;
+    }
   }
 };
 

@@ -32,7 +32,8 @@ SgdOptions checked_sgd_options(at::TensorList params, at::TensorList grads, at::
                                bool nesterov, double weight_decay, bool maximize,
                                int64_t manifold, int64_t retraction, int64_t transport,
                                double max_grad_norm, const std::optional<at::Tensor>& grad_scale,
-                               const std::optional<at::Tensor>& found_inf, int64_t block_rows);
+                               const std::optional<at::Tensor>& found_inf, int64_t block_rows,
+                               const std::optional<at::Tensor>& grams);
 
 // Checks every argument of psi_adam_ (as check_psi_sgd_args; exp_avgs have the params' layout,
 // exp_avg_sqs too for manifold=euclidean, else one contiguous element per group).
@@ -49,7 +50,31 @@ AdamOptions checked_adam_options(at::TensorList params, at::TensorList grads,
                                  double eps, double weight_decay, bool maximize, int64_t manifold,
                                  int64_t retraction, int64_t transport, double max_grad_norm,
                                  const std::optional<at::Tensor>& grad_scale,
-                                 const std::optional<at::Tensor>& found_inf, int64_t block_rows);
+                                 const std::optional<at::Tensor>& found_inf, int64_t block_rows,
+                                 const std::optional<at::Tensor>& grams);
+
+// Checks the arguments of psi_grams (as psi_sgd_'s, with buffers empty or one per param) and
+// returns the number of groups of the lists.
+int64_t checked_grams_args(at::TensorList params, at::TensorList grads, at::TensorList buffers,
+                           int64_t manifold, int64_t block_rows);
+
+// The table of psi_grams (and grams of psi_sgd_/psi_adam_): float64 (groups, kGramCols), a row
+// per group: its 6 Gram sums (Gram's order) and its number of elements, which add up over the
+// parts of a group like the sums do (a group cut across ranks: all-reduced with them).
+constexpr int64_t kGramCols = 7;
+PSI_HD Gram gram_row(const double* table, int64_t row) {
+  const double* r = table + kGramCols * row;
+  return Gram{r[0], r[1], r[2], r[3], r[4], r[5]};
+}
+// The group's length in a table row (an exact integer in double up to 2^53).
+PSI_HD int64_t gram_row_len(const double* table, int64_t row) {
+  return static_cast<int64_t>(table[kGramCols * row + 6]);
+}
+PSI_HD void set_gram_row(double* table, int64_t row, const Gram& G, int64_t len) {
+  double* r = table + kGramCols * row;
+  r[0] = G.ww; r[1] = G.wg; r[2] = G.wm; r[3] = G.gg; r[4] = G.gm; r[5] = G.mm;
+  r[6] = static_cast<double>(len);
+}
 
 // Number of groups of `p`: rows / block_rows for channel, 1 for tensor, elements for euclidean.
 int64_t num_groups(const at::Tensor& p, int64_t manifold, int64_t block_rows);

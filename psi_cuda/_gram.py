@@ -1,8 +1,9 @@
 """The step of a PSI group written in closed form from the Gram matrix of (w, g, m): the math of
 ``csrc/include/psi/math.h`` and ``adam.h`` vectorized over many groups, in float64
-(docs/ALGORITHMS.md section 8). Used for tensor groups sharded across ranks
-(``distributed.sharded_tensor_group_step``): each rank sums its shard's Gram entries, one
-all-reduce adds them up, and every rank solves the same update.
+(docs/ALGORITHMS.md section 8). The reference backend's path for groups cut across ranks
+(``distributed.sharded_group_step``; the fused backend uses ``ops.psi_grams`` and the ops'
+``grams=``): each rank sums its part's Gram entries, one all-reduce adds them up, and every rank
+solves the same update.
 
 A combo (c_w, c_g, c_m) is a vector of a group written c_w w + c_g g + c_m m; entries are float64
 tensors of shape (k,), one per group, or Python floats.

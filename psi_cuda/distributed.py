@@ -10,18 +10,22 @@ optimizers keep their state as DTensors placed like the parameter (so
   on the local rows, no communication. Any other ``Shard(d)`` would cut rows apart: error.
 * A tensor group (``manifold="tensor"``) is the whole tensor. Its step is a function of the 6
   entries of the Gram matrix of (w, g, m) (``csrc/include/psi/math.h``), which are sums over
-  the elements: each rank sums its shard, ONE all-reduce per optimizer call sums the Gram
-  matrices of all sharded tensor groups over the mesh dimensions they are sharded on, and every
-  rank then solves the (identical) group update and applies it to its shard. This path is pure
-  PyTorch (:func:`sharded_tensor_group_step`, the math of ``math.h``/``adam.h`` vectorized over
-  the groups, no host synchronisation), not a fused kernel: a stacked copy of (w, g, m) for the
-  Gram matmul, then ``mul``/``addcmul`` passes with two temporaries, several times the memory
-  traffic of the fused op (README: Distributed training).
+  the elements: each rank sums its shard (``ops.psi_grams``, one fused read of every such
+  shard), ONE all-reduce per optimizer call sums the table of all such groups over the mesh
+  dimensions they are sharded on, and every rank writes its shard with the whole group's step
+  (``ops.psi_sgd_``/``psi_adam_`` with ``grams=``: one fused read-modify-write, no host
+  synchronisation). The reference backend does the same in torch (:class:`GroupSolve`).
+* A block group (``manifold="block"``, ``Shard(0)`` over one mesh dimension, uneven shards
+  included) is cut by the shard boundaries that fall inside a block: those blocks take the
+  path of tensor groups (a row of the same table per cut block), and the runs of blocks that
+  lie wholly inside a shard are stepped locally, with no communication, like channel groups.
 * Scalar state (``step``, a tensor group's second moment ``v`` of shape ``()``) stays a plain
   tensor: it is the same on every rank (the update is computed from all-reduced sums), torch's
   own optimizers keep ``step`` the same way under FSDP2, and ``torch.distributed.checkpoint``
   saves a plain tensor once and loads it on every rank. Per-row state (PSIAdam's ``exp_avg_sq``
-  of a channel group, shape ``(rows,)``) is a DTensor sharded like the parameter's dim 0.
+  of a channel group, shape ``(rows,)``) is a DTensor sharded like the parameter's dim 0; so is
+  the second moment of a sharded block group, stored per row (each row holds its block's
+  value), which keeps it with its rows when DCP reshards.
 * ``Partial`` placements (unreduced gradients) are rejected.
 """
 from __future__ import annotations
@@ -77,10 +81,12 @@ def check_param(p: Tensor, manifold: str | None, where: str, name: str) -> None:
             raise RuntimeError(f"{where}: the {what} has a Partial placement "
                                f"{tuple(t.placements)}; {name} needs reduced (Shard/Replicate) "
                                "DTensors")
-    if manifold == "block" and any(pl.is_shard() for pl in p.placements):
-        raise NotImplementedError(f"{where}: manifold='block' on a sharded DTensor (placements "
-                                  f"{tuple(p.placements)}) is not supported yet; use "
-                                  "manifold='tensor' or None for sharded parameters")
+    if manifold == "block":
+        sharded = [pl for pl in p.placements if pl.is_shard()]
+        if len(sharded) > 1 or any(not pl.is_shard(0) for pl in sharded):
+            raise ValueError(f"{where}: manifold='block' needs its rows (dim 0) sharded over at "
+                             f"most one mesh dimension, i.e. placements Shard(0) or Replicate "
+                             f"(FSDP2, HSDP); got {tuple(p.placements)}")
     if manifold == "channel":
         bad = [pl for pl in p.placements if pl.is_shard() and not pl.is_shard(0)]
         if bad:
@@ -105,50 +111,11 @@ def rows_like(p: Tensor, dtype: torch.dtype) -> Tensor:
     return out
 
 
-def step_call(fn, lists: list[list], *, manifold: str | None, solve: GroupSolve | None,
-              **kw) -> None:
-    """Calls the op ``fn`` (fused or reference) on ``lists`` (params first, each list empty or
-    one entry per param). Plain tensors go straight through; DTensors are replaced by their
-    local shards, and sharded tensor groups take :func:`sharded_tensor_group_step` with the
-    optimizer's ``solve`` (the op's keyword options in ``kw``)."""
-    params = lists[0]
-    if not any(is_dtensor(p) for p in params):
-        fn(*lists, manifold=manifold, **kw)
-        return
-    n = len(params)
-    sharded = [i for i, p in enumerate(params) if manifold == "tensor" and is_sharded(p)]
-    if sharded and solve is None:
-        raise NotImplementedError("this optimizer has no step for sharded tensor groups")
-    rest = [i for i in range(n) if i not in set(sharded)]
-    # Both parts go to the ops unchanged: rest (local shards) to the fused/reference op, sharded
-    # tensor groups to the Gram path; each bumps its own step counters.
-    pick = lambda idx: [[local(l[i]) for i in idx] if l else [] for l in lists]  # noqa: E731
-    if rest:
-        fn(*pick(rest), manifold=manifold, **kw)
-    if sharded:
-        sharded_tensor_group_step([[l[i] for i in sharded] if l else [] for l in lists],
-                                  solve=solve, **kw)
-
-
-def _all_reduce_grams(params: list[Tensor], grams: Tensor) -> Tensor:
-    """Sums each row of ``grams`` (k, 6) over the mesh dimensions its parameter is sharded on:
-    one all-reduce per distinct (mesh, sharded dims), usually one in all."""
-    keys: dict = {}
-    for i, p in enumerate(params):
-        dims = tuple(d for d, pl in enumerate(p.placements) if pl.is_shard())
-        keys.setdefault((id(p.device_mesh), dims), (p.device_mesh, dims, []))[2].append(i)
-    for mesh, dims, idx in keys.values():
-        sub = grams[idx].contiguous()
-        for d in dims:
-            dist.all_reduce(sub, op=dist.ReduceOp.SUM, group=mesh.get_group(d))
-        grams[idx] = sub
-    return grams
-
-
 @dataclass(frozen=True)
 class GroupSolve:
     """What an optimizer hands :func:`step_call` for its sharded tensor groups: the step of a
-    group from its (all-reduced) Gram sums, vectorized over the groups (``psi_cuda._gram``).
+    group from its (all-reduced) Gram sums, vectorized over the groups (``psi_cuda._gram``): the
+    torch path of the reference backend for groups cut across ranks.
 
     ``fn(G, numel, step_old, scalars_old, *, lr, **options)`` gets the Gram entries ``G`` (a dict
     of float64 tensors of shape ``(k,)``, with the gradient already multiplied by the factor ``f``
@@ -166,42 +133,235 @@ class GroupSolve:
     scalars: tuple[int, ...] = ()
 
 
+def step_call(fn, lists: list[list], *, manifold: str | None, solve: GroupSolve | None,
+              grams_fn: Callable | None = None, **kw) -> None:
+    """Calls the op ``fn`` (fused or reference) on ``lists`` (params first, each list empty or
+    one entry per param). Plain tensors go straight through; DTensors are replaced by their
+    local shards. Groups cut across ranks (sharded tensor groups, and the blocks of sharded
+    block groups that a shard boundary cuts) take :func:`sharded_group_step`: local sums with
+    ``grams_fn`` (the fused ``ops.psi_grams``; None: in torch), one all-reduce, the apply with
+    the given sums (``fn(..., grams=...)`` when ``grams_fn`` is given, else the optimizer's
+    ``solve`` in torch). Blocks that lie wholly inside a shard need no communication."""
+    params = lists[0]
+    if not any(is_dtensor(p) for p in params):
+        fn(*lists, manifold=manifold, **kw)
+        return
+    n = len(params)
+    cut = [i for i, p in enumerate(params)
+           if manifold in ("tensor", "block") and is_sharded(p)]
+    if cut and solve is None and grams_fn is None:
+        raise NotImplementedError("this optimizer has no step for sharded tensor or block groups")
+    rest = [i for i in range(n) if i not in set(cut)]
+    pick = lambda idx: [[local(l[i]) for i in idx] if l else [] for l in lists]  # noqa: E731
+    if rest:  # local shards: Euclidean, channel rows, unsharded groups (each bumps its steps)
+        fn(*pick(rest), manifold=manifold, **kw)
+    if cut:
+        sharded_group_step(fn, [[l[i] for i in cut] if l else [] for l in lists],
+                           manifold=manifold, solve=solve, grams_fn=grams_fn, **kw)
+
+
+def _shard_rows(p: Tensor) -> tuple[int, int, list[int]]:
+    """Rows ``[r0, r1)`` of ``p`` (a DTensor sharded on dim 0 over one mesh dimension) held by
+    this rank, and the row boundaries between all ranks' shards (torch.chunk sharding, as
+    FSDP2's ``fully_shard``)."""
+    dims = [d for d, pl in enumerate(p.placements) if pl.is_shard()]
+    if len(dims) != 1 or not p.placements[dims[0]].is_shard(0):
+        raise NotImplementedError(f"manifold='block' on a DTensor placed {tuple(p.placements)}: "
+                                  "only Shard(0) over one mesh dimension (FSDP2, HSDP) is "
+                                  "supported")
+    rows, size = p.size(0), p.device_mesh.size(dims[0])
+    chunk = -(-rows // size)
+    r0 = min(p.device_mesh.get_local_rank(dims[0]) * chunk, rows)
+    r1 = min(r0 + chunk, rows)
+    if r1 - r0 != p._local_tensor.size(0):
+        raise RuntimeError(f"a block group of shape {tuple(p.shape)} placed "
+                           f"{tuple(p.placements)}: local rows {p._local_tensor.size(0)} do not "
+                           "follow torch.chunk sharding")
+    return r0, r1, [k * chunk for k in range(1, size) if k * chunk < rows]
+
+
+@dataclass
+class _Piece:
+    """Rows ``[a, b)`` of a local shard that form one group (or part of one) on this rank."""
+    param: int        # index in the lists
+    a: int
+    b: int
+    row: int = -1     # cut groups: row of the all-reduced table; -1: a run of whole blocks
+
+
+def _pieces(params: list[Tensor], manifold: str, block_rows: int) -> tuple[list[_Piece], list]:
+    """The pieces of every local shard, and for each row of the table of cut groups the param
+    it belongs to. The same table on every rank: it follows from the global shapes."""
+    pieces, table = [], []
+    for i, p in enumerate(params):
+        if manifold == "tensor":
+            lp = p._local_tensor
+            pieces.append(_Piece(i, 0, lp.size(0) if lp.dim() else 1, len(table)))
+            table.append(i)
+            continue
+        r0, r1, bounds = _shard_rows(p)
+        cut, spans = block_pieces(r0, r1, bounds, block_rows)
+        first = len(table)
+        table.extend([i] * len(cut))
+        for a, b, j in spans:
+            pieces.append(_Piece(i, a - r0, b - r0, first + cut.index(j) if j >= 0 else -1))
+    return pieces, table
+
+
+def block_pieces(r0: int, r1: int, bounds: list[int], block_rows: int):
+    """How the rows ``[r0, r1)`` of one rank split into groups of ``block_rows`` rows when the
+    shards' boundaries are ``bounds``: returns the blocks that a boundary falls inside (sorted;
+    the same on every rank) and this rank's spans ``(a, b, j)`` of rows: part of cut block
+    ``j``, or (``j = -1``) a run of whole blocks. Only a shard's first and last block can be
+    cut, so there are at most three spans."""
+    b = block_rows
+    cut = sorted({x // b for x in bounds if x % b})
+    spans, r = [], r0
+    while r < r1:
+        j = r // b
+        if j in cut:
+            e = min(r1, (j + 1) * b)
+            spans.append((r, e, j))
+        else:  # whole blocks up to the next cut one or the end of the shard
+            e = r
+            while e < r1 and e // b not in cut:
+                e += b
+            spans.append((r, e, -1))
+        r = e
+    return cut, spans
+
+
+def _all_reduce_rows(params: list[Tensor], owner: list[int], table: Tensor) -> None:
+    """Sums the rows of ``table`` over the mesh dimensions their parameter (``owner``) is
+    sharded on, in place: one all-reduce per distinct (mesh, sharded dims), usually one."""
+    keys: dict = {}
+    for r, i in enumerate(owner):
+        p = params[i]
+        dims = tuple(d for d, pl in enumerate(p.placements) if pl.is_shard())
+        keys.setdefault((id(p.device_mesh), dims), (p.device_mesh, dims, []))[2].append(r)
+    for mesh, dims, rows in keys.values():
+        whole = len(keys) == 1
+        sub = table if whole else table[rows].contiguous()
+        for d in dims:
+            dist.all_reduce(sub, op=dist.ReduceOp.SUM, group=mesh.get_group(d))
+        if not whole:
+            table[rows] = sub
+
+
 @torch.no_grad()
-def sharded_tensor_group_step(lists: list[list], *, solve: GroupSolve, lr: float,
-                              weight_decay=0.0, maximize=False, grad_scale=None, found_inf=None,
-                              **opts) -> None:
-    """One step of tensor groups whose parameters are sharded DTensors: local Gram sums, one
-    all-reduce, ``solve`` on every rank (the same result everywhere), the update of the local
-    shards. ``lists`` are the op's (params, grads, *state lists, steps); state steps and scalar
-    state are plain tensors."""
+def sharded_group_step(fn, lists: list[list], *, manifold: str, solve: GroupSolve | None,
+                       grams_fn: Callable | None, **kw) -> None:
+    """One step of tensor and block groups whose parameters are DTensors sharded across ranks.
+
+    Each local shard is cut into pieces: parts of groups that extend to other ranks (a sharded
+    tensor group; a block that a shard boundary falls inside) and runs of whole blocks. The
+    local Gram sums of the first kind (one fused ``grams_fn`` call, or torch) fill one table,
+    all-reduced once; the fused op (``fn`` with ``grams=``) or the torch ``solve`` then writes
+    each piece with its whole group's step. Runs of whole blocks take ``fn`` as they are, with
+    no communication. ``lists`` are the op's (params, grads, *state lists, steps); each param's
+    step counter advances once. The second moments of block groups (PSIAdam) are stored per
+    row for sharded params (``rows_like``): each group's value is read from its first row and
+    written to all of its rows."""
+    params, steps = lists[0], lists[-1]
+    scalar_idx = set(solve.scalars) if solve is not None else ({3} if len(lists) == 5 else set())
+    block_rows = kw.pop("block_rows", 1)
+    pieces, owner = _pieces(params, manifold, block_rows)
+    device = local(params[0]).device
+    calls = {True: ([[] for _ in lists], []), False: ([[] for _ in lists], [])}  # cut?, whole
+    spread = []  # (per-row second moments of a piece, the per-group copy the op steps, rows/group)
+    stepped, old_steps = set(), {}
+    for pc in pieces:
+        if local(params[pc.param]).dim() and pc.b <= pc.a:
+            continue  # an empty shard
+        call_lists, call_pieces = calls[pc.row >= 0]
+        call_pieces.append(pc)
+        for k in range(len(lists) - 1):
+            if not lists[k]:
+                continue
+            t = local(lists[k][pc.param])
+            if k in scalar_idx and manifold == "block":
+                per = pc.b - pc.a if pc.row >= 0 else block_rows
+                v = t[pc.a:pc.b].view(-1, per)[:, 0].contiguous()
+                spread.append((t[pc.a:pc.b], v, per))
+            elif k in scalar_idx:  # a tensor group's one second moment
+                v = t
+            else:
+                v = t[pc.a:pc.b] if t.dim() else t
+            call_lists[k].append(v)
+        if pc.param in stepped:  # a later piece of the param: a copy of the old counter
+            old = old_steps.setdefault(pc.param, steps[pc.param].clone())
+            call_lists[-1].append(old.clone())
+        else:
+            call_lists[-1].append(steps[pc.param])
+            stepped.add(pc.param)
+
+    cut_lists, cut_pieces = calls[True]
+    if owner:  # every rank joins the all-reduce, with or without a piece of its own
+        table = torch.zeros((len(owner), 7), dtype=torch.float64, device=device)
+        idx = torch.tensor([pc.row for pc in cut_pieces], dtype=torch.long, device=device)
+        bufs = cut_lists[2] if len(lists) > 3 else []
+        if cut_pieces:
+            sums = (grams_fn(cut_lists[0], cut_lists[1], bufs, manifold="tensor")
+                    if grams_fn is not None else _torch_grams(cut_lists[0], cut_lists[1], bufs))
+            table.index_add_(0, idx, sums)
+        _all_reduce_rows(params, owner, table)
+        if cut_pieces:
+            given = table.index_select(0, idx)
+            if grams_fn is not None:
+                fn(*cut_lists, manifold="tensor", grams=given, **kw)
+            else:
+                _torch_apply(cut_lists, given, solve=solve, **kw)
+    whole_lists, whole_pieces = calls[False]
+    if whole_pieces:
+        fn(*whole_lists, manifold="block", block_rows=block_rows, **kw)
+    for rows, v, per in spread:
+        rows.view(-1, per).copy_(v.view(-1, 1).expand(-1, per))
+    unstepped = [s for i, s in enumerate(steps) if i not in stepped]
+    if unstepped:  # params whose shard is empty on this rank
+        found_inf = kw.get("found_inf")
+        inc = (torch.ones((), dtype=torch.float32, device=device) if found_inf is None
+               else (found_inf.to(device).reshape(()) == 0).to(torch.float32))
+        for s in unstepped:
+            s.add_(inc.to(s.device))
+
+
+def _torch_grams(ws: list[Tensor], gs: list[Tensor], ms: list[Tensor]) -> Tensor:
+    """psi_grams' table of the pieces (one group each) in torch: the reference backend's."""
+    rows = []
+    for i, (w, g) in enumerate(zip(ws, gs)):
+        dt = reference.opmath_dtype(w.dtype)
+        sums = _gram.gram_local([w.to(dt), g.to(dt)] + ([ms[i]] if ms else []))
+        rows.append(torch.cat([sums, sums.new_tensor([w.numel()])]))
+    return torch.stack(rows)
+
+
+def _torch_apply(lists: list[list], grams: Tensor, *, solve: GroupSolve,
+                 lr: float, weight_decay=0.0, maximize=False, grad_scale=None, found_inf=None,
+                 **opts) -> None:
+    """The step of groups given their (all-reduced) Gram sums, in torch: ``solve`` on every rank
+    (the same result everywhere), then the update of the local pieces. ``lists`` are the op's
+    (params, grads, *state lists, steps) of the pieces."""
     params, grads, steps = lists[0], lists[1], lists[-1]
     bufs = lists[solve.buffer] if solve.buffer is not None else []
     bufs = bufs if bufs else [None] * len(params)
     scalar_lists = [lists[i] for i in solve.scalars]
-    device = local(params[0]).device
+    device = params[0].device
     f64 = dict(dtype=torch.float64, device=device)
-    ws = [local(p) for p in params]
-    gs = [local(g) for g in grads]
-    ms = [local(m) for m in bufs]
-    opm = [reference.opmath_dtype(w.dtype) for w in ws]
+    opm = [reference.opmath_dtype(w.dtype) for w in params]
     # opmath views (copies for float16/bfloat16 parameters and for the gradients of those)
-    wf = [w.to(dt) for w, dt in zip(ws, opm)]
-    gf = [g.to(dt) for g, dt in zip(gs, opm)]
-    grams = (torch.stack([_gram.gram_local([w, g] + ([m] if m is not None else []))
-                          for w, g, m in zip(wf, gf, ms)])
-             if ws else torch.zeros((0, 6), **f64))
-    grams = _all_reduce_grams(params, grams)
+    wf = [w.to(dt) for w, dt in zip(params, opm)]
+    gf = [g.to(dt) for g, dt in zip(grads, opm)]
     f = torch.full((), -1.0 if maximize else 1.0, **f64)
     if grad_scale is not None:
         f = f / grad_scale.to(**f64)
-    G = dict(zip(_gram.GRAM_KEYS, grams.unbind(1)))
+    G = dict(zip(_gram.GRAM_KEYS, grams[:, :6].unbind(1)))
     G["wg"], G["gm"], G["gg"] = G["wg"] * f, G["gm"] * f, G["gg"] * f * f
-    numel = torch.tensor([p.numel() for p in params], **f64)
+    numel = grams[:, 6]
     step_old = torch.stack([s.reshape(()) for s in steps]).to(**f64)
     scalars_old = [torch.stack([v.reshape(()) for v in vs]).to(**f64) for vs in scalar_lists]
     param, buf, scalars_new, skip = solve.fn(G, numel, step_old, scalars_old, lr=lr, **opts)
     # The non-finite policy (math.h poisoned): a group with an inf or NaN in w, g or m gets NaN.
-    bad = ~torch.isfinite(grams.sum(1))
+    bad = ~torch.isfinite(grams[:, :6].sum(1))
     nan = torch.full((), float("nan"), **f64)
     param = tuple(torch.where(bad, nan, x) for x in param)
     buf = tuple(torch.where(bad, nan, x) for x in buf) if buf is not None else None
@@ -216,7 +376,7 @@ def sharded_tensor_group_step(lists: list[list], *, solve: GroupSolve, lr: float
     if found_inf is None:  # skipped groups: w' = 1 w + 0 g + 0 m, exactly w (g is finite)
         param = _gram.keep(param, (1.0, 0.0, 0.0), skip)
         buf = _gram.keep(buf, (0.0, 0.0, 1.0), skip) if buf is not None else None
-    for i, (w, m) in enumerate(zip(ws, ms)):
+    for i, (w, m) in enumerate(zip(params, bufs)):
         if w.numel() == 0:
             continue
         c = lambda combo, j: combo[j][i].to(opm[i])  # noqa: E731
@@ -269,4 +429,4 @@ def average_(tensors: list[Tensor], group=None) -> None:
 
 
 __all__ = ["GroupSolve", "average_", "check_param", "is_dtensor", "is_sharded", "local",
-           "rows_like", "sharded_tensor_group_step", "step_call"]
+           "rows_like", "sharded_group_step", "step_call"]

@@ -78,6 +78,107 @@ class BNPNet(nn.Module):
         return self.out(F.relu(self.fc(h)))
 
 
+class BlockNet(nn.Module):
+    """Block groups (docs/ALGORITHMS.md 1.2b) that the 2-rank shards cut or not: a bias-free
+    conv into GroupNorm(3, 12) (blocks of 4 rows; 12 rows as 6 + 6: the boundary falls inside
+    block 1), a per-head query projection (8 rows, heads of 4: 4 + 4, the boundary between
+    blocks: no communication) and key projection (10 rows, heads of 2: 5 + 5, inside block 2),
+    each head normalized (LayerNorm, RMSNorm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 3, padding=1, bias=False)
+        self.gn = nn.GroupNorm(3, 12)
+        self.q = nn.Linear(12, 8, bias=False)
+        self.q_norm = nn.LayerNorm(4)
+        self.k = nn.Linear(12, 10, bias=False)
+        self.k_norm = nn.RMSNorm(2)
+        self.head = nn.Linear(18, 3)
+
+    def forward(self, x):
+        h = F.relu(self.gn(self.conv(x))).mean((2, 3))
+        q = self.q_norm(self.q(h).view(-1, 2, 4)).flatten(1)
+        k = self.k_norm(self.k(h).view(-1, 5, 2)).flatten(1)
+        return self.head(torch.cat([q, k], 1))
+
+
+BLOCKS = {"conv.weight": 4, "q.weight": 4, "k.weight": 2}
+
+
+def block_groups(model):
+    named = dict(model.named_parameters())
+    return ([{"params": [named[n]], "manifold": "block", "block_rows": b}
+             for n, b in BLOCKS.items()]
+            + [{"params": [p for n, p in named.items() if n not in BLOCKS], "manifold": None}])
+
+
+def make_block_opt(kind, model):
+    if kind == "psisgd":
+        return PSISGD(block_groups(model), lr=0.05, momentum=0.9)
+    return PSIAdam(block_groups(model), lr=0.01)
+
+
+def shard_blocks(model):
+    for name in ("conv", "q", "k"):
+        fully_shard(getattr(model, name), mesh=MESH)
+    fully_shard(model, mesh=MESH)
+    return model
+
+
+def block_norms(model):
+    named = {n: full(p).detach() for n, p in model.named_parameters()}
+    return {n: named[n].reshape(named[n].size(0) // b, -1).norm(dim=1) for n, b in BLOCKS.items()}
+
+
+def scenario_fsdp_blocks():
+    """FSDP2 with block groups == the unsharded run; whole blocks need no all-reduce."""
+    for kind in ("psisgd", "psiadam"):
+        torch.manual_seed(0)
+        ref = BlockNet()
+        init = copy.deepcopy(ref)
+        model = shard_blocks(copy.deepcopy(ref))
+        n0 = block_norms(ref)
+        opt_ref, opt = make_block_opt(kind, ref), make_block_opt(kind, model)
+        train(ref, opt_ref, 4)
+        train(model, opt, 4)
+        # the all-reduces of one optimizer step, per param group (FSDP's own collectives run in
+        # forward/backward, not in the step)
+        x, y = data(99)
+        opt.zero_grad()
+        opt_ref.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(ref(x), y).backward()
+        calls = []
+        real = dist.all_reduce
+
+        def counting(*args, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        per_group = []
+        dist.all_reduce = counting
+        try:
+            for gi, group in enumerate(opt.param_groups):
+                before = len(calls)
+                opt._step_group(group, gi, None, None, [])
+                per_group.append(len(calls) - before)
+        finally:
+            dist.all_reduce = real
+        opt_ref.step()
+        n1 = block_norms(model)
+        named = dict(model.named_parameters())
+        extra = {}
+        if kind == "psiadam":
+            v = opt.state[named["conv.weight"]]["exp_avg_sq"]
+            v_ref = opt_ref.state[dict(ref.named_parameters())["conv.weight"]]["exp_avg_sq"]
+            extra = dict(v_rows_dtensor=isinstance(v, DTensor) and v.shape == (12,),
+                         v_diff=(full(v).view(3, 4) - v_ref.view(3, 1)).abs().max().item())
+        record(f"fsdp_blocks_{kind}", max_diff=max_diff(ref, model), moved=max_diff(init, model),
+               block_norm_change=max((n1[n] - n0[n]).abs().max().item() for n in n0),
+               local_rows=[named[n].to_local().size(0) for n in BLOCKS],
+               all_reduces=per_group, **extra)
+
+
 CHANNEL = ("conv.weight", "fc2.weight")
 TENSOR = ("fc1.weight",)
 
@@ -320,9 +421,12 @@ def scenario_errors():
 # --- (d) DCP: save under FSDP2, load into fresh objects, continue == uninterrupted ----------------
 
 def scenario_dcp(folder):
-    for kind in ("psisgd", "psiadam", "bnpsgd"):
+    for kind in ("psisgd", "psiadam", "bnpsgd", "psiadam_blocks"):
         def build(seed):
             torch.manual_seed(seed)
+            if kind == "psiadam_blocks":
+                m = shard_blocks(BlockNet())
+                return m, make_block_opt("psiadam", m)
             if kind == "bnpsgd":
                 m = BNPNet()
                 bnp = psi_cuda.BNP(m, sync_stats=True)
@@ -374,7 +478,8 @@ def main():
     MESH = init_device_mesh("cpu", (WORLD,))
     torch.set_num_threads(1)
     scenarios = [scenario_ddp, scenario_sync_stats, scenario_fsdp, scenario_fsdp_amp,
-                 scenario_fsdp_grad_scaler, scenario_fsdp_bnpsgd, scenario_errors, lambda: scenario_dcp(sys.argv[2])]
+                 scenario_fsdp_grad_scaler, scenario_fsdp_bnpsgd, scenario_fsdp_blocks,
+                 scenario_errors, lambda: scenario_dcp(sys.argv[2])]
     for fn in scenarios:
         try:
             fn()

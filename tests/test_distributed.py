@@ -3,8 +3,10 @@
 One ``torchrun --nproc-per-node 2`` run of tests/dist_worker.py (CPU, gloo) computes every
 multi-rank scenario against its oracle (the single-process run on the whole batch, or an
 uninterrupted run); the tests below assert on what it measured. The single-process tests check
-the pure-torch step of sharded tensor groups (psi_cuda.distributed) against the fused op, over
-the options, with a one-rank process group (the same code path, one all-reduce of one rank).
+the step of sharded tensor groups (psi_cuda.distributed: fused psi_grams + grams=, and the torch
+path of the reference backend) against the fused op on whole tensors, over the options, with a
+one-rank process group (the same code path, one all-reduce of one rank), and the split of block
+groups by shard boundaries (distributed.block_pieces) over many shapes.
 """
 from __future__ import annotations
 
@@ -106,6 +108,22 @@ def test_fsdp2_bnpsgd_equals_unsharded(results):
     assert r["sharded"] and r["max_diff"] < 1e-6
 
 
+@pytest.mark.parametrize("kind", ["psisgd", "psiadam"])
+def test_fsdp2_block_groups_equal_unsharded(results, kind):
+    """Uneven shards whose boundaries fall inside a block (GroupNorm conv: 12 rows as 6 + 6 in
+    blocks of 4; per-head keys: 10 rows as 5 + 5 in heads of 2) and between blocks (per-head
+    queries: 8 rows as 4 + 4 in heads of 4): the unsharded run, blocks keep their norms, and
+    the group whose blocks all lie inside a shard makes no all-reduce."""
+    r = results[f"fsdp_blocks_{kind}"]
+    assert r["moved"] > 1e-2
+    assert r["max_diff"] < 1e-6
+    assert r["block_norm_change"] < 1e-5
+    assert r["local_rows"] == [6, 4, 5]
+    assert r["all_reduces"] == [1, 0, 1, 0]  # conv, q (aligned), k, Euclidean
+    if kind == "psiadam":  # the second moment of a sharded block group: per row, a DTensor
+        assert r["v_rows_dtensor"] and r["v_diff"] < 1e-6
+
+
 def test_channel_group_sharded_on_dim1_is_refused(results):
     r = results["error_shard1"]
     assert "manifold='channel'" in r["message"] and "Shard(dim=1)" in r["message"]
@@ -115,7 +133,7 @@ def test_channel_group_sharded_on_dim1_is_refused(results):
 
 # --- (d) DCP ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["psisgd", "psiadam", "bnpsgd"])
+@pytest.mark.parametrize("kind", ["psisgd", "psiadam", "bnpsgd", "psiadam_blocks"])
 def test_dcp_resume_is_bit_for_bit(results, kind):
     r = results[f"dcp_{kind}"]
     assert r["n_state"] > 0 and r["params_equal"] and r["state_equal"] and r["max_diff"] == 0.0
@@ -154,10 +172,16 @@ def _tensors(dtype, seed=0):
     return ws, gs
 
 
+# The two ways of the sharded path: the fused ops (psi_grams, then psi_sgd_/psi_adam_ with
+# grams=) and the torch one of the reference backend (each optimizer's GroupSolve).
+PATHS = [pytest.param(ops.psi_grams, id="fused"), pytest.param(None, id="torch")]
+
+
+@pytest.mark.parametrize("grams_fn", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("kind,opts", [("sgd", c) for c in SGD_CASES] +
                          [("adam", c) for c in ADAM_CASES])
-def test_sharded_tensor_groups_match_fused_op(one_rank_mesh, dtype, kind, opts):
+def test_sharded_tensor_groups_match_fused_op(one_rank_mesh, dtype, kind, opts, grams_fn):
     from torch.distributed.tensor import Shard, distribute_tensor
     ws, gs = _tensors(dtype)
     opmath = torch.float64 if dtype == torch.float64 else torch.float32
@@ -185,7 +209,7 @@ def test_sharded_tensor_groups_match_fused_op(one_rank_mesh, dtype, kind, opts):
                          manifold="tensor", grad_scale=scale, **opts)
             distributed.step_call(ops.psi_sgd_, [w_dt, g_d, state_dt if mom else [], steps_d],
                                   manifold="tensor", solve=PSISGD.solve, lr=lr,
-                                  grad_scale=scale,
+                                  grad_scale=scale, grams_fn=grams_fn,
                                   **{**dict(momentum=0.0, dampening=0.0, nesterov=False,
                                             weight_decay=0.0, maximize=False,
                                             retraction="normalize", transport="project",
@@ -195,7 +219,7 @@ def test_sharded_tensor_groups_match_fused_op(one_rank_mesh, dtype, kind, opts):
                           grad_scale=scale, **opts)
             distributed.step_call(ops.psi_adam_, [w_dt, g_d, state_dt, v_d, steps_d],
                                   manifold="tensor", solve=PSIAdam.solve, lr=lr,
-                                  grad_scale=scale,
+                                  grad_scale=scale, grams_fn=grams_fn,
                                   **{**dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                                             maximize=False, retraction="normalize",
                                             transport="project", max_grad_norm=None), **opts})
@@ -216,8 +240,9 @@ def test_sharded_tensor_groups_match_fused_op(one_rank_mesh, dtype, kind, opts):
     assert not torch.equal(w_dt[0].to_local(), ws[0])
 
 
+@pytest.mark.parametrize("grams_fn", PATHS)
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
-def test_sharded_tensor_group_nonfinite_gradient_propagates(one_rank_mesh, kind):
+def test_sharded_tensor_group_nonfinite_gradient_propagates(one_rank_mesh, kind, grams_fn):
     """The one non-finite policy on the sharded path too (docs/ALGORITHMS.md 6.6): a NaN in a
     tensor group's gradient makes that group NaN, as the fused op does; the others step as the
     fused op steps them."""
@@ -237,7 +262,8 @@ def test_sharded_tensor_group_nonfinite_gradient_propagates(one_rank_mesh, kind)
         opts = dict(momentum=0.9, dampening=0.0, nesterov=False, **common)
         ops.psi_sgd_(w_f, [g.clone() for g in gs], m_f, s_f, lr=0.1, manifold="tensor", **opts)
         distributed.step_call(ops.psi_sgd_, [w_d, g_d, m_d, s_d], manifold="tensor",
-                              solve=PSISGD.solve, lr=0.1, grad_scale=None, **opts)
+                              solve=PSISGD.solve, lr=0.1, grad_scale=None, grams_fn=grams_fn,
+                              **opts)
     else:
         v_f = [torch.zeros(()) for _ in ws]
         v_d = [torch.zeros(()) for _ in ws]
@@ -245,7 +271,8 @@ def test_sharded_tensor_group_nonfinite_gradient_propagates(one_rank_mesh, kind)
         ops.psi_adam_(w_f, [g.clone() for g in gs], m_f, v_f, s_f, lr=0.1, manifold="tensor",
                       **opts)
         distributed.step_call(ops.psi_adam_, [w_d, g_d, m_d, v_d, s_d], manifold="tensor",
-                              solve=PSIAdam.solve, lr=0.1, grad_scale=None, **opts)
+                              solve=PSIAdam.solve, lr=0.1, grad_scale=None, grams_fn=grams_fn,
+                              **opts)
         assert torch.isnan(v_f[0]) and torch.isnan(v_d[0])
     assert torch.isnan(w_f[0]).all() and torch.isnan(w_d[0].to_local()).all()
     assert torch.isnan(m_d[0].to_local()).all()
@@ -253,7 +280,8 @@ def test_sharded_tensor_group_nonfinite_gradient_propagates(one_rank_mesh, kind)
         torch.testing.assert_close(b.to_local(), a, atol=1e-4, rtol=1e-4)
 
 
-def test_sharded_tensor_group_found_inf_changes_nothing(one_rank_mesh):
+@pytest.mark.parametrize("grams_fn", PATHS)
+def test_sharded_tensor_group_found_inf_changes_nothing(one_rank_mesh, grams_fn):
     from torch.distributed.tensor import Shard, distribute_tensor
     ws, gs = _tensors(torch.float32)
     w = [distribute_tensor(x.clone(), one_rank_mesh, [Shard(0)]) for x in ws]
@@ -263,9 +291,10 @@ def test_sharded_tensor_group_found_inf_changes_nothing(one_rank_mesh):
     v = [torch.zeros(()) for _ in w]
     steps = [torch.ones(()) for _ in w]
     distributed.step_call(ops.psi_adam_, [w, g, m, v, steps], manifold="tensor",
-                          solve=PSIAdam.solve, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                          maximize=False, retraction="normalize", transport="project",
-                          max_grad_norm=None, found_inf=torch.ones(()))
+                          solve=PSIAdam.solve, grams_fn=grams_fn, lr=0.1, beta1=0.9,
+                          beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False,
+                          retraction="normalize", transport="project", max_grad_norm=None,
+                          found_inf=torch.ones(()))
     for a, b in zip(w, ws):
         assert torch.equal(a.to_local(), b)
     assert all(not x.to_local().any() for x in m) and all(x.item() == 0 for x in v)
@@ -324,3 +353,83 @@ def test_train_large_hsdp_equals_fsdp(tmp_path):
     assert "mesh (2, 2)" in hsdp.stdout
     a, b = _losses(fsdp.stdout), _losses(hsdp.stdout)
     assert sorted(a) == [5, 10] and a == pytest.approx(b, abs=2e-6)
+
+
+# --- block groups: the split by shard boundaries, and the one-rank path ----------------------------
+
+def test_block_pieces_cover_every_row_once():
+    """For every row count, rank count (torch.chunk shards, FSDP2's) and block size: each rank's
+    spans tile its shard, runs of whole blocks are whole aligned blocks, and the cut blocks are
+    exactly those a boundary falls inside, their parts over all ranks making the whole block."""
+    for rows in range(1, 31):
+        for ranks in range(1, 5):
+            chunk = -(-rows // ranks)
+            bounds = [k * chunk for k in range(1, ranks) if k * chunk < rows]
+            for b in (d for d in range(1, rows + 1) if rows % d == 0):
+                expected_cut = sorted({j for j in range(rows // b) for x in bounds
+                                       if j * b < x < (j + 1) * b})
+                covered = []
+                parts: dict = {}
+                for r in range(ranks):
+                    r0, r1 = min(r * chunk, rows), min(r * chunk + chunk, rows)
+                    cut, spans = distributed.block_pieces(r0, r1, bounds, b)
+                    assert cut == expected_cut
+                    assert len(spans) <= 3
+                    pos = r0
+                    for a, e, j in spans:
+                        assert a == pos and e > a
+                        pos = e
+                        covered.extend(range(a, e))
+                        if j < 0:
+                            assert a % b == 0 and e % b == 0
+                            assert not set(range(a // b, e // b)) & set(cut)
+                        else:
+                            assert j * b <= a < e <= (j + 1) * b
+                            parts.setdefault(j, []).extend(range(a, e))
+                    assert pos == r1
+                assert covered == list(range(rows)), (rows, ranks, b)
+                assert sorted(parts) == expected_cut
+                for j, rs in parts.items():
+                    assert sorted(rs) == list(range(j * b, (j + 1) * b))
+
+
+@pytest.mark.parametrize("grams_fn", PATHS)
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_sharded_block_groups_one_rank_match_fused_op(one_rank_mesh, kind, grams_fn):
+    """Block groups of DTensors (one rank: every block whole) step as the fused op steps plain
+    tensors; PSIAdam's second moments are per row, each row holding its block's value."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    g = torch.Generator().manual_seed(4)
+    shapes, b = [(6, 5), (4, 3, 2), (2, 7)], 2
+    ws = [torch.randn(s, generator=g) for s in shapes]
+    gs = [torch.randn(s, generator=g) for s in shapes]
+    dt = lambda ts: [distribute_tensor(t.clone(), one_rank_mesh, [Shard(0)]) for t in ts]  # noqa: E731
+    w_f, w_d = [w.clone() for w in ws], dt(ws)
+    m_f, m_d = [torch.zeros_like(w) for w in ws], dt([torch.zeros_like(w) for w in ws])
+    s_f, s_d = [torch.zeros(()) for _ in ws], [torch.zeros(()) for _ in ws]
+    v_f = [torch.zeros(w.size(0) // b) for w in ws]
+    v_d = [distributed.rows_like(w, torch.float32) for w in w_d]
+    for it in range(3):
+        grads = [x * (it + 1) for x in gs]
+        if kind == "sgd":
+            opts = dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0,
+                        maximize=False, retraction="normalize", transport="project",
+                        max_grad_norm=None)
+            ops.psi_sgd_(w_f, grads, m_f, s_f, lr=0.1, manifold="block", block_rows=b, **opts)
+            distributed.step_call(ops.psi_sgd_, [w_d, dt(grads), m_d, s_d], manifold="block",
+                                  solve=PSISGD.solve, grams_fn=grams_fn, lr=0.1, block_rows=b,
+                                  **opts)
+        else:
+            opts = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False,
+                        retraction="normalize", transport="project", max_grad_norm=None)
+            ops.psi_adam_(w_f, grads, m_f, v_f, s_f, lr=0.1, manifold="block", block_rows=b,
+                          **opts)
+            distributed.step_call(ops.psi_adam_, [w_d, dt(grads), m_d, v_d, s_d],
+                                  manifold="block", solve=PSIAdam.solve, grams_fn=grams_fn,
+                                  lr=0.1, block_rows=b, **opts)
+    for a, d in zip(w_f + m_f, w_d + m_d):
+        torch.testing.assert_close(d.to_local(), a, atol=1e-6, rtol=1e-6)
+    assert all(x.item() == y.item() == 3 for x, y in zip(s_f, s_d))
+    if kind == "adam":
+        for a, d in zip(v_f, v_d):
+            torch.testing.assert_close(d.to_local(), a.repeat_interleave(b))

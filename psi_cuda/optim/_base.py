@@ -145,10 +145,12 @@ class FusedOptimizer(Optimizer):
             options["block_rows"] = group["block_rows"]
         for (device, _, _), lists in buckets.items():
             # _begin_step made the fused op's Python-side check: skip it.
-            fn = (partial(getattr(ops, self.op), check=False) if self._use_fused(device)
+            fused = self._use_fused(device)
+            fn = (partial(getattr(ops, self.op), check=False) if fused
                   else getattr(reference, self.op))
-            # DTensor parameters (FSDP2): local shards; sharded tensor groups all-reduce sums.
+            # DTensor parameters (FSDP2): local shards; groups cut across ranks all-reduce sums.
             distributed.step_call(fn, lists, manifold=manifold, solve=self.solve,
+                                  grams_fn=partial(ops.psi_grams, check=False) if fused else None,
                                   grad_scale=on_device(grad_scale, device),
                                   found_inf=on_device(found_inf, device), **options)
 
@@ -328,10 +330,15 @@ class FusedOptimizer(Optimizer):
                 if entry:
                     self._check_loaded_state(p, merged, entry, f"{where}['params'][{pi}]")
 
-    def _check_loaded_state(self, p: Tensor, group: dict, entry: dict, where: str) -> None:
+    def _expected_state(self, p: Tensor, group: dict) -> dict:
+        """The state entries (meta tensors: shapes only) this optimizer makes for ``p``."""
         expected: dict = {}
         with torch.device("meta"):  # shapes only, no memory
             self._init_state(as_real(torch.empty(p.shape, dtype=p.dtype)), group, expected)
+        return expected
+
+    def _check_loaded_state(self, p: Tensor, group: dict, entry: dict, where: str) -> None:
+        expected = self._expected_state(p, group)
         if uses_master(p, group):
             expected["master"] = p
         expected["nonfinite_skips"] = torch.empty(())  # kept when skip_nonfinite was on

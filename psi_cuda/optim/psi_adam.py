@@ -47,8 +47,9 @@ class PSIAdam(FusedOptimizer):
     exactly (decoupled weight decay). Weight decay is ignored, with a warning, on PSI groups.
 
     State per parameter: ``step`` (float32 scalar), ``exp_avg`` (like the parameter, fp32 for
-    fp16/bf16 parameters) and ``exp_avg_sq`` (shape ``(rows,)`` for ``"channel"``, ``()`` for
-    ``"tensor"``, like the parameter for Euclidean groups).
+    fp16/bf16 parameters) and ``exp_avg_sq`` (shape ``(rows,)`` for ``"channel"``,
+    ``(rows // block_rows,)`` for ``"block"`` (per row, ``(rows,)``, for a sharded DTensor),
+    ``()`` for ``"tensor"``, like the parameter for Euclidean groups).
 
     Args:
         params: the model (an ``nn.Module``), or parameters / param groups (dicts, each with a
@@ -109,15 +110,23 @@ class PSIAdam(FusedOptimizer):
         elif "exp_avg_sq" not in state:
             # One second moment per group: per row for "channel", per block of block_rows rows
             # for "block", one for "tensor". Per row: a DTensor sharded like p's rows when p is
-            # one; per block or tensor: a plain tensor.
+            # one; per block or tensor: a plain tensor. A block group of a sharded DTensor keeps
+            # it per row (each row its block's value: distributed.sharded_group_step), so that
+            # it stays with its rows whatever the sharding.
             dtype = reference.opmath_dtype(p.dtype)
-            if manifold == "channel":
+            if manifold == "channel" or (manifold == "block" and distributed.is_sharded(p)):
                 state["exp_avg_sq"] = distributed.rows_like(p, dtype)
             elif manifold == "block":
                 state["exp_avg_sq"] = torch.zeros((p.size(0) // group["block_rows"],),
                                                   dtype=dtype, device=p.device)
             else:
                 state["exp_avg_sq"] = torch.zeros((), dtype=dtype, device=p.device)
+
+    def _expected_state(self, p: Tensor, group: dict) -> dict:
+        expected = super()._expected_state(p, group)
+        if group["manifold"] == "block" and distributed.is_sharded(p):  # per row (_init_state)
+            expected["exp_avg_sq"] = torch.empty((p.size(0),), device="meta")
+        return expected
 
     def _op_options(self, group: dict, weight_decay: float) -> dict:
         beta1, beta2 = group["betas"]

@@ -26,7 +26,7 @@ Parts (every run is ``psi_cuda.apps.train.run``, the function behind ``psi-cuda 
   (b) come from its cells (8 seeds) rather than from parts a and b (5 and 3 seeds), which stay.
 * c: BNP at batch sizes 1, 2 and 4 against BatchNorm (SGD on the BN model) and plain SGD (the
   BN-free twin), 2 epochs, lr picked per method and batch size on seed 100 from a grid, then
-  seeds 0-2. -> claims_c.json, claims_c.png
+  seeds 0-7 (--c-seeds). -> claims_c.json, claims_c.png
 """
 from __future__ import annotations
 
@@ -242,6 +242,7 @@ def part_c(data, seeds) -> dict:
                       f"acc {r['final']['test_acc']:.4f}", flush=True)
     plot_c(runs, RESULTS / "claims_c.png")
     return save("claims_c", dict(machine=machine(), epochs=C_EPOCHS, seeds=list(seeds),
+                                 bnp_step_cap=True,  # BNPSGD's default (step cap on)
                                  batches=C_BATCHES, lr=chosen, grid=grid_rows, runs=runs))
 
 
@@ -319,12 +320,14 @@ def readme_block() -> str:
     cells = {e["name"]: e for e in study["cells"]}
     n = study["config"]["seeds"]
     ci = psi_study.fmt_ci
+    n_c = len(c["seeds"])
     lines = [f"Measured by `python benchmarks/claims.py` ({study['machine']['cpu']}, "
              f"{study['machine']['cores']} cores, 1 thread per run, torch "
              f"{study['machine']['torch']}; results in `benchmarks/results/claims_*.json` and "
              "`.png`). (a) and (b) are cells of the robustness study (`--only robustness`, "
              f"{n} seeds, mean [95% t-interval]; the comparisons paired over seeds); (c) is "
-             "part c (mean ± std over 3 seeds).", ""]
+             f"part c ({n_c} seeds, "
+             + ("mean [95% t-interval])." if n_c >= 8 else "mean ± std)."), ""]
     best = {k: v["best"] for k, v in sweep_["results"].items()}
 
     def opts_text(k, opts):
@@ -363,15 +366,8 @@ def readme_block() -> str:
         lines.append(f"| {a} against {b} | {ci(comp['steps_diff'], '.1f')} steps "
                      f"({comp['steps_diff']['n']} pairs) | x{ci(comp['loss_ratio'], '.2f', True)}"
                      f" | {ci(comp['test_acc_diff'], '.2f')} points |")
-    verdicts = {pair: {k: comp[k]["verdict"] for k in ("steps_diff", "loss_ratio",
-                                                        "test_acc_diff")}
-                for pair, comp in base["compare"].items()}
-    words = {"same": "no difference detected", "better": "PSI better", "worse": "PSI worse"}
-    lines += ["", "At these settings: " + "; ".join(
-        f"{pair}: steps {words[v['steps_diff']]}, final loss {words[v['loss_ratio']]}, test "
-        f"accuracy {words[v['test_acc_diff']]}" for pair, v in verdicts.items())
-        + ". The claim that PSI-SGD accelerates training holds only where these intervals "
-        "exclude zero; see [When PSI helps](#when-psi-helps) for the other settings.", ""]
+    lines += ["", "PSI's effect at other learning rates, init scales, weight decays, schedules and "
+              "batch sizes: [When PSI helps](#when-psi-helps).", ""]
 
     init = [e for e in study["cells"] if e["part"] == "init" and not e.get("same_as")]
     lines += ["**(b) Equivalent starts** (the same seed, data order and settings, from the "
@@ -396,24 +392,113 @@ def readme_block() -> str:
               "seeds, so not restated here) also runs these starts at lr 0.1 and with "
               "BatchNorm's eps made 1e-10.", ""]
 
+    capped = c.get("bnp_step_cap", False)
     lines += [f"**(c) BNP at small batches** ({c['epochs']} epochs, lr per method and batch "
               f"size from a grid on seed 100, then seeds {c['seeds'][0]}-{c['seeds'][-1]}; "
-              "final training loss / test accuracy %; mean ± std over 3 seeds, fewer than "
-              "the 8 of (a) and (b), so read it as an indication; BNP-SGD with the exact step, "
-              "measured before the step cap: `python benchmarks/claims.py --only c --readme` "
-              "refreshes it):", "",
-              "| batch | " + " | ".join(c["runs"]) + " |",
-              "| ---: | " + " | ".join("---" for _ in c["runs"]) + " |"]
+              "final training loss / test accuracy %, "
+              + ("mean [95% t-interval]; the last columns: BNP-SGD's test accuracy minus the "
+                 "baseline's, paired over seeds" if n_c >= 8 else
+                 f"mean ± std over {n_c} seeds, fewer than the 8 of (a) and (b), so read it as "
+                 "an indication")
+              + ("; BNP-SGD with BNPSGD's default step cap" if capped else
+                 "; BNP-SGD with the exact step, measured before the step cap: `python "
+                 "benchmarks/claims.py --only c --readme` refreshes it") + "):", ""]
+    labels = list(c["runs"])
+    bnp, others = labels[-1], labels[:-1]
+    extra = [f"{bnp} − {o}" for o in others] if n_c >= 8 else []
+    lines += ["| batch | " + " | ".join(labels + extra) + " |",
+              "| ---: | " + " | ".join("---" for _ in labels + extra) + " |"]
+
+    def loss_acc(rs):
+        losses = [r["final"]["train_loss"] for r in rs]
+        accs = [100 * r["final"]["test_acc"] for r in rs]
+        if n_c >= 8:
+            return (f"{psi_study.fmt_ci(psi_study.interval(losses), '.3f', True)} / "
+                    f"{psi_study.fmt_ci(psi_study.interval(accs), '.1f', True)}")
+        return f"{mean_std(losses, '.3f')} / {mean_std(accs, '.1f')}"
+
     for batch in c["batches"]:
-        cells = []
-        for label, by_batch in c["runs"].items():
-            rs = by_batch[str(batch)]
-            cells.append(f"{mean_std([r['final']['train_loss'] for r in rs], '.3f')} / "
-                         f"{mean_std([100 * r['final']['test_acc'] for r in rs], '.1f')} "
-                         f"(lr {c['lr'][f'{label} b{batch}']:g})")
+        cells = [f"{loss_acc(c['runs'][label][str(batch)])} (lr "
+                 f"{c['lr'][f'{label} b{batch}']:g})" for label in labels]
+        for o in (others if extra else ()):
+            a, b = c["runs"][bnp][str(batch)], c["runs"][o][str(batch)]
+            d = psi_study.interval([100 * (x["final"]["test_acc"] - y["final"]["test_acc"])
+                                    for x, y in zip(a, b)])
+            cells.append(f"{psi_study.fmt_ci(d, '.1f')} points")
         lines.append(f"| {batch} | " + " | ".join(cells) + " |")
-    lines += ["", "![claim c](benchmarks/results/claims_c.png)"]
+    lines += ["", "![claim c](benchmarks/results/claims_c.png)", ""]
+    lines += ["What this shows, at this small scale (every number and direction below is "
+              "generated from the JSON files):", ""] + what_this_shows(study, c)
     return "\n".join(lines)
+
+
+def _dir(stat: dict, null: float, up: str, down: str, same: str) -> str:
+    """``up`` / ``down`` when the interval lies above / below ``null``, else ``same``."""
+    if stat.get("lo") is None:
+        return same
+    return up if stat["lo"] > null else down if stat["hi"] < null else same
+
+
+def what_this_shows(study: dict, c: dict) -> list[str]:
+    ci = psi_study.fmt_ci
+    cells = {e["name"]: e for e in study["cells"]}
+    base = cells["lr x1"]
+    out = []
+    for pair, comp in base["compare"].items():
+        a, b = (psi_study.LABELS[x] for x in pair.split(" vs "))
+        steps, loss, acc = comp["steps_diff"], comp["loss_ratio"], comp["test_acc_diff"]
+        out.append(
+            f"- **(a)** At the swept settings {a} needs {ci(steps, '.1f')} steps more than {b} "
+            f"to reach a training loss of {study['target']:g} (paired over the "
+            f"{steps['n']} seeds where both do; "
+            f"{_dir(steps, 0, 'later', 'sooner', 'no difference the seeds can resolve')}), "
+            f"ends at {ci(loss, '.2f', True)} times its final loss "
+            f"({_dir(loss, 1, 'higher', 'lower', 'no resolvable difference')}) and at "
+            f"{ci(acc, '.2f')} points of test accuracy "
+            f"({_dir(acc, 0, 'higher', 'lower', 'no resolvable difference')}).")
+    init = [e for e in study["cells"] if e["part"] == "init" and not e.get("same_as")]
+    floor = next((e for e in init if "ulp" in e["name"]), None)
+    starts = [e for e in init if e is not floor]
+    for m in ("sgd", "psi-sgd"):
+        label = psi_study.LABELS[m]
+        parts = []
+        for e in starts:
+            st = e["methods"][m]["stats"]["max_loss_diff"]
+            ratio = psi_study.ratio_interval([r["loss"] for r in e["methods"][m]["runs"]],
+                                             [r["loss"] for r in base["methods"][m]["runs"]])
+            parts.append(f"{e['name'].replace('init ', '')}: {ci(st, '.2g', True)}, final loss "
+                         f"x{ci(ratio, '.2f', True)} "
+                         f"({_dir(ratio, 1, 'higher', 'lower', 'unchanged within the interval')})")
+        fl = ci(floor["methods"][m]["stats"]["max_loss_diff"], ".2g", True) if floor else "-"
+        out.append(f"- **(b)** {label} from equivalent starts: largest per-step loss difference "
+                   f"from the unchanged start, " + "; ".join(parts)
+                   + f" (2-ulp nudge: {fl}).")
+    out.append("  PSI-SGD's step is angular, so only BatchNorm's eps (1e-5, not scaled with the "
+               "weights) and float rounding separate its equivalent starts; SGD's effective "
+               "step is lr/|w|², so a start with 10x larger weights takes 100x smaller steps.")
+    if len(c["seeds"]) >= 8:
+        labels = list(c["runs"])
+        bnp, plain, bn = labels[-1], labels[0], labels[1]
+        rows = []
+        for batch in c["batches"]:
+            r = {k: c["runs"][k][str(batch)] for k in labels}
+            acc = {k: psi_study.interval([100 * x["final"]["test_acc"] for x in v])
+                   for k, v in r.items()}
+            d_plain = psi_study.interval([100 * (x["final"]["test_acc"] - y["final"]["test_acc"])
+                                          for x, y in zip(r[bnp], r[plain])])
+            d_bn = psi_study.interval([100 * (x["final"]["test_acc"] - y["final"]["test_acc"])
+                                       for x, y in zip(r[bnp], r[bn])])
+            rows.append(f"batch {batch}: {bnp} {ci(acc[bnp], '.1f', True)}% against {plain} "
+                        f"{ci(acc[plain], '.1f', True)}% ({ci(d_plain, '.1f')} points, "
+                        f"{_dir(d_plain, 0, 'higher', 'lower', 'no resolvable difference')}) "
+                        f"and {bn} {ci(acc[bn], '.1f', True)}% ({ci(d_bn, '.1f')} points, "
+                        f"{_dir(d_bn, 0, 'higher', 'lower', 'no resolvable difference')})")
+        out.append(f"- **(c)** Test accuracy after {c['epochs']} epochs, {len(c['seeds'])} "
+                   "seeds: " + "; ".join(rows) + ".")
+    else:
+        out.append(f"- **(c)** {len(c['seeds'])} seeds only: see the table; "
+                   "`python benchmarks/claims.py --only c --readme` measures 8.")
+    return out
 
 
 def replace_block(text: str, begin: str, end: str, body: str) -> str:
@@ -439,6 +524,8 @@ def main(argv=None) -> None:
                    default=["sweep", "a", "b", "c"],
                    help="parts to run (default sweep a b c; robustness: benchmarks/psi_study.py)")
     p.add_argument("--seeds", type=int, default=5, help="evaluation seeds of part a (default 5)")
+    p.add_argument("--c-seeds", type=int, default=8,
+                   help="evaluation seeds of part c (default 8)")
     p.add_argument("--sweep-optimizers", nargs="+", choices=tuple(GRID), default=None,
                    help="re-sweep only these optimizers, keeping the others' saved results")
     p.add_argument("--readme", action="store_true", help="rewrite the README block")
@@ -457,7 +544,7 @@ def main(argv=None) -> None:
         if "b" in args.only:
             part_b(data, (0, 1, 2))
         if "c" in args.only:
-            part_c(data, (0, 1, 2))
+            part_c(data, tuple(range(args.c_seeds)))
         if "robustness" in args.only:
             psi_study.run_from_args(args)
         print(f"done in {time.perf_counter() - started:.0f} s", flush=True)

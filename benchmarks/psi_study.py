@@ -347,6 +347,8 @@ def summarize(cfg: Config, results: dict[tuple, dict]) -> list[dict]:
         if (c["part"] != "lr" and default is not None
                 and all(js == default["jobs"].get(m) for m, js in c["jobs"].items())):
             entry["same_as"] = "lr x1"  # the same runs as the default cell
+        if c["options"].get("nudge"):
+            entry["floor"] = True  # the noise floor of the trajectory differences
         if c["part"] == "transformer":
             _summarize_gpt(cfg, entry, runs)
             out.append(entry)
@@ -463,15 +465,17 @@ def study(cfg: Config, n_jobs: int = 1, name: str = "claims_robustness",
         saved = json.loads(Path(from_raw).read_text())
         results = {tuple(r["job"]): r["result"] for r in saved["runs"]}
         wall = saved["wall_seconds"]
+        machine = saved.get("machine") or _machine()
     else:
         results = run_jobs(jobs, n_jobs)
         wall = time.perf_counter() - started
+        machine = _machine()
         if raw is not None:
-            Path(raw).write_text(json.dumps(dict(wall_seconds=wall, runs=[
+            Path(raw).write_text(json.dumps(dict(wall_seconds=wall, machine=machine, runs=[
                 dict(job=list(j), result=r) for j, r in results.items()])))
     entries = summarize(cfg, results)
     payload = dict(
-        machine=_machine(), config=dataclasses.asdict(cfg), jobs=n_jobs, runs=len(results),
+        machine=machine, config=dataclasses.asdict(cfg), jobs=n_jobs, runs=len(results),
         wall_seconds=wall, run_seconds=sum(r["seconds"] for r in results.values()),
         target=TARGET, chance=CHANCE,
         settings={m: {k: DEFAULTS[m][k] for k in ("lr", "psi_lr", "weight_decay")}
@@ -535,7 +539,7 @@ def headline_table(payload: dict) -> str:
              "PSI-Adam − AdamW test acc (pp) | reach: PSI-Adam, AdamW |",
              "| --- | ---: | ---: | :---: | ---: | ---: | :---: |"]
     for e in payload["cells"]:
-        if e["part"] == "transformer" or e.get("same_as"):
+        if e["part"] == "transformer" or e.get("same_as") or e.get("floor"):
             continue
         cols = []
         for a, b in PAIRS:
@@ -608,53 +612,62 @@ def gpt_table(payload: dict) -> str:
     return "\n".join(lines)
 
 
-def _cells_where(payload: dict, pair: str, key: str, outcome: str, part=None) -> list[str]:
-    return [e["name"] for e in payload["cells"]
-            if pair in e["compare"] and e["part"] != "transformer"
-            and (part is None or e["part"] == part) and not e.get("same_as")
-            and e["compare"][pair][key]["verdict"] == outcome]
+PART_LABELS = {"lr": "learning rate (x the default)", "init": "init scale",
+               "wd": "weight decay and schedule", "batch": "batch size (linear lr scaling)"}
+
+
+def _settings(payload: dict, pair: str) -> list[dict]:
+    """The digits cells of a comparison that are settings of their own (not repeats of the
+    default cell, not the noise floor)."""
+    return [e for e in payload["cells"] if pair in e["compare"] and e["part"] != "transformer"
+            and not e.get("same_as") and not e.get("floor")]
+
+
+def _short(name: str) -> str:
+    return name.replace("lr ", "").replace("init ", "").replace("batch ", "")
 
 
 def findings(payload: dict) -> list[str]:
     """Sentences generated from the results (every number and every direction comes from the
-    JSON)."""
+    JSON): per comparison and part, where PSI's final loss and test accuracy are resolvably
+    better, worse or not different (paired 95% intervals)."""
     out = []
     n = payload["config"]["seeds"]
     cells_ = {e["name"]: e for e in payload["cells"]}
     for a, b in PAIRS:
         pair = f"{a} vs {b}"
-        total = sum(1 for e in payload["cells"] if pair in e["compare"]
-                    and e["part"] != "transformer" and not e.get("same_as"))
-        if not total:
+        settings = _settings(payload, pair)
+        if not settings:
             continue
-        better = _cells_where(payload, pair, "loss_ratio", "better")
-        worse = _cells_where(payload, pair, "loss_ratio", "worse")
-        acc_better = _cells_where(payload, pair, "test_acc_diff", "better")
-        acc_worse = _cells_where(payload, pair, "test_acc_diff", "worse")
-        text = (f"**{LABELS[a]} against {LABELS[b]}** ({total} digits settings, {n} seeds each, "
-                f"paired 95% intervals): final training loss lower in {len(better)}"
-                + (f" ({'; '.join(better)})" if better else "")
-                + f", higher in {len(worse)}" + (f" ({'; '.join(worse)})" if worse else "")
-                + f", indistinguishable in {total - len(better) - len(worse)}. Test accuracy "
-                f"higher in {len(acc_better)}" + (f" ({'; '.join(acc_better)})" if acc_better
-                                                  else "")
-                + f", lower in {len(acc_worse)}" + (f" ({'; '.join(acc_worse)})" if acc_worse
-                                                    else "")
-                + f", indistinguishable in {total - len(acc_better) - len(acc_worse)}.")
+        text = f"**{LABELS[a]} against {LABELS[b]}** ({len(settings)} settings x {n} seeds)."
         base = cells_.get("lr x1")
         if base and pair in base["compare"]:
             c = base["compare"][pair]
-            text += (f" At the default lr: loss ratio {fmt_ci(c['loss_ratio'], '.2f', True)}, "
+            text += (f" At the default lr: final loss x{fmt_ci(c['loss_ratio'], '.2f', True)}, "
                      f"test accuracy {fmt_ci(c['test_acc_diff'], '.2f')} points, steps to "
                      f"{payload['target']:g} {fmt_ci(c['steps_diff'], '.1f')} "
-                     f"({c['steps_diff']['n']} paired seeds).")
+                     f"({_word(c['loss_ratio']['verdict'])} in loss, "
+                     f"{_word(c['test_acc_diff']['verdict'])} in accuracy, "
+                     f"{_word(c['steps_diff']['verdict'])} in steps).")
+        for part, label in PART_LABELS.items():
+            group = [e for e in settings if e["part"] == part]
+            if not group:
+                continue
+            bits = []
+            for key, what in (("loss_ratio", "loss"), ("test_acc_diff", "accuracy")):
+                by = {v: [_short(e["name"]) for e in group
+                          if e["compare"][pair][key]["verdict"] == v]
+                      for v in ("better", "worse", "same")}
+                bits.append(f"{what} better at {', '.join(by['better']) or 'none'}, worse at "
+                            f"{', '.join(by['worse']) or 'none'}")
+            text += f" {label.capitalize()}: " + "; ".join(bits) + "."
         out.append(text)
     w = payload.get("lr_width", {})
     if w:
         out.append("**Learning-rate range** that gets every seed to a training loss of "
                    f"{payload['target']:g}: " + "; ".join(
                        f"{LABELS[m]} {_width(v)}" for m, v in w.items()) + ".")
-    init = [e for e in payload["cells"] if e["part"] == "init" and e["name"] != "init x1"]
+    init = [e for e in payload["cells"] if e["part"] == "init" and not e.get("same_as")]
     if init:
         parts = []
         for e in init:
@@ -668,12 +681,17 @@ def findings(payload: dict) -> list[str]:
         if e["part"] == "transformer":
             last = str(e["checkpoints"][-1])
             d = e["compare"]["psi-adam vs adamw"][last]
-            word = {"better": "lower", "worse": "higher", "same": "indistinguishable from"
-                    }.get(d["verdict"], "?")
+            word = {"better": "lower than", "worse": "higher than",
+                    "same": "indistinguishable from"}.get(d["verdict"], "?")
             out.append(f"**{e['name']}**: PSI-Adam's loss at step {last} is {word} AdamW's "
                        f"({fmt_ci(d, '.4f')}, {d['n']} seeds; loss floor "
                        f"{e['methods']['adamw']['loss_floor']:.3f}).")
     return out
+
+
+def _word(v: str) -> str:
+    return {"better": "PSI better", "worse": "PSI worse", "same": "no resolvable difference"
+            }.get(v, "too few seeds")
 
 
 def readme_section(payload: dict) -> str:
@@ -692,7 +710,7 @@ def readme_section(payload: dict) -> str:
              + ") unless the row changes it. Ratios and differences are paired over seeds with "
              "95% t-intervals (final loss: geometric mean of the ratio; a diverged run counts "
              "as chance, ln 10); ✓ / ✗: the interval excludes no difference, in PSI's favour / "
-             f"against it. `reach`: seeds whose training loss (mean over one epoch of steps) "
+             "against it; better / worse below mean the same. `reach`: seeds whose training loss (mean over one epoch of steps) "
              f"gets to {payload['target']:g}.", ""]
     lines += findings_block(payload)
     lines += ["", headline_table(payload), "",

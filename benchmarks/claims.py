@@ -1,6 +1,6 @@
 """The papers' claims, reproduced at the scale of the built-in digits data (2 CPU cores).
 
-    python benchmarks/claims.py            # everything (about 15 minutes on 2 idle cores)
+    python benchmarks/claims.py            # sweep, a, b, c (c, 8 seeds: about 10 minutes)
     python benchmarks/claims.py --only a   # sweep, a, b, c: one part (a and b need the sweep's
                                            # results, benchmarks/results/claims_sweep.json)
     python benchmarks/claims.py --readme   # also rewrite the README block from the JSON files
@@ -67,7 +67,9 @@ C_EPOCHS = 2
 C_METHODS = {  # label -> (optimizer, norm, lr grid)
     "SGD, no BN": ("sgd", "none", (3e-3, 1e-2, 3e-2, 0.1)),
     "SGD + BatchNorm": ("sgd", "bn", (3e-3, 1e-2, 3e-2, 0.1)),
-    "BNP-SGD, no BN": ("bnp-sgd", "none", (1e-4, 3e-4, 1e-3)),
+    # BNPSGD's default step cap makes large lrs usable (benchmarks/bnp_lr_window.py): the grid
+    # runs up to its default lr, 0.1.
+    "BNP-SGD, no BN": ("bnp-sgd", "none", (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)),
 }
 
 
@@ -376,7 +378,7 @@ def readme_block() -> str:
               "same network up to its eps. The noise floor: one weight nudged by 2 ulp. Largest "
               "per-step difference in training loss from the unchanged start, and the final "
               "loss of the changed start over the unchanged one, paired over seeds):", "",
-              "| start | " + " | ".join(f"{m}: max \|loss diff\|" for m in ("sgd", "psi-sgd"))
+              "| start | " + " | ".join(f"{m}: max \\|loss diff\\|" for m in ("sgd", "psi-sgd"))
               + " | " + " | ".join(f"{m}: final loss ratio" for m in ("sgd", "psi-sgd")) + " |",
               "| --- | ---: | ---: | ---: | ---: |"]
     for e in init:
@@ -419,7 +421,7 @@ def readme_block() -> str:
 
     for batch in c["batches"]:
         cells = [f"{loss_acc(c['runs'][label][str(batch)])} (lr "
-                 f"{c['lr'][f'{label} b{batch}']:g})" for label in labels]
+                 f"{c['lr'][f'{label} b{batch}']:g}{_edge(c, label, batch)})" for label in labels]
         for o in (others if extra else ()):
             a, b = c["runs"][bnp][str(batch)], c["runs"][o][str(batch)]
             d = psi_study.interval([100 * (x["final"]["test_acc"] - y["final"]["test_acc"])
@@ -430,6 +432,13 @@ def readme_block() -> str:
     lines += ["What this shows, at this small scale (every number and direction below is "
               "generated from the JSON files):", ""] + what_this_shows(study, c)
     return "\n".join(lines)
+
+
+def _edge(c: dict, label: str, batch: int) -> str:
+    """``", grid edge"`` when part c's chosen lr is the largest or smallest of its grid."""
+    grid = sorted(r["lr"] for r in c["grid"] if r["method"] == label and r["batch"] == batch)
+    lr = c["lr"][f"{label} b{batch}"]
+    return ", grid edge" if grid and lr in (grid[0], grid[-1]) else ""
 
 
 def _dir(stat: dict, null: float, up: str, down: str, same: str) -> str:

@@ -237,7 +237,7 @@ def _run_gpt(job: tuple) -> dict:
                                f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
         saved = json.loads(log.read_text())
     return dict(step_loss=saved["step_loss"], loss_floor=saved["loss_floor"],
-                tokens_per_s=saved["tokens_per_s"])
+                tokens_per_s=saved["tokens_per_s"], settings=saved["settings"])
 
 
 def _worker_init() -> None:
@@ -398,6 +398,10 @@ def _summarize_gpt(cfg: Config, entry: dict, runs: dict) -> None:
                     for i in range(cfg.gpt_checkpoints)})
     entry["checkpoints"] = marks
     entry["window"] = GPT_WINDOW
+    # The example's settings (its defaults included); runs saved before they were recorded
+    # used the example's only QK-norm then, over the whole projection (tensor groups).
+    first = runs["psi-adam"][0]
+    entry["example_settings"] = first.get("settings") or dict(qk_norm="full")
 
     def at(r, s):
         return statistics.fmean(r["step_loss"][s - GPT_WINDOW:s])
@@ -718,10 +722,17 @@ def readme_section(payload: dict) -> str:
               "reaching the target in brackets); PSI methods move lr and psi_lr together:", "",
               lr_table(payload), ""]
     if any(e["part"] == "transformer" for e in payload["cells"]):
-        lines += ["Transformer (`examples/train_large.py --optimizer adamw|psi-adam`, lr 3e-3, "
-                  "psi_lr 3e-2, weight decay 0.1 on matrices, the same synthetic bigram batches "
-                  f"for every seed; loss = mean of the last {GPT_WINDOW} step losses; "
-                  "mean [95% interval] over seeds):", "", gpt_table(payload), ""]
+        gpt = next(e for e in payload["cells"] if e["part"] == "transformer")
+        ex = gpt.get("example_settings") or dict(qk_norm="full")
+        qk = ("per-head QK-norm: block groups" if ex.get("qk_norm") == "head" else
+              "QK-norm over the whole projection: tensor groups")
+        lines += ["Transformer (`examples/train_large.py --optimizer adamw|psi-adam`, "
+                  f"{ex.get('layers', 2)} layers, {ex.get('heads', 4)} heads, {qk}; lr "
+                  f"{ex.get('lr', 3e-3):g}, psi_lr {ex.get('psi_lr', 3e-2):g}, weight decay "
+                  f"{ex.get('weight_decay', 0.1):g} on matrices, the same synthetic bigram "
+                  "batches for every seed; loss = mean of the last "
+                  f"{GPT_WINDOW} step losses; mean [95% interval] over seeds):", "",
+                  gpt_table(payload), ""]
     lines += ["![PSI study](benchmarks/results/claims_robustness.png)"]
     return "\n".join(lines)
 

@@ -133,3 +133,27 @@ def test_readme_blocks_come_from_the_saved_results():
     # The README holds what the saved JSON gives (python benchmarks/claims.py --readme-only).
     readme = claims.README.read_text()
     assert block in readme and section in readme
+
+
+def test_cifar10_cells(tmp_path):
+    """--data-dir: the digits cells on CIFAR-10 (here a fake folder of 80 + 16 images)."""
+    import pickle
+
+    import numpy as np
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in [(f"data_batch_{i}", 16) for i in range(1, 6)] + [("test_batch", 16)]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         b"labels": list(rng.integers(0, 10, n))}, f)
+    cfg = psi_study.Config(seeds=2, epochs=1, parts=("init",), init_scales=(10.0,),
+                           dataset="cifar10", data_dir=str(tmp_path))
+    payload = psi_study.study(cfg, 1, name="claims_robustness_cifar10", out_dir=tmp_path,
+                              plot=False)
+    assert (tmp_path / "claims_robustness_cifar10.json").exists()
+    assert payload["config"]["dataset"] == "cifar10"
+    (x10,) = [c for c in payload["cells"] if c["name"] == "init x10"]
+    assert x10["methods"]["sgd"]["stats"]["n"] == 2
+    assert max(r["max_loss_diff"] for r in x10["methods"]["psi-sgd"]["runs"]) < 0.01

@@ -662,8 +662,10 @@ def findings(payload: dict) -> list[str]:
                 by = {v: [_short(e["name"]) for e in group
                           if e["compare"][pair][key]["verdict"] == v]
                       for v in ("better", "worse", "same")}
-                bits.append(f"{what} better at {', '.join(by['better']) or 'none'}, worse at "
-                            f"{', '.join(by['worse']) or 'none'}")
+                sides = [f"{side} at {', '.join(by[side])}" for side in ("better", "worse")
+                         if by[side]]
+                bits.append(f"{what} " + (", ".join(sides) if sides
+                                          else "no resolvable difference"))
             text += f" {label.capitalize()}: " + "; ".join(bits) + "."
         out.append(text)
     w = payload.get("lr_width", {})

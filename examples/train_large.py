@@ -5,19 +5,28 @@
     python examples/train_large.py                                    # one process
     python examples/train_large.py --optimizer adamw --log-json adamw.json   # the baseline
 
-``--optimizer psi-adam`` (the default) is PSIAdam with the tensor groups on the sphere;
+``--optimizer psi-adam`` (the default) is PSIAdam with the QK weights on their spheres;
 ``--optimizer adamw`` is the baseline: plain ``torch.optim.AdamW`` on every parameter, with the
 same lr, betas and weight decay rule (decay on matrices, none on norms and biases) and the same
 data and seeds, so the only difference is how the scale-invariant weights move. ``--log-json
 PATH`` writes every step's loss (mean over ranks) and the settings as JSON (rank 0).
 
 The model is pre-LN (``x + attn(LN(x))``, ``x + mlp(LN(x))``) with QK-norm: the query and key
-projections are bias-free Linears whose outputs go straight into a LayerNorm over the whole
-projection (as in OLMo 2), so ``LN(c W x) = LN(W x)`` for any ``c > 0``: those weights are
-scale-invariant as a whole and ``psi_cuda.param_groups`` puts them in ``manifold="tensor"``
-groups (PSIAdam moves them on the sphere; under FSDP2 each such group all-reduces its 6 Gram
-sums once per step). Everything else (embeddings, value/output projections, MLP, norms, head)
-is Euclidean and follows ``torch.optim.AdamW`` inside the same PSIAdam.
+projections are bias-free Linears whose outputs are normalized before attention.
+
+* ``--qk-norm head`` (the default): each head's query and key are normalized on their own, a
+  LayerNorm over ``head_dim`` after the view into heads (as in several current open LLM
+  families). Each head's ``head_dim`` consecutive rows of ``W_q`` and ``W_k`` are then scale
+  invariant on their own, and ``psi_cuda.param_groups`` puts those weights in
+  ``manifold="block"`` groups with ``block_rows = head_dim``: PSIAdam moves every head on its
+  own sphere. Under FSDP2 the heads that a shard boundary cuts all-reduce their Gram sums (one
+  all-reduce per step and param group); the others need no communication.
+* ``--qk-norm full``: one LayerNorm over the whole projection (as in OLMo 2), so
+  ``LN(c W x) = LN(W x)`` for the whole matrix: ``manifold="tensor"`` groups, each one
+  all-reduced under FSDP2.
+
+Everything else (embeddings, value/output projections, MLP, norms, head) is Euclidean and
+follows ``torch.optim.AdamW`` inside the same PSIAdam.
 
 Each transformer block and the root are wrapped with ``fully_shard`` on a 1-D mesh (or a 2-D
 ``(replicate, shard)`` mesh for HSDP with ``--replicate R``). Data is synthetic (a fixed random
@@ -52,30 +61,38 @@ from psi_cuda.optim import PSIAdam
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, qk_norm: str = "head"):
         super().__init__()
-        self.heads = heads
-        # QK-norm over the whole projection: wq and wk feed a LayerNorm -> tensor groups.
+        if dim % heads:
+            raise ValueError(f"--dim {dim} must be a multiple of --heads {heads}")
+        self.heads, self.head_dim, self.per_head = heads, dim // heads, qk_norm == "head"
+        # QK-norm per head (over head_dim: block groups) or over the whole projection (tensor
+        # groups): either way wq and wk are bias-free and feed the norm directly.
+        norm_dim = self.head_dim if self.per_head else dim
         self.wq = nn.Linear(dim, dim, bias=False)
-        self.q_norm = nn.LayerNorm(dim)
+        self.q_norm = nn.LayerNorm(norm_dim)
         self.wk = nn.Linear(dim, dim, bias=False)
-        self.k_norm = nn.LayerNorm(dim)
+        self.k_norm = nn.LayerNorm(norm_dim)
         self.wv = nn.Linear(dim, dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x):
         b, t = x.size(0), x.size(1)
-        split = lambda y: y.view(b, t, self.heads, -1).transpose(1, 2)  # noqa: E731
-        q, k, v = split(self.q_norm(self.wq(x))), split(self.k_norm(self.wk(x))), split(self.wv(x))
+        heads = lambda y: y.view(b, t, self.heads, self.head_dim)  # noqa: E731
+        if self.per_head:
+            q, k = self.q_norm(heads(self.wq(x))), self.k_norm(heads(self.wk(x)))
+        else:
+            q, k = heads(self.q_norm(self.wq(x))), heads(self.k_norm(self.wk(x)))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), heads(self.wv(x)).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, qk_norm: str = "head"):
         super().__init__()
         self.ln1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, qk_norm)
         self.ln2 = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, 4 * dim)
         self.fc2 = nn.Linear(4 * dim, dim)
@@ -86,11 +103,12 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab: int, dim: int, layers: int, heads: int, seq: int):
+    def __init__(self, vocab: int, dim: int, layers: int, heads: int, seq: int,
+                 qk_norm: str = "head"):
         super().__init__()
         self.tok = nn.Embedding(vocab, dim)
         self.pos = nn.Embedding(seq, dim)
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(dim, heads, qk_norm) for _ in range(layers))
         self.ln_f = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
 
@@ -153,7 +171,7 @@ def build_optimizer(model: nn.Module, named_groups: dict, args) -> torch.optim.O
                                   {"params": other, "weight_decay": 0.0}],
                                  lr=args.lr, betas=(0.9, 0.95))
     groups = []
-    for manifold, names in named_groups.items():
+    for (manifold, block_rows), names in named_groups.items():
         if manifold is None:  # AdamW: decay the matrices, not norms/biases
             decay = [named[n] for n in names if named[n].dim() >= 2]
             other = [named[n] for n in names if named[n].dim() < 2]
@@ -161,7 +179,8 @@ def build_optimizer(model: nn.Module, named_groups: dict, args) -> torch.optim.O
                        {"params": other, "manifold": None, "weight_decay": 0.0}]
         else:
             groups.append({"params": [named[n] for n in names], "manifold": manifold,
-                           "lr": args.psi_lr, "weight_decay": 0.0})
+                           "lr": args.psi_lr, "weight_decay": 0.0,
+                           **({"block_rows": block_rows} if manifold == "block" else {})})
     return PSIAdam([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.95))
 
 
@@ -176,7 +195,7 @@ def main():
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW lr (Euclidean groups)")
     p.add_argument("--psi-lr", type=float, default=3e-2,
-                   help="PSIAdam lr of the tensor groups (about radians per step)")
+                   help="PSIAdam lr of the QK weights' groups (about radians per step)")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward")
     p.add_argument("--replicate", type=int, default=1,
@@ -188,8 +207,11 @@ def main():
                    help="continue from the newest checkpoint in --ckpt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--optimizer", choices=("psi-adam", "adamw"), default="psi-adam",
-                   help="psi-adam (PSIAdam, tensor groups on the sphere) or adamw "
+                   help="psi-adam (PSIAdam, QK weights on their spheres) or adamw "
                         "(torch.optim.AdamW on every parameter, same lr and weight decay)")
+    p.add_argument("--qk-norm", choices=("head", "full"), default="head",
+                   help="head: a LayerNorm per head over head_dim (block groups); full: one "
+                        "over the whole projection (tensor groups)")
     p.add_argument("--log-json", default=None, metavar="PATH",
                    help="write every step's loss (mean over ranks) and the settings here")
     args = p.parse_args()
@@ -205,12 +227,15 @@ def main():
         mesh = init_device_mesh(device.type, (world,))
 
     torch.manual_seed(args.seed)  # the same initial model on every rank
-    model = GPT(args.vocab, args.dim, args.layers, args.heads, args.seq).to(device)
+    model = GPT(args.vocab, args.dim, args.layers, args.heads, args.seq, args.qk_norm).to(device)
     # Classify on the plain model (torch.fx), remember the names, then shard.
     ids = {id(q): n for n, q in model.named_parameters()}
-    named_groups: dict = {"tensor": [], "channel": [], None: []}
+    named_groups: dict = {}  # (manifold, block_rows) -> parameter names
     for g in psi_cuda.param_groups(model, lr=args.lr):
-        named_groups[g["manifold"]] += [ids[id(q)] for q in g["params"]]
+        key = (g["manifold"], g.get("block_rows"))
+        named_groups.setdefault(key, []).extend(ids[id(q)] for q in g["params"])
+    psi_names = {f"{m}" + (f"(block_rows={b})" if b else ""): names
+                 for (m, b), names in named_groups.items() if m is not None}
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -218,8 +243,8 @@ def main():
     if rank == 0:
         n_params = sum(q.numel() for q in model.parameters())
         print(f"{world} rank(s) on {device.type} ({dist.get_backend()}), mesh {tuple(mesh.shape)},"
-              f" {n_params / 1e6:.2f}M parameters, {args.optimizer}; tensor groups: "
-              f"{named_groups['tensor']}", flush=True)
+              f" {n_params / 1e6:.2f}M parameters, {args.optimizer}, qk-norm {args.qk_norm}; "
+              f"PSI groups: {psi_names}", flush=True)
 
     start = 0
     if args.resume:

@@ -323,19 +323,22 @@ def _losses(stdout: str) -> dict[int, float]:
 
 
 def test_train_large_example_learns_and_resumes(tmp_path):
-    """2 ranks, FSDP2 + PSIAdam with tensor groups: the loss falls, and a run resumed from its
+    """2 ranks, FSDP2 + PSIAdam with per-head QK-norm (block groups, the default; 3 heads of 16
+    rows: the shard boundary at row 24 cuts a head): the loss falls, and a run resumed from its
     step-10 DCP checkpoint prints the same losses as the uninterrupted run."""
     ckpt = tmp_path / "ckpt"
-    run = torchrun([EXAMPLE, *SMALL, "--steps", "30", "--log-every", "5", "--ckpt", str(ckpt),
+    args = [EXAMPLE, *SMALL, "--dim", "48", "--heads", "3"]
+    run = torchrun([*args, "--steps", "30", "--log-every", "5", "--ckpt", str(ckpt),
                     "--save-every", "10"])
     assert run.returncode == 0, run.stderr[-6000:]
-    assert "tensor groups: ['blocks.0.attn.wq.weight', 'blocks.0.attn.wk.weight'" in run.stdout
+    assert ("PSI groups: {'block(block_rows=16)': ['blocks.0.attn.wq.weight', "
+            "'blocks.0.attn.wk.weight'") in run.stdout
     losses = _losses(run.stdout)
     assert sorted(losses) == [5, 10, 15, 20, 25, 30]
     assert losses[30] < losses[5] - 0.5  # from about 3.5 to about 2.2 (uniform: 4.16)
     for later in ("step_0000020", "step_0000030"):
         shutil.rmtree(ckpt / later)
-    resumed = torchrun([EXAMPLE, *SMALL, "--steps", "20", "--log-every", "5", "--ckpt", str(ckpt),
+    resumed = torchrun([*args, "--steps", "20", "--log-every", "5", "--ckpt", str(ckpt),
                         "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-6000:]
     assert "at step 10" in resumed.stdout
@@ -343,10 +346,14 @@ def test_train_large_example_learns_and_resumes(tmp_path):
     assert again == {15: losses[15], 20: losses[20]}
 
 
-def test_train_large_hsdp_equals_fsdp(tmp_path):
+@pytest.mark.parametrize("qk", [["--qk-norm", "full"], ["--qk-norm", "head", "--dim", "48",
+                                                         "--heads", "2"]], ids=["full", "head"])
+def test_train_large_hsdp_equals_fsdp(tmp_path, qk):
     """HSDP (2-D mesh: 2 replicas x 2 shards) and FSDP over 4 ranks see the same data and must
-    train the same: the tensor groups reduce their Gram sums over the shard dimension only."""
-    args = [EXAMPLE, *SMALL, "--steps", "10", "--log-every", "5"]
+    train the same: the groups cut across ranks reduce their Gram sums over the shard dimension
+    only. Per head (2 heads of 24 rows of 48): FSDP's shards of 12 rows cut every head, HSDP's
+    shards of 24 rows cut none (no all-reduce), so the cut path must equal the local one."""
+    args = [EXAMPLE, *SMALL, *qk, "--steps", "10", "--log-every", "5"]
     fsdp = torchrun(args, nproc=4)
     hsdp = torchrun(args + ["--replicate", "2"], nproc=4)
     assert fsdp.returncode == 0 and hsdp.returncode == 0, fsdp.stderr[-3000:] + hsdp.stderr[-3000:]

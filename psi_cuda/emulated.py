@@ -32,8 +32,8 @@ except ImportError:  # a build without PSI_CUDA_BUILD_EMULATOR=1
 
 ORDERS = ("forward", "reverse", "random")
 
-__all__ = ["available", "schedule", "capture", "launches", "psi_sgd_", "psi_adam_",
-           "psi_grams", "bnp_update_stats_", "bnp_precondition_", "bnp_sgd_", "ORDERS"]
+__all__ = ["available", "schedule", "capture", "launches", "host_copies", "psi_sgd_",
+           "psi_adam_", "psi_grams", "bnp_update_stats_", "bnp_precondition_", "bnp_sgd_", "ORDERS"]
 
 
 def available() -> bool:
@@ -97,6 +97,13 @@ def launches() -> list[dict]:
                     "block": tuple(int(v) for v in block.split(",")),
                     "shared_bytes": int(shared)})
     return out
+
+
+def host_copies() -> int:
+    """The host-to-device copies (metadata table uploads) the last emulated op queued: 0 when
+    it reused a table an earlier call uploaded (csrc/cuda/device_table.cuh)."""
+    _require()
+    return int(torch.ops.psi_cuda_emu._host_copies())
 
 
 def _bind(fn):

@@ -208,3 +208,31 @@ def test_update_stats_skips_nonfinite_batch(case, bad, sched):
         close(a, e, torch.float32)
     _cache.check(("stats-nonfinite", str(case), bad), lambda: run(emulated.bnp_update_stats_),
                  sched, out)
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
+def test_sgd_steps_advance_from_the_last_rows_block(sched):
+    """bnp_sgd_'s steps advance by one per call, done by the last block of the rows kernel (no
+    launch of their own), with the table reused by the next calls (gradients in the weights'
+    layout: a transposed one is copied at every call, so its table is new each time); a call
+    whose layers have no rows takes increment_steps_kernel."""
+    layers = [layer for layer in LAYERS + EXTRA_LAYERS if layer[2] != "t"]
+    ws, bs, gws, gbs, means, sqmeans, groups = make_layers(torch.float32, True, layers)
+    bufs = [torch.zeros_like(w) for w in ws], [torch.zeros_like(b) for b in bs]
+    steps = [torch.tensor(float(i)) for i in range(len(ws))]
+    kw = dict(groups=groups, eps=1e-5, lr=0.1, momentum=0.9)
+    with emulated.schedule(*sched):
+        copies = []
+        for _ in range(3):
+            emulated.bnp_sgd_(ws, bs, gws, gbs, *bufs, steps, means, sqmeans, **kw)
+            copies.append(emulated.host_copies())
+            names = [r["kernel"] for r in emulated.launches()]
+            assert "increment_steps_kernel" not in names and len(names) == 2, names
+        assert copies[1:] == [0, 0]
+        assert [s.item() for s in steps] == [i + 3.0 for i in range(len(ws))]
+        w0, g0 = torch.zeros(0, 5), torch.zeros(0, 5)
+        empty_steps = [torch.tensor(2.0)]
+        emulated.bnp_sgd_([w0], [], [g0], [], [], [], empty_steps, [torch.zeros(5)],
+                          [torch.ones(5)], groups=[1], eps=1e-5, lr=0.1)
+        assert [r["kernel"] for r in emulated.launches()] == ["increment_steps_kernel"]
+        assert empty_steps[0].item() == 3.0

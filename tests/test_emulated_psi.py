@@ -208,10 +208,45 @@ def test_resnet50_launches_do_not_grow_with_tensors():
     launches = {"few": _psisgd_step_launches(few), "full": _psisgd_step_launches(full)}
     print(f"ResNet-50 PSISGD step: {len(launches['full'])} launches: {launches['full']}")
     assert launches["few"] == launches["full"]
+    # the steps are advanced by the last block of each call's last kernel: no launch of their own
     assert launches["full"] == [
         "psi_short_groups_kernel<scalar_t>", "psi_long_reduce_kernel<scalar_t>",
-        "psi_long_solve_kernel", "psi_long_apply_kernel<scalar_t>", "increment_steps_kernel",
-        "euclidean_sgd_kernel<scalar_t>", "increment_steps_kernel"]
+        "psi_long_solve_kernel", "psi_long_apply_kernel<scalar_t>",
+        "euclidean_sgd_kernel<scalar_t>"]
+
+
+CALL_KINDS = {  # the last kernel of the call, which advances the steps
+    "short": [(300, 7), (2, 5)], "long": [(2, 9000), (1, 3000)], "short+long": [(5, 4), (1, 5000)]}
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
+@pytest.mark.parametrize("manifold", ["channel", None])
+@pytest.mark.parametrize("kind", list(CALL_KINDS))
+@pytest.mark.parametrize("op", ["psi_sgd_", "psi_adam_"])
+def test_steps_advance_once_from_the_last_block(op, kind, manifold, sched):
+    """Each step advances by exactly one per call, done by whichever block of the last kernel
+    arrives last (many blocks: 300 rows), also for a step tensor listed twice (+2, as on the
+    CPU); found_inf leaves every step alone; a call of empty tensors only takes
+    increment_steps_kernel. No launch of its own otherwise."""
+    shapes = CALL_KINDS[kind]
+    case = make(op, shapes, torch.float32, manifold)
+    shared = torch.tensor(5.0)
+    case[-1] = [shared, shared] + [torch.tensor(float(k)) for k in range(len(shapes) - 2)]
+    kw = step_kw(op, manifold)
+    with emulated.schedule(*sched):
+        out = clone_all(*case)
+        out[-1] = [out[-1][0], out[-1][0]] + out[-1][2:]
+        getattr(emulated, op)(*out, **kw)
+        names = [r["kernel"] for r in emulated.launches()]
+        assert "increment_steps_kernel" not in names
+        assert out[-1][0].item() == 7.0
+        assert [s.item() for s in out[-1][2:]] == [k + 1.0 for k in range(len(shapes) - 2)]
+        getattr(emulated, op)(*out, **kw, found_inf=torch.ones(()))
+        assert out[-1][0].item() == 7.0
+        empty = make(op, [(0, 3), (0,)], torch.float32, manifold)
+        getattr(emulated, op)(*empty, **kw)
+        assert [r["kernel"] for r in emulated.launches()] == ["increment_steps_kernel"]
+        assert all(s.item() == 1.0 for s in empty[-1])
 
 
 @pytest.mark.parametrize("op", ["psi_sgd_", "psi_adam_"])
@@ -288,3 +323,31 @@ def test_block_groups(op, shape, b, sched):
         case[3] = [torch.zeros(p.size(0) // b) for p in case[0]]
     kw = dict(step_kw(op, "block"), block_rows=b)
     check(("block", op, shape, b), op, case, kw, sched, torch.float32)
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
+@pytest.mark.parametrize("kind", list(CALL_KINDS))
+@pytest.mark.parametrize("op", ["psi_sgd_", "psi_adam_"])
+def test_tables_are_reused_until_a_tensor_changes(op, kind, sched):
+    """A call whose tensors (addresses, sizes, steps) equal an earlier call's reuses that call's
+    device table: no upload, and the same results as the CPU kernel over several steps (the
+    arrivals counter of the step bump is back at zero for the next call). A new tensor in the
+    list (another address) makes a new table."""
+    case = make(op, CALL_KINDS[kind], torch.float32, "channel")
+    kw = step_kw(op, "channel")
+    expected = clone_all(*case)
+    with emulated.schedule(*sched):
+        out = clone_all(*case)
+        copies = []
+        for _ in range(3):
+            getattr(emulated, op)(*out, **kw)
+            copies.append(emulated.host_copies())
+            getattr(ops, op)(*expected, **kw)
+        assert copies[1:] == [0, 0]
+        for a_list, e_list in zip(out, expected):
+            for a, e in zip(a_list, e_list):
+                torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+        out[0][0] = out[0][0].clone()  # a new tensor: another address
+        getattr(emulated, op)(*out, **kw)
+        assert emulated.host_copies() == 1
+        assert all(s.item() == 4.0 for s in out[-1])

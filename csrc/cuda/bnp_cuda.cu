@@ -33,7 +33,9 @@
 //                         and its buffer (sgd). For bnp_sgd_ each block reads its layer's step on
 //                         the device: first = (step == 0) selects bnp_sgd_update(o, first); f
 //                         (maximize sign, 1 / grad_scale) is also read on the device.
-//   increment_steps_kernel (bnp_sgd_) every state step += 1, after the rows (stream order).
+//   (bnp_sgd_: every state step += 1 by the last block of bnp_rows_kernel, once every row has
+//   read its layer's step: StepBump, device_table.cuh; increment_steps_kernel when no layer has
+//   rows.)
 // bnp_sgd_ kernels read found_inf first and return when it is set: then nothing changes.
 // Nothing here waits for the device.
 //
@@ -379,7 +381,7 @@ template <typename scalar_t, bool kSgd>
 __global__ void __launch_bounds__(kThreads)
     bnp_rows_kernel(const LayerMeta* metas, int64_t num_layers, int64_t num_rows,
                     const at::opmath_type<scalar_t>* tab, SgdOptions o, const float* grad_scale,
-                    const float* found_inf) {
+                    const float* found_inf, StepBump bump) {
   using opmath_t = at::opmath_type<scalar_t>;
   using RowReduce = BlockReduce<double, kThreads>;
   if (skip_step(found_inf)) return;
@@ -461,9 +463,11 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();  // temp is reused by the next row
     }
   }
+  bump_steps_when_last(bump);  // bnp_sgd_: the layers' steps, once every row has read its own
 }
 
-// atomicAdd: a step tensor passed twice is incremented twice, as on the CPU.
+// bnp_sgd_ with no rows at all: the steps still advance. atomicAdd: a step tensor passed twice is
+// incremented twice, as on the CPU.
 __global__ void increment_steps_kernel(const int64_t* steps, int64_t n, const float* found_inf) {
   if (skip_step(found_inf)) return;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -506,17 +510,19 @@ void add_layer(RowsPlan& plan, const at::Tensor& grad, const at::Tensor* bias_gr
   plan.layers.push_back(a);
 }
 
-// Copies the layer table and the step addresses to the device without waiting (graph-safe
-// under CUDA graph capture: device_table.cuh). Returns the device buffer (layers first, then
-// steps).
+// Copies the layer table, the step addresses and the arrivals counter of the step bump to the
+// device without waiting, or reuses an earlier call's copy (graph-safe under CUDA graph
+// capture: device_table.cuh). Returns the device buffer (layers first, then steps, then the
+// counter).
 at::Tensor upload(const RowsPlan& plan, const at::Device& device, dev::Stream stream) {
   std::vector<int64_t> words;
-  words.reserve(plan.layers.size() * kMetaWords + plan.steps.size());
+  words.reserve(plan.layers.size() * kMetaWords + plan.steps.size() + 1);
   for (const LayerMeta& a : plan.layers) {
     const int64_t* row = reinterpret_cast<const int64_t*>(&a);
     words.insert(words.end(), row, row + kMetaWords);
   }
   words.insert(words.end(), plan.steps.begin(), plan.steps.end());
+  words.push_back(0);  // arrived (StepBump)
   return upload_words(words.data(), static_cast<int64_t>(words.size()), device, stream);
 }
 
@@ -524,7 +530,7 @@ at::Tensor upload(const RowsPlan& plan, const at::Device& device, dev::Stream st
 template <typename scalar_t, bool kSgd>
 void launch_rows(const RowsPlan& plan, const LayerMeta* metas, double eps, bool centered,
                  const SgdOptions& o, const float* grad_scale, const float* found_inf,
-                 const at::Device& device, dev::Stream stream) {
+                 const at::Device& device, dev::Stream stream, StepBump bump = StepBump{}) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (plan.rows == 0) return;
   const int64_t n = static_cast<int64_t>(plan.layers.size());
@@ -535,7 +541,7 @@ void launch_rows(const RowsPlan& plan, const LayerMeta* metas, double eps, bool 
   PSI_LAUNCH(channel_table_kernel<opmath_t>, grid_for(n), kThreads, 0, stream, metas, n, tab_ptr,
              eps, centered, found_inf);
   PSI_LAUNCH((bnp_rows_kernel<scalar_t, kSgd>), grid_for(plan.rows), kThreads, 0, stream, metas, n,
-             plan.rows, tab_ptr, o, grad_scale, found_inf);
+             plan.rows, tab_ptr, o, grad_scale, found_inf, bump);
 }  // tab goes back to the caching allocator, stream-ordered after these kernels
 
 void bnp_precondition_cuda(at::TensorList weight_grads, at::TensorList bias_grads,
@@ -622,15 +628,20 @@ void bnp_sgd_cuda(at::TensorList weights, at::TensorList biases, at::TensorList 
   const at::Tensor table = upload(plan, device, stream);
   const LayerMeta* metas = reinterpret_cast<const LayerMeta*>(table.data_ptr<int64_t>());
   const int64_t* steps = table.data_ptr<int64_t>() + plan.layers.size() * kMetaWords;
+  const int64_t num_steps = static_cast<int64_t>(plan.steps.size());
+  // The rows kernel's last block advances the steps (StepBump); with no rows, a kernel of its own.
+  auto* arrived = reinterpret_cast<unsigned long long*>(const_cast<int64_t*>(steps) + num_steps);
+  const StepBump bump{steps, num_steps, arrived};
   const float* scale = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
   const float* inf = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[0].scalar_type(),
                                   "bnp_sgd_cuda", [&] {
-    launch_rows<scalar_t, true>(plan, metas, eps, centered, o, scale, inf, device, stream);
+    launch_rows<scalar_t, true>(plan, metas, eps, centered, o, scale, inf, device, stream, bump);
   });
-  const int64_t num_steps = static_cast<int64_t>(plan.steps.size());
-  PSI_LAUNCH(increment_steps_kernel, grid_for(ceil_div(num_steps, kThreads)), kThreads, 0, stream,
-             steps, num_steps, inf);
+  if (plan.rows == 0) {
+    PSI_LAUNCH(increment_steps_kernel, grid_for(ceil_div(num_steps, kThreads)), kThreads, 0,
+               stream, steps, num_steps, inf);
+  }
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
 // Multi-tensor machinery shared by the fused CUDA kernels of the PSI ops (psi_sgd_cuda.cu,
-// psi_adam_cuda.cu): the metadata table, block-level Gram reductions, the elementwise writer of
-// an Update, the chunked long-group reduce/apply kernels, the step counter kernel and the host
-// plan. See psi_sgd_cuda.cu for the launch scheme.
+// psi_adam_cuda.cu, psi_grams_cuda.cu): the metadata table, block-level Gram reductions, the
+// elementwise writer of an Update, the chunked long-group reduce/apply kernels, the step bump of
+// the last kernel (and the step counter kernel of calls with no other) and the host plan. See
+// psi_sgd_cuda.cu for the launch scheme.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -282,7 +283,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     psi_long_apply_kernel(const TensorMeta* metas, int64_t num_tensors, int64_t num_chunks,
-                          const Update* updates, const float* found_inf) {
+                          const Update* updates, const float* found_inf, StepBump bump) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (skip_step(found_inf)) return;
   for (int64_t unit = blockIdx.x; unit < num_chunks; unit += gridDim.x) {
@@ -291,7 +292,9 @@ __global__ void __launch_bounds__(kThreads)
     thread_apply<scalar_t, opmath_t>(Ptrs<scalar_t>(a, c.begin), c.len,
                                      updates[a.first_group + c.group]);
   }
+  bump_steps_when_last(bump);
 }
+
 
 // The Gram sums of long group j (its tensor `a`): the partials of its chunks added in a fixed
 // order (results do not depend on timing); the result is in thread 0. A block-wide call.
@@ -304,7 +307,7 @@ __device__ __forceinline__ Gram long_group_gram(const TensorMeta& a, int64_t j,
   return BlockGramReduce(temp).Reduce(sum, GramSum());
 }
 
-// atomicAdd: a step tensor passed twice is incremented twice, as on the CPU.
+// A call with no kernel of its own (every tensor empty) still advances its steps.
 __global__ void increment_steps_kernel(const int64_t* steps, int64_t n, const float* found_inf) {
   if (skip_step(found_inf)) return;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -370,18 +373,22 @@ Plan make_plan(at::TensorList params, const std::vector<at::Tensor>& grads, at::
   return plan;
 }
 
-// The device copy of a plan's tables: shorts, longs, plains (TensorMeta rows) and the steps.
+// The device copy of a plan's tables: shorts, longs, plains (TensorMeta rows), the steps, and
+// the zero word the last kernel's blocks count their arrivals in (StepBump).
 struct DeviceTables {
   at::Tensor storage;
   const TensorMeta *shorts, *longs, *plains;
   const int64_t* steps;
+  int64_t num_steps;
+  unsigned long long* arrived;
+  StepBump bump() const { return StepBump{steps, num_steps, arrived}; }
 };
 
 DeviceTables upload_plan(const Plan& plan, const at::Device& device, dev::Stream stream) {
   // Tables -> device without waiting; graph-safe under CUDA graph capture (device_table.cuh).
   std::vector<int64_t> words;
   words.reserve((plan.shorts.size() + plan.longs.size() + plan.plains.size()) * kMetaWords +
-                plan.steps.size());
+                plan.steps.size() + 1);
   for (const std::vector<TensorMeta>* table : {&plan.shorts, &plan.longs, &plan.plains}) {
     for (const TensorMeta& a : *table) {
       const int64_t* row = reinterpret_cast<const int64_t*>(&a);
@@ -389,6 +396,7 @@ DeviceTables upload_plan(const Plan& plan, const at::Device& device, dev::Stream
     }
   }
   words.insert(words.end(), plan.steps.begin(), plan.steps.end());
+  words.push_back(0);  // arrived (StepBump)
   const at::Tensor dev =
       upload_words(words.data(), static_cast<int64_t>(words.size()), device, stream);
   DeviceTables d;
@@ -397,7 +405,29 @@ DeviceTables upload_plan(const Plan& plan, const at::Device& device, dev::Stream
   d.longs = d.shorts + plan.shorts.size();
   d.plains = d.longs + plan.longs.size();
   d.steps = reinterpret_cast<const int64_t*>(d.plains + plan.plains.size());
+  d.num_steps = static_cast<int64_t>(plan.steps.size());
+  d.arrived = reinterpret_cast<unsigned long long*>(const_cast<int64_t*>(d.steps + d.num_steps));
   return d;
+}
+
+// Which kernel of a psi_sgd_/psi_adam_ call advances the steps: the last one launched (short
+// groups, then long groups, then Euclidean tensors), or increment_steps_kernel when none is.
+struct StepBumps {
+  StepBump shorts, longs, plains;
+  bool own_kernel;
+};
+inline StepBumps step_bumps(const Plan& plan, const DeviceTables& tables) {
+  StepBumps b{};
+  if (plan.plain_chunks > 0) {
+    b.plains = tables.bump();
+  } else if (plan.long_groups > 0) {
+    b.longs = tables.bump();
+  } else if (plan.short_groups > 0) {
+    b.shorts = tables.bump();
+  } else {
+    b.own_kernel = true;
+  }
+  return b;
 }
 
 }  // namespace

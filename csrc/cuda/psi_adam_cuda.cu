@@ -9,7 +9,7 @@
 //   psi_adam_long_solve_kernel    per-group solve (writes v),
 //   psi_long_apply_kernel         chunk writes (shared with psi_sgd_).
 //   euclidean_adam_kernel         Euclidean tensors: torch.optim.AdamW, elementwise.
-//   increment_steps_kernel        every step += 1, after all the above (stream order).
+// Every step += 1 is done by the last block of the last kernel (StepBump, multi_tensor.cuh).
 //
 // The bias corrections use t = step + 1, read on the device; every kernel returns at once when
 // found_inf is set, so then nothing changes (steps, m and v included). No host sync.
@@ -48,7 +48,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, short_blocks_per_sm<scalar_t>())
     psi_adam_short_groups_kernel(const TensorMeta* metas, int64_t num_tensors,
                                  int64_t num_groups, AdamOptions o, const float* grad_scale,
-                                 const float* found_inf) {
+                                 const float* found_inf, StepBump bump) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (skip_step(found_inf)) return;
   PSI_SHARED(typename BlockGramReduce::TempStorage, temp);
@@ -79,6 +79,7 @@ __global__ void __launch_bounds__(kThreads, short_blocks_per_sm<scalar_t>())
     write_items<scalar_t>(shared_up, p.w, p.m, len, w, g, m);
     __syncthreads();  // shared_up and temp are reused by the next group
   }
+  bump_steps_when_last(bump);
 }
 
 // ---- long groups: the per-group solve (reduce and apply are shared with psi_sgd_) -------------
@@ -107,7 +108,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     euclidean_adam_kernel(const TensorMeta* metas, int64_t num_tensors, int64_t num_chunks,
-                          AdamOptions o, const float* grad_scale, const float* found_inf) {
+                          AdamOptions o, const float* grad_scale, const float* found_inf,
+                          StepBump bump) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (skip_step(found_inf)) return;
   const double f = grad_factor(o.maximize, grad_scale);
@@ -128,6 +130,7 @@ __global__ void __launch_bounds__(kThreads)
       v[i] = vi;
     }
   }
+  bump_steps_when_last(bump);
 }
 
 // ---- host ---------------------------------------------------------------------------------------
@@ -136,10 +139,11 @@ template <typename scalar_t>
 void launch_psi_adam(const Plan& plan, const DeviceTables& tables, const AdamOptions& o,
                      const float* grad_scale, const float* found_inf, const at::Device& device,
                      dev::Stream stream) {
+  const StepBumps bumps = step_bumps(plan, tables);
   if (plan.short_groups > 0) {
     PSI_LAUNCH(psi_adam_short_groups_kernel<scalar_t>, grid_for(plan.short_groups), kThreads, 0,
                stream, tables.shorts, static_cast<int64_t>(plan.shorts.size()), plan.short_groups,
-               o, grad_scale, found_inf);
+               o, grad_scale, found_inf, bumps.shorts);
   }
   if (plan.long_groups > 0) {
     const int64_t n = static_cast<int64_t>(plan.longs.size());
@@ -156,16 +160,17 @@ void launch_psi_adam(const Plan& plan, const DeviceTables& tables, const AdamOpt
                stream, tables.longs, n, plan.long_groups, partials_ptr, updates_ptr, o, grad_scale,
                found_inf);
     PSI_LAUNCH(psi_long_apply_kernel<scalar_t>, grid_for(plan.long_chunks), kThreads, 0, stream,
-               tables.longs, n, plan.long_chunks, updates_ptr, found_inf);
+               tables.longs, n, plan.long_chunks, updates_ptr, found_inf, bumps.longs);
   }  // partials/updates go back to the caching allocator, stream-ordered after these kernels
   if (plan.plain_chunks > 0) {
     PSI_LAUNCH(euclidean_adam_kernel<scalar_t>, grid_for(plan.plain_chunks), kThreads, 0, stream,
                tables.plains, static_cast<int64_t>(plan.plains.size()), plan.plain_chunks, o,
-               grad_scale, found_inf);
+               grad_scale, found_inf, bumps.plains);
   }
-  const int64_t num_steps = static_cast<int64_t>(plan.steps.size());
-  PSI_LAUNCH(increment_steps_kernel, grid_for(ceil_div(num_steps, kThreads)), kThreads, 0, stream,
-             tables.steps, num_steps, found_inf);
+  if (bumps.own_kernel) {
+    PSI_LAUNCH(increment_steps_kernel, grid_for(ceil_div(tables.num_steps, kThreads)), kThreads,
+               0, stream, tables.steps, tables.num_steps, found_inf);
+  }
 }
 
 void psi_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,

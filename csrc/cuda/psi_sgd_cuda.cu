@@ -1,10 +1,11 @@
 // Fused CUDA implementation of psi_cuda::psi_sgd_ (math: psi/math.h; semantics: the CPU kernel
 // csrc/cpu/psi_sgd_cpu.cpp, which this file follows step for step).
 //
-// One multi-tensor launch per kind of work (the shared pieces: multi_tensor.cuh). The host builds a table with one TensorMeta per
-// non-empty tensor (device addresses of w, g, m and the step, sizes, the index of the tensor's
-// first work unit) and copies it to the device asynchronously (device_table.cuh); a block finds
-// the tensor of its work unit by binary search over the first-unit column.
+// One multi-tensor launch per kind of work (the shared pieces: multi_tensor.cuh). The host builds
+// a table with one TensorMeta per non-empty tensor (device addresses of w, g, m and the step,
+// sizes, the index of the tensor's first work unit) and copies it to the device asynchronously,
+// or reuses the device copy of an earlier call with the same table (device_table.cuh); a block
+// finds the tensor of its work unit by binary search over the first-unit column.
 //
 //   psi_short_groups_kernel  channel/tensor groups of at most kShortGroup elements: one block
 //                            per group; the group is loaded into registers, its Gram matrix
@@ -16,8 +17,9 @@
 //                            (fixed order: results do not depend on timing) and solves the step.
 //   psi_long_apply_kernel    phase 3: one block per chunk writes the chunk with its group's step.
 //   euclidean_sgd_kernel     Euclidean tensors: one block per chunk, elementwise.
-//   increment_steps_kernel   every step += 1, after all the above (stream order), so no block
-//                            can read a step that another block has already incremented.
+// Every step += 1 is done by the last block of the last kernel, once every other block of that
+// kernel is done (StepBump, multi_tensor.cuh): no block reads a step another has incremented, and
+// the steps take no launch of their own (increment_steps_kernel only when every tensor is empty).
 //
 // Every kernel first reads found_inf and returns when it is set: then nothing at all changes.
 // Nothing here waits for the device: found_inf, grad_scale and the steps are read by kernels.
@@ -51,7 +53,8 @@ __device__ __noinline__ Update solve_psi_group(const Gram& G, const SgdOptions& 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, short_blocks_per_sm<scalar_t>())
     psi_short_groups_kernel(const TensorMeta* metas, int64_t num_tensors, int64_t num_groups,
-                            SgdOptions o, const float* grad_scale, const float* found_inf) {
+                            SgdOptions o, const float* grad_scale, const float* found_inf,
+                            StepBump bump) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (skip_step(found_inf)) return;
   PSI_SHARED(typename BlockGramReduce::TempStorage, temp);
@@ -86,6 +89,7 @@ __global__ void __launch_bounds__(kThreads, short_blocks_per_sm<scalar_t>())
     write_items<scalar_t>(shared_up, p.w, p.m, len, w, g, m);
     __syncthreads();  // shared_up and temp are reused by the next group
   }
+  bump_steps_when_last(bump);
 }
 
 // ---- long groups: chunk partials, per-group solve, chunk writes --------------------------------
@@ -113,7 +117,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     euclidean_sgd_kernel(const TensorMeta* metas, int64_t num_tensors, int64_t num_chunks,
-                         SgdOptions o, const float* grad_scale, const float* found_inf) {
+                         SgdOptions o, const float* grad_scale, const float* found_inf,
+                         StepBump bump) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (skip_step(found_inf)) return;
   for (int64_t unit = blockIdx.x; unit < num_chunks; unit += gridDim.x) {
@@ -124,6 +129,7 @@ __global__ void __launch_bounds__(kThreads)
     thread_apply<scalar_t, opmath_t>(Ptrs<scalar_t>(a, begin), min64(kChunk, a.numel - begin),
                                      up);
   }
+  bump_steps_when_last(bump);
 }
 
 // ---- steps -------------------------------------------------------------------------------------
@@ -131,37 +137,41 @@ __global__ void __launch_bounds__(kThreads)
 // ---- host ---------------------------------------------------------------------------------------
 
 template <typename scalar_t>
-void launch_psi_sgd(const Plan& plan, const TensorMeta* shorts, const TensorMeta* longs,
-                    const TensorMeta* plains, const int64_t* steps, const SgdOptions& o,
+void launch_psi_sgd(const Plan& plan, const DeviceTables& tables, const SgdOptions& o,
                     const float* grad_scale, const float* found_inf, const at::Device& device,
                     dev::Stream stream) {
+  const StepBumps bumps = step_bumps(plan, tables);
   if (plan.short_groups > 0) {
     PSI_LAUNCH(psi_short_groups_kernel<scalar_t>, grid_for(plan.short_groups), kThreads, 0, stream,
-               shorts, static_cast<int64_t>(plan.shorts.size()), plan.short_groups, o, grad_scale,
-               found_inf);
+               tables.shorts, static_cast<int64_t>(plan.shorts.size()), plan.short_groups, o,
+               grad_scale, found_inf, bumps.shorts);
   }
   if (plan.long_groups > 0) {
     const int64_t n = static_cast<int64_t>(plan.longs.size());
     const at::TensorOptions bytes = at::TensorOptions().dtype(at::kByte).device(device);
-    at::Tensor partials = at::empty({plan.long_chunks * static_cast<int64_t>(sizeof(Gram))}, bytes);
-    at::Tensor updates = at::empty({plan.long_groups * static_cast<int64_t>(sizeof(Update))}, bytes);
+    at::Tensor partials =
+        at::empty({plan.long_chunks * static_cast<int64_t>(sizeof(Gram))}, bytes);
+    at::Tensor updates =
+        at::empty({plan.long_groups * static_cast<int64_t>(sizeof(Update))}, bytes);
     Gram* partials_ptr = reinterpret_cast<Gram*>(partials.data_ptr());
     Update* updates_ptr = reinterpret_cast<Update*>(updates.data_ptr());
     PSI_LAUNCH(psi_long_reduce_kernel<scalar_t>, grid_for(plan.long_chunks), kThreads, 0, stream,
-               longs, n, plan.long_chunks, partials_ptr, found_inf);
-    PSI_LAUNCH(psi_long_solve_kernel, grid_for(plan.long_groups), kThreads, 0, stream, longs, n,
-               plan.long_groups, partials_ptr, updates_ptr, o, grad_scale, found_inf);
+               tables.longs, n, plan.long_chunks, partials_ptr, found_inf);
+    PSI_LAUNCH(psi_long_solve_kernel, grid_for(plan.long_groups), kThreads, 0, stream,
+               tables.longs, n, plan.long_groups, partials_ptr, updates_ptr, o, grad_scale,
+               found_inf);
     PSI_LAUNCH(psi_long_apply_kernel<scalar_t>, grid_for(plan.long_chunks), kThreads, 0, stream,
-               longs, n, plan.long_chunks, updates_ptr, found_inf);
+               tables.longs, n, plan.long_chunks, updates_ptr, found_inf, bumps.longs);
   }  // partials/updates go back to the caching allocator, stream-ordered after these kernels
   if (plan.plain_chunks > 0) {
     PSI_LAUNCH(euclidean_sgd_kernel<scalar_t>, grid_for(plan.plain_chunks), kThreads, 0, stream,
-               plains, static_cast<int64_t>(plan.plains.size()), plan.plain_chunks, o, grad_scale,
-               found_inf);
+               tables.plains, static_cast<int64_t>(plan.plains.size()), plan.plain_chunks, o,
+               grad_scale, found_inf, bumps.plains);
   }
-  const int64_t num_steps = static_cast<int64_t>(plan.steps.size());
-  PSI_LAUNCH(increment_steps_kernel, grid_for(ceil_div(num_steps, kThreads)), kThreads, 0, stream,
-             steps, num_steps, found_inf);
+  if (bumps.own_kernel) {
+    PSI_LAUNCH(increment_steps_kernel, grid_for(ceil_div(tables.num_steps, kThreads)), kThreads,
+               0, stream, tables.steps, tables.num_steps, found_inf);
+  }
 }
 
 void psi_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -194,9 +204,8 @@ void psi_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList mo
   const float* inf = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(),
                                   "psi_sgd_cuda", [&] {
-                                    launch_psi_sgd<scalar_t>(plan, tables.shorts, tables.longs,
-                                                             tables.plains, tables.steps, o,
-                                                             scale, inf, device, stream);
+                                    launch_psi_sgd<scalar_t>(plan, tables, o, scale, inf,
+                                                             device, stream);
                                   });
 }
 

@@ -543,6 +543,8 @@ at::Tensor pinned_empty_words(int64_t n, Stream* s) {
       p, {n}, [](void* q) { pinned_free(q); }, at::TensorOptions().dtype(at::kLong));
 }
 
+int64_t g_copies = 0;  // host-to-device copies queued by the current op (host_copies)
+
 void copy_async(const at::Tensor& dst, const at::Tensor& src, Stream* s) {
   TORCH_CHECK(dst.nbytes() == src.nbytes() && dst.is_contiguous() && src.is_contiguous(),
               "emulator: copy_async of differently sized or non-contiguous tensors");
@@ -550,6 +552,7 @@ void copy_async(const at::Tensor& dst, const at::Tensor& src, Stream* s) {
   auto it = g_pinned.find(base);
   TORCH_CHECK(it != g_pinned.end(), "emulator: copy_async from memory that is not pinned");
   ++it->second.pending;
+  ++g_copies;
   void* d = dst.data_ptr();
   const void* from = src.const_data_ptr();
   const size_t n = src.nbytes();
@@ -563,6 +566,7 @@ void copy_async(const at::Tensor& dst, const at::Tensor& src, Stream* s) {
 OpScope::OpScope() {
   g_op_mutex.lock();
   g_log.clear();
+  g_copies = 0;
   g_rng.seed(g_seed);
   {
     const std::lock_guard<std::mutex> lock(g_free_mutex);
@@ -610,6 +614,7 @@ void set_capture(bool on) {
 }
 
 const std::vector<LaunchRecord>& launch_log() { return g_log; }
+int64_t host_copies() { return g_copies; }
 
 size_t run_grid(const char* name, dim3 grid, dim3 block, const std::function<void()>& body) {
   g_grid_dim = grid;

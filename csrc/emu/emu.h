@@ -153,6 +153,7 @@ enum class Order : int { kForward = 0, kReverse = 1, kRandom = 2 };
 void set_schedule(Order order, uint64_t seed);
 void set_capture(bool on);
 const std::vector<LaunchRecord>& launch_log();
+int64_t host_copies();  // host-to-device copies (table uploads) queued by the last op
 
 // Runs one grid: every block of `grid` with `block` threads executing `body`. Returns the largest
 // static shared memory any block registered.
@@ -211,6 +212,10 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
   return out;
 }
 inline unsigned __lanemask_lt() { return (1u << (::psi::emu::linear_tid() % 32)) - 1u; }
+
+// Memory fences order nothing here: the threads of the emulator never run at the same time (the
+// memory model is what the emulator cannot show, docs/EMULATOR.md).
+inline void __threadfence() {}
 
 // Atomics: the threads of the emulator never run at the same time.
 template <typename T>

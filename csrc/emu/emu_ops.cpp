@@ -51,4 +51,5 @@ TORCH_LIBRARY(psi_cuda_emu, m) {
   m.def("_set_schedule(int order, int seed) -> ()", &set_schedule);
   m.def("_set_capture(bool on) -> ()", &set_capture);
   m.def("_launches() -> str", &launches);
+  m.def("_host_copies() -> int", []() -> int64_t { return psi::emu::host_copies(); });
 }

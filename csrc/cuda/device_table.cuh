@@ -100,8 +100,10 @@ inline at::Tensor upload_words(const int64_t* words, int64_t n, const at::Device
     dev::ensure_loaded(write_table_kernel);
     loaded.fetch_or(bit);
   }
-  static std::mutex mutex;
-  static std::deque<CachedTable> cache;
+  // Never destroyed: device tensors must not be freed by static destructors at exit, after the
+  // allocator may be gone.
+  static std::mutex& mutex = *new std::mutex();
+  static std::deque<CachedTable>& cache = *new std::deque<CachedTable>();
   const uintptr_t stream_key = reinterpret_cast<uintptr_t>(stream);
   at::Tensor hit = cached_table(words, n, device, stream_key, mutex, cache);
   if (hit.defined()) return hit;

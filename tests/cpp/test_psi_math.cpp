@@ -682,7 +682,7 @@ at::Device g_device = at::kCPU;  // where the op tests put their tensors
 using PsiSgdSig = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, double,
                        double, double, bool, double, bool, int64_t, int64_t, int64_t, double,
                        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                       int64_t);
+                       int64_t, const std::optional<at::Tensor>&);
 
 c10::TypedOperatorHandle<PsiSgdSig> psi_sgd_op() {
   static const c10::TypedOperatorHandle<PsiSgdSig> op =
@@ -714,7 +714,8 @@ void call(State& s, const psi::SgdOptions& o, const std::optional<at::Tensor>& g
           const std::optional<at::Tensor>& found_inf = {}) {
   psi_sgd_op().call(s.params, s.grads, s.bufs, s.steps, o.lr, o.momentum, o.dampening,
                     o.nesterov, o.weight_decay, o.maximize, o.manifold, o.retraction, o.transport,
-                    o.max_grad_norm, grad_scale, found_inf, o.block_rows);
+                    o.max_grad_norm, grad_scale, found_inf, o.block_rows,
+                    std::optional<at::Tensor>());  // grams: computed by the op
 }
 
 Vec to_vec(const at::Tensor& t) {

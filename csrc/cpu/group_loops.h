@@ -114,6 +114,37 @@ struct GroupTensor {
   int64_t solve_len(int64_t g) const { return given != nullptr ? gram_row_len(given, g) : group; }
 };
 
+// The GroupTensors of an op's lists: w, g (a copy in the layout of w, kept alive in `keep`, when
+// it has another), m (null when `bufs` is empty), sizes; with `grams` (the op's table), each
+// non-empty tensor's given sums. `first_row`, if not null, receives the table row of each
+// tensor's first group (the rows of empty tensors' groups: none).
+inline std::vector<GroupTensor> group_tensors(at::TensorList params, at::TensorList grads,
+                                              at::TensorList bufs, int64_t manifold,
+                                              int64_t block_rows, const double* grams,
+                                              std::vector<at::Tensor>& keep,
+                                              std::vector<int64_t>* first_row = nullptr) {
+  std::vector<GroupTensor> ts;
+  ts.reserve(params.size());
+  keep.reserve(params.size());
+  int64_t row = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    keep.push_back(grad_like_param(grads[i], params[i]));
+    GroupTensor a;
+    a.w = params[i].data_ptr();
+    a.g = keep.back().data_ptr();
+    a.m = bufs.empty() ? nullptr : bufs[i].data_ptr();
+    a.numel = params[i].numel();
+    a.group = group_size(params[i], manifold, block_rows);
+    if (first_row != nullptr) first_row->push_back(row);
+    if (a.numel > 0 && manifold != kEuclidean) {
+      if (grams != nullptr) a.given = grams + kGramCols * row;
+      row += num_groups(params[i], manifold, block_rows);
+    }
+    ts.push_back(a);
+  }
+  return ts;
+}
+
 enum ItemKind : int { kRows, kChunk, kPlain };
 
 struct Item {

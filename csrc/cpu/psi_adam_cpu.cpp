@@ -66,27 +66,14 @@ void psi_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList ex
   const double f = grad_factor(maximize, grad_scale ? grad_scale->data_ptr<float>() : nullptr);
 
   std::vector<at::Tensor> grads_laid_out;  // keeps copies of differently laid out grads alive
-  grads_laid_out.reserve(params.size());
-  std::vector<GroupTensor> ts;
+  const std::vector<GroupTensor> ts =
+      group_tensors(params, grads, exp_avgs, manifold, block_rows,
+                    grams ? grams->data_ptr<double>() : nullptr, grads_laid_out);
   std::vector<void*> vs;
   std::vector<double> t_of;  // the number of this step: state step + 1
-  ts.reserve(params.size());
   vs.reserve(params.size());
   t_of.reserve(params.size());
-  int64_t given_row = 0;
   for (size_t i = 0; i < params.size(); ++i) {
-    grads_laid_out.push_back(grad_like_param(grads[i], params[i]));
-    GroupTensor a;
-    a.w = params[i].data_ptr();
-    a.g = grads_laid_out.back().data_ptr();
-    a.m = exp_avgs[i].data_ptr();
-    a.numel = params[i].numel();
-    a.group = group_size(params[i], manifold, block_rows);
-    if (grams.has_value() && a.numel > 0) {  // row offsets follow the non-empty tensors' groups
-      a.given = grams->data_ptr<double>() + kGramCols * given_row;
-      given_row += num_groups(params[i], manifold, block_rows);
-    }
-    ts.push_back(a);
     vs.push_back(exp_avg_sqs[i].data_ptr());
     t_of.push_back(static_cast<double>(*state_steps[i].data_ptr<float>()) + 1.0);
   }

@@ -22,22 +22,9 @@ at::Tensor psi_grams_cpu(at::TensorList params, at::TensorList grads, at::Tensor
   double* table = out.data_ptr<double>();
 
   std::vector<at::Tensor> grads_laid_out;  // keeps copies of differently laid out grads alive
-  grads_laid_out.reserve(params.size());
-  std::vector<GroupTensor> ts;
-  std::vector<int64_t> first_row;  // row of each tensor's first group in `out`
-  int64_t row = 0;
-  for (size_t i = 0; i < params.size(); ++i) {
-    grads_laid_out.push_back(grad_like_param(grads[i], params[i]));
-    GroupTensor a;
-    a.w = params[i].data_ptr();
-    a.g = grads_laid_out.back().data_ptr();
-    a.m = buffers.empty() ? nullptr : buffers[i].data_ptr();
-    a.numel = params[i].numel();
-    a.group = group_size(params[i], manifold, block_rows);
-    ts.push_back(a);
-    first_row.push_back(row);
-    if (a.numel > 0) row += num_groups(params[i], manifold, block_rows);
-  }
+  std::vector<int64_t> first_row;          // row of each tensor's first group in `out`
+  const std::vector<GroupTensor> ts = group_tensors(params, grads, buffers, manifold, block_rows,
+                                                    nullptr, grads_laid_out, &first_row);
   // Called once per group (rows: on the thread that reduced it; long groups: after the chunks).
   const auto record = [&](int64_t t, int64_t group, const Gram& G) {
     set_gram_row(table, first_row[t] + group, G, ts[t].group);

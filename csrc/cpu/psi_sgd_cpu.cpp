@@ -45,29 +45,14 @@ void psi_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mom
   if (found_inf.has_value() && *found_inf->data_ptr<float>() != 0.0f) return;  // CPU memory
   const double f = grad_factor(maximize, grad_scale ? grad_scale->data_ptr<float>() : nullptr);
 
-  const bool has_momentum = momentum != 0.0;
   std::vector<at::Tensor> grads_laid_out;  // keeps copies of differently laid out grads alive
-  grads_laid_out.reserve(params.size());
-  std::vector<GroupTensor> ts;
-  ts.reserve(params.size());
+  // momentum_buffers is empty when momentum == 0 (checked): then no buffer.
+  const std::vector<GroupTensor> ts =
+      group_tensors(params, grads, momentum_buffers, manifold, block_rows,
+                    grams ? grams->data_ptr<double>() : nullptr, grads_laid_out);
   std::vector<char> first;
   first.reserve(params.size());
-  int64_t given_row = 0;
-  for (size_t i = 0; i < params.size(); ++i) {
-    grads_laid_out.push_back(grad_like_param(grads[i], params[i]));
-    GroupTensor a;
-    a.w = params[i].data_ptr();
-    a.g = grads_laid_out.back().data_ptr();
-    a.m = has_momentum ? momentum_buffers[i].data_ptr() : nullptr;
-    a.numel = params[i].numel();
-    a.group = group_size(params[i], manifold, block_rows);
-    if (grams.has_value() && a.numel > 0) {  // row offsets follow the non-empty tensors' groups
-      a.given = grams->data_ptr<double>() + kGramCols * given_row;
-      given_row += num_groups(params[i], manifold, block_rows);
-    }
-    first.push_back(*state_steps[i].data_ptr<float>() == 0.0f);
-    ts.push_back(a);
-  }
+  for (const at::Tensor& s : state_steps) first.push_back(*s.data_ptr<float>() == 0.0f);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "psi_sgd_cpu",
                                   [&] { psi_sgd_cpu_impl<scalar_t>(ts, first, o, f); });
   increment_steps_cpu(state_steps);

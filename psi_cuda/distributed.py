@@ -316,13 +316,20 @@ def sharded_group_step(fn, lists: list[list], *, manifold: str, solve: GroupSolv
         fn(*whole_lists, manifold="block", block_rows=block_rows, **kw)
     for rows, v, per in spread:
         rows.view(-1, per).copy_(v.view(-1, 1).expand(-1, per))
-    unstepped = [s for i, s in enumerate(steps) if i not in stepped]
-    if unstepped:  # params whose shard is empty on this rank
-        found_inf = kw.get("found_inf")
-        inc = (torch.ones((), dtype=torch.float32, device=device) if found_inf is None
-               else (found_inf.to(device).reshape(()) == 0).to(torch.float32))
-        for s in unstepped:
-            s.add_(inc.to(s.device))
+    # params whose shard is empty on this rank
+    _advance_steps([s for i, s in enumerate(steps) if i not in stepped], kw.get("found_inf"),
+                   device)
+
+
+def _advance_steps(steps: list[Tensor], found_inf: Tensor | None, device) -> None:
+    """Every step += 1, or += 0 where found_inf is set (decided on the device)."""
+    if not steps:
+        return
+    inc = torch.ones((), dtype=torch.float32, device=device)
+    if found_inf is not None:
+        inc = (found_inf.to(device).reshape(()) == 0).to(torch.float32)
+    for s in steps:
+        s.add_(inc.to(s.device))
 
 
 def _torch_grams(ws: list[Tensor], gs: list[Tensor], ms: list[Tensor]) -> Tensor:
@@ -395,11 +402,7 @@ def _torch_apply(lists: list[list], grams: Tensor, *, solve: GroupSolve,
     for vs, old, new in zip(scalar_lists, scalars_old, scalars_new):
         for i, v in enumerate(vs):
             v.copy_(torch.where(skip[i], old[i], new[i]).reshape(v.shape))
-    inc = torch.ones((), dtype=torch.float32, device=device)
-    if found_inf is not None:
-        inc = (found_inf.to(device).reshape(()) == 0).to(torch.float32)
-    for s in steps:
-        s.add_(inc.to(s.device))
+    _advance_steps(steps, found_inf, device)
 
 
 # --- BNP statistics across data-parallel ranks ----------------------------------------------------

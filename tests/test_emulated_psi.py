@@ -2,8 +2,10 @@
 against the CPU kernels (tolerance) and across thread/block schedules (bit for bit).
 
 The cases hit every kernel path and boundary: groups of 1, 2, 2047, 2048, 2049 elements (the
-short-group limit kShortGroup = 2048), 8191, 8192, 8193 and 3 * 8192 + 1 (chunk edges of the
-long-group path, kChunk = 8192), long and tiny groups in one call, tables with many tensors (the
+register limit of the short-group kernels, kRegisterGroup = 2048), 8191, 8192, 8193 and
+3 * 8192 + 1 (chunk edges of the short path's Gram sums, kChunk = 8192), 65535, 65536, 65537 (the
+one-block limit kShortGroup = 65536) and 8 * 8192 + 8193 (chunk edges of the long-group path),
+long, medium and tiny groups in one call, tables with many tensors (the
 binary search over first units), lists of 1 and 500 tensors, empty tensors, zero rows,
 channels-last params, transposed grads, all four dtypes, every option set, grad_scale/found_inf
 and a step tensor passed twice.
@@ -22,7 +24,8 @@ pytestmark = needs_emulator
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SMALL_SHAPES = [(7, 3, 3, 3), (5, 1), (3, 17), (2, 9000), (64, 129), (0, 4), (33,), (1, 1)]
-BOUNDARY_LENGTHS = [1, 2, 2047, 2048, 2049, 8191, 8192, 8193, 3 * 8192 + 1]
+BOUNDARY_LENGTHS = [1, 2, 2047, 2048, 2049, 8191, 8192, 8193, 3 * 8192 + 1, 65535, 65536, 65537,
+                    8 * 8192 + 8193]
 
 _cache = ScheduleCache()
 
@@ -84,10 +87,11 @@ def test_group_length_boundaries(op, length, manifold, sched):
     check(("len", op, length, manifold), op, case, step_kw(op, manifold), sched, torch.float32)
 
 
-# One call mixing a group of many chunks with tiny, empty and short-limit groups; a table of 37
-# tensors with uneven unit counts; one tensor; 500 tensors.
+# One call mixing a long group of many chunks with medium (read twice), tiny, empty and
+# register-limit groups; a table of 37 tensors with uneven unit counts; one tensor; 500 tensors.
 LISTS = {
-    "mixed": [(2, 3 * 8192 + 1), (5, 3), (1, 1), (0, 4), (4, 2049), (64, 129), (7, 3, 3, 3)],
+    "mixed": [(2, 65537), (2, 3 * 8192 + 1), (5, 3), (1, 1), (0, 4), (4, 2049), (64, 129),
+              (7, 3, 3, 3)],
     "uneven37": [(k % 7 + 1, (k * 13) % 40 + 1) for k in range(37)],
     "one": [(3, 5)],
     "many500": [(2, 3)] * 500,
@@ -154,7 +158,7 @@ def test_grad_scale(op, manifold, sched):
 @pytest.mark.parametrize("manifold", ["channel", "tensor", None])
 @pytest.mark.parametrize("op", ["psi_sgd_", "psi_adam_"])
 def test_found_inf_changes_nothing(op, manifold, sched):
-    case = make(op, SMALL_SHAPES + [(2, 3 * 8192 + 1)], torch.float32, manifold)
+    case = make(op, SMALL_SHAPES + [(2, 3 * 8192 + 1), (1, 65537)], torch.float32, manifold)
     case[-1] = [torch.tensor(float(i % 3)) for i in range(len(case[-1]))]
     before = clone_all(*case)
     with emulated.schedule(*sched):
@@ -200,7 +204,8 @@ def _psisgd_step_launches(shape_list):
 def test_resnet50_launches_do_not_grow_with_tensors():
     """Launches per step are a constant of the call (one per kind of work present), not of the
     number of tensors: the 161 tensors of ResNet-50 take the same launches as 5 of them that
-    have the same kinds of work (short rows, rows over 2048 elements, Euclidean)."""
+    have the same kinds of work (rows held in registers, rows over 2048 elements, Euclidean).
+    Every row of ResNet-50 is at most 65536 elements: one launch per psi_sgd_ call."""
     from psi_cuda.apps.shapes import resnet50
 
     full = resnet50()
@@ -209,14 +214,12 @@ def test_resnet50_launches_do_not_grow_with_tensors():
     print(f"ResNet-50 PSISGD step: {len(launches['full'])} launches: {launches['full']}")
     assert launches["few"] == launches["full"]
     # the steps are advanced by the last block of each call's last kernel: no launch of their own
-    assert launches["full"] == [
-        "psi_short_groups_kernel<scalar_t>", "psi_long_reduce_kernel<scalar_t>",
-        "psi_long_solve_kernel", "psi_long_apply_kernel<scalar_t>",
-        "euclidean_sgd_kernel<scalar_t>"]
+    assert launches["full"] == ["psi_short_groups_kernel<scalar_t>", "euclidean_sgd_kernel<scalar_t>"]
 
 
 CALL_KINDS = {  # the last kernel of the call, which advances the steps
-    "short": [(300, 7), (2, 5)], "long": [(2, 9000), (1, 3000)], "short+long": [(5, 4), (1, 5000)]}
+    "short": [(300, 7), (2, 5)], "medium": [(2, 9000), (1, 3000)],
+    "long": [(2, 65537), (1, 70000)], "short+long": [(5, 4), (1, 65537)]}
 
 
 @pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
@@ -295,7 +298,7 @@ def _edge_case(op, length, manifold):
 
 @pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
 @pytest.mark.parametrize("manifold", ["channel", "tensor"])
-@pytest.mark.parametrize("length", [70, 9000])  # short-group kernel; long (chunked) path
+@pytest.mark.parametrize("length", [70, 9000, 65600])  # registers; read twice; long (chunked)
 @pytest.mark.parametrize("op", ["psi_sgd_", "psi_adam_"])
 def test_edges_of_the_range_and_nonfinite_gradients(op, length, manifold, sched):
     """The double fallbacks of the Gram sums and of the writes, and the NaN policy, in the CUDA
@@ -312,12 +315,13 @@ def test_edges_of_the_range_and_nonfinite_gradients(op, length, manifold, sched)
 
 
 @pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
-@pytest.mark.parametrize("shape,b", [((8, 70), 2), ((6, 700), 3), ((4, 3000), 2), ((3, 5), 3)],
-                         ids=str)
+@pytest.mark.parametrize("shape,b", [((8, 70), 2), ((6, 700), 3), ((4, 3000), 2), ((4, 40000), 2),
+                                     ((3, 5), 3)], ids=str)
 @pytest.mark.parametrize("op", ["psi_sgd_", "psi_adam_"])
 def test_block_groups(op, shape, b, sched):
     """manifold="block" (docs/ALGORITHMS.md 1.2b): groups of b rows on the short-group kernel
-    (140, 2100 elements) and the long chunked path (6000), and a block that is the whole tensor."""
+    (140, 2100 elements in registers, 6000 read twice), the long chunked path (80000), and a block
+    that is the whole tensor."""
     case = make(op, [shape, (2 * b, 9)], torch.float32, "channel")
     if op == "psi_adam_":
         case[3] = [torch.zeros(p.size(0) // b) for p in case[0]]

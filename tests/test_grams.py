@@ -14,8 +14,8 @@ from emulated_helpers import SCHEDULE_IDS, SCHEDULES, assert_bitwise, needs_emul
 
 BACKENDS = [pytest.param(ops, id="cpu"),
             pytest.param(emulated, id="emulated", marks=needs_emulator)]
-# short rows, a long row (CPU chunks past 65536, CUDA chunks past 2048), an empty tensor,
-# groups of one element
+# short rows, a long row (CPU and CUDA chunks past 65536), rows of 3000 (CUDA: one block, read
+# twice), an empty tensor, groups of one element
 SHAPES = [(6, 4), (3, 2, 3), (1, 5), (0, 3), (2, 1), (2, 70000), (4, 3000)]
 GROUPS = {"channel": (None, SHAPES), "tensor": (None, SHAPES),
           "block": (2, [(6, 4), (4, 3, 2), (2, 70000), (0, 3), (4, 1), (2, 1500)])}
@@ -163,8 +163,8 @@ def test_bad_tables_are_refused_before_any_write(backend):
 @pytest.mark.parametrize("sched", SCHEDULES[1:], ids=SCHEDULE_IDS[1:])
 @pytest.mark.parametrize("op", ["psi_sgd_", "psi_adam_"])
 def test_emulated_grams_paths_bitwise_across_schedules(op, sched):
-    """psi_grams and the given-sums paths (short groups, long chunked groups) of the CUDA
-    kernels give the same bits under every schedule."""
+    """psi_grams and the given-sums paths (groups in registers, groups read twice by one block,
+    long chunked groups) of the CUDA kernels give the same bits under every schedule."""
     shapes = [(6, 4), (2, 70000), (3, 2100), (1, 1)]
 
     def run():

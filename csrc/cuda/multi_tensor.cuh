@@ -23,8 +23,13 @@ namespace {
 
 constexpr int kThreads = 256;                          // threads per block, every kernel
 constexpr int kItems = 8;                              // elements per thread of a short group
-constexpr int64_t kShortGroup = kThreads * kItems;     // longest group held in registers
+constexpr int64_t kRegisterGroup = kThreads * kItems;  // longest group held in registers
 constexpr int64_t kChunk = 8192;                       // elements per block of a chunked pass
+// Longest group one block steps alone, in one kernel (reduce, solve, write). Groups longer than
+// kRegisterGroup are read twice by their block: the second read finds the group in L1/L2, where
+// the first put it (a modelled assumption, benchmarks/gpu_static.py; only longer groups take the
+// chunked three-kernel path, which reads them twice from DRAM).
+constexpr int64_t kShortGroup = 65536;
 constexpr int64_t kMaxGrid = int64_t{1} << 20;         // larger launches loop (grid-stride)
 // Resident blocks per SM the short-group kernel is compiled for. 4 caps its registers at 64: the
 // solve, run by one thread per group, then spills to local memory instead of lowering the
@@ -90,7 +95,7 @@ struct GramSum {
 using BlockGramReduce = BlockReduce<Gram, kThreads>;
 
 // Running sums of one thread in opmath precision (as the CPU kernel's vector lanes), moved to
-// double once per thread and pass (at most kChunk / kThreads elements).
+// double once per thread and chunk of kChunk elements (at most kChunk / kThreads elements).
 template <typename opmath_t>
 struct GramAcc {
   opmath_t ww = 0, wg = 0, wm = 0, gg = 0, gm = 0, mm = 0;
@@ -200,11 +205,19 @@ struct Ptrs {
       : w(reinterpret_cast<scalar_t*>(a.w) + off),
         g(reinterpret_cast<const scalar_t*>(a.g) + off),
         m(a.m != 0 ? reinterpret_cast<opmath_t*>(a.m) + off : nullptr) {}
+  __device__ __forceinline__ Ptrs at(int64_t off) const {  // the same pointers + off elements
+    Ptrs q = *this;
+    q.w += off;
+    q.g += off;
+    if (q.m != nullptr) q.m += off;
+    return q;
+  }
 };
 
-// This thread's share (elements threadIdx.x, + kThreads, ...) of the Gram matrix of n elements.
+// This thread's share (elements threadIdx.x, + kThreads, ...) of the Gram matrix of n <= kChunk
+// elements.
 template <typename scalar_t, typename opmath_t>
-__device__ Gram thread_gram(const Ptrs<scalar_t>& p, int64_t n) {
+__device__ Gram chunk_gram(const Ptrs<scalar_t>& p, int64_t n) {
   GramAcc<opmath_t> acc;
   const bool has_m = p.m != nullptr;
   for (int64_t i = threadIdx.x; i < n; i += kThreads) {
@@ -218,6 +231,19 @@ __device__ Gram thread_gram(const Ptrs<scalar_t>& p, int64_t n) {
     exact.add(static_cast<double>(p.w[i]), static_cast<double>(p.g[i]), mi, has_m);
   }
   return exact.to_double();
+}
+
+// This thread's share of the Gram matrix of n elements: chunk by chunk of kChunk elements, each
+// chunk's opmath sums added in double (one chunk: chunk_gram's result, bit for bit). The
+// elements of a thread are those the register path holds (threadIdx.x + k * kThreads, in order),
+// so both give the same sums for groups of at most kRegisterGroup elements.
+template <typename scalar_t, typename opmath_t>
+__device__ Gram thread_gram(const Ptrs<scalar_t>& p, int64_t n) {
+  Gram sum = chunk_gram<scalar_t, opmath_t>(p, min64(kChunk, n));
+  for (int64_t begin = kChunk; begin < n; begin += kChunk) {
+    sum = GramSum()(sum, chunk_gram<scalar_t, opmath_t>(p.at(begin), min64(kChunk, n - begin)));
+  }
+  return sum;
 }
 
 // Writes this thread's share of n elements with `up` (nothing when up.skip).
@@ -248,6 +274,50 @@ __device__ __forceinline__ Gram given_gram(const TensorMeta& a, int64_t group) {
 // (the group may extend beyond this tensor, cut across ranks).
 __device__ __forceinline__ int64_t solve_len(const TensorMeta& a, int64_t group) {
   return a.gram != 0 ? gram_row_len(reinterpret_cast<const double*>(a.gram), group) : a.group;
+}
+
+// Steps group `group` of tensor `a` (a.group <= kShortGroup elements) with the whole block: the
+// short-group kernels of psi_sgd_ and psi_adam_. A group of at most kRegisterGroup elements is
+// read once into registers, reduced, solved and written from the registers; a longer one is
+// reduced in a first read and written in a second (which finds it in L1/L2). `solve(G)` is called
+// by thread 0 with the group's Gram sums (the given ones when a.gram is set: then no reduction)
+// and returns its step. A block-wide call: every thread calls it for the same group.
+template <typename scalar_t, typename Solve>
+__device__ __forceinline__ void step_short_group(const TensorMeta& a, int64_t group,
+                                                 typename BlockGramReduce::TempStorage& temp,
+                                                 Update& shared_up, const Solve& solve) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t len = a.group;
+  const Ptrs<scalar_t> p(a, group * len);
+  const bool has_m = p.m != nullptr;
+  // The branches are the same for the whole block (len and a.gram belong to the tensor).
+  if (len <= kRegisterGroup) {
+    opmath_t w[kItems], g[kItems], m[kItems];
+    GramAcc<opmath_t> acc;
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      const int i = static_cast<int>(threadIdx.x) + k * kThreads;
+      const bool in = i < len;
+      w[k] = in ? static_cast<opmath_t>(p.w[i]) : opmath_t(0);
+      g[k] = in ? static_cast<opmath_t>(p.g[i]) : opmath_t(0);
+      m[k] = in && has_m ? p.m[i] : opmath_t(0);
+      acc.add(w[k], g[k], m[k], has_m);
+    }
+    const Gram G = a.gram != 0 ? given_gram(a, group)
+                               : BlockGramReduce(temp).Reduce(items_gram(acc, w, g, m, has_m),
+                                                              GramSum());  // thread 0 only
+    if (threadIdx.x == 0) shared_up = solve(G);
+    __syncthreads();
+    write_items<scalar_t>(shared_up, p.w, p.m, len, w, g, m);
+  } else {
+    const Gram G = a.gram != 0 ? given_gram(a, group)
+                               : BlockGramReduce(temp).Reduce(
+                                     thread_gram<scalar_t, opmath_t>(p, len), GramSum());
+    if (threadIdx.x == 0) shared_up = solve(G);
+    __syncthreads();
+    thread_apply<scalar_t, opmath_t>(p, len, shared_up);
+  }
+  __syncthreads();  // shared_up and temp are reused by the next group
 }
 
 // Chunk `unit` of a long-group tensor: its group's index within the tensor and its elements.

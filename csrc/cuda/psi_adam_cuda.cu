@@ -3,8 +3,9 @@
 // PSI-Adam group is reduced and written exactly like a PSI-SGD group with momentum; only the
 // solve differs, which also writes the group's second-moment scalar.
 //
-//   psi_adam_short_groups_kernel  groups of at most kShortGroup elements: one block per group,
-//                                 the group in registers, one read and one write.
+//   psi_adam_short_groups_kernel  groups of at most kShortGroup (65536) elements: one block per
+//                                 group, reduce, solve and write in one kernel
+//                                 (step_short_group).
 //   psi_long_reduce_kernel,       longer groups: chunk partials (shared with psi_sgd_),
 //   psi_adam_long_solve_kernel    per-group solve (writes v),
 //   psi_long_apply_kernel         chunk writes (shared with psi_sgd_).
@@ -42,7 +43,7 @@ __device__ __noinline__ Update solve_adam_group(const Gram& G, const AdamOptions
   return r.up;
 }
 
-// ---- short groups: one block per group, the group in registers -------------------------------
+// ---- short groups: one block per group (step_short_group) ------------------------------------
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, short_blocks_per_sm<scalar_t>())
@@ -55,29 +56,10 @@ __global__ void __launch_bounds__(kThreads, short_blocks_per_sm<scalar_t>())
   PSI_SHARED(Update, shared_up);
   for (int64_t unit = blockIdx.x; unit < num_groups; unit += gridDim.x) {
     const TensorMeta& a = find_tensor<&TensorMeta::first_unit>(metas, num_tensors, unit);
-    const int64_t len = a.group;  // <= kShortGroup
     const int64_t group = unit - a.first_unit;
-    const Ptrs<scalar_t> p(a, group * len);
-
-    opmath_t w[kItems], g[kItems], m[kItems];
-    GramAcc<opmath_t> acc;
-#pragma unroll
-    for (int k = 0; k < kItems; ++k) {
-      const int i = static_cast<int>(threadIdx.x) + k * kThreads;
-      const bool in = i < len;
-      w[k] = in ? static_cast<opmath_t>(p.w[i]) : opmath_t(0);
-      g[k] = in ? static_cast<opmath_t>(p.g[i]) : opmath_t(0);
-      m[k] = in ? p.m[i] : opmath_t(0);
-      acc.add(w[k], g[k], m[k], true);
-    }
-    // Given sums (psi_grams, all-reduced): no reduction. The branch is the same for the block.
-    const Gram G = a.gram != 0 ? given_gram(a, group)
-                               : BlockGramReduce(temp).Reduce(items_gram(acc, w, g, m, true),
-                                                              GramSum());  // thread 0 only
-    if (threadIdx.x == 0) shared_up = solve_adam_group<opmath_t>(G, o, grad_scale, a, group);
-    __syncthreads();
-    write_items<scalar_t>(shared_up, p.w, p.m, len, w, g, m);
-    __syncthreads();  // shared_up and temp are reused by the next group
+    step_short_group<scalar_t>(a, group, temp, shared_up, [&](const Gram& G) {
+      return solve_adam_group<opmath_t>(G, o, grad_scale, a, group);
+    });
   }
   bump_steps_when_last(bump);
 }

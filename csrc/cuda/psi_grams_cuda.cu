@@ -4,7 +4,7 @@
 // psi_sgd_(..., grams=psi_grams(...)) equals psi_sgd_(...).
 //
 //   psi_grams_short_kernel   groups of at most kShortGroup elements: one block per group, the
-//                            block reduction of psi_short_groups_kernel, thread 0 writes the row.
+//                            block reduction of step_short_group, thread 0 writes the row.
 //   psi_long_reduce_kernel   longer groups: chunk partials (shared with psi_sgd_);
 //   psi_grams_long_kernel    one block per long group adds its partials and writes the row.
 //
@@ -30,8 +30,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t unit = blockIdx.x; unit < num_groups; unit += gridDim.x) {
     const TensorMeta& a = find_tensor<&TensorMeta::first_unit>(metas, num_tensors, unit);
     const int64_t group = unit - a.first_unit;
-    // thread_gram assigns elements to threads as the short kernels' registers do
-    // (threadIdx.x + k * kThreads, k in order): the same sums.
+    // thread_gram sums as step_short_group does (for groups held in registers too: the same
+    // elements per thread, in the same order): the same sums.
     const Gram part = thread_gram<scalar_t, opmath_t>(Ptrs<scalar_t>(a, group * a.group), a.group);
     const Gram G = BlockGramReduce(temp).Reduce(part, GramSum());  // thread 0 only
     if (threadIdx.x == 0) set_gram_row(reinterpret_cast<double*>(a.gram_out), group, G, a.group);

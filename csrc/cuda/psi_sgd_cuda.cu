@@ -7,10 +7,13 @@
 // or reuses the device copy of an earlier call with the same table (device_table.cuh); a block
 // finds the tensor of its work unit by binary search over the first-unit column.
 //
-//   psi_short_groups_kernel  channel/tensor groups of at most kShortGroup elements: one block
-//                            per group; the group is loaded into registers, its Gram matrix
-//                            reduced over the block, thread 0 solves the step, every thread
-//                            writes its elements from registers (one read, one write).
+//   psi_short_groups_kernel  channel/tensor groups of at most kShortGroup (65536) elements: one
+//                            block per group (step_short_group, multi_tensor.cuh). The block
+//                            reduces the group's Gram matrix, thread 0 solves the step, every
+//                            thread writes its elements. A group of at most kRegisterGroup (2048)
+//                            elements is held in registers (one read, one write); a longer one
+//                            is read a second time for the write, from L1/L2 where the first read
+//                            left it. A call whose groups are all this short is one launch.
 //   psi_long_reduce_kernel   longer groups, phase 1: one block per chunk of kChunk elements
 //                            writes the chunk's partial Gram matrix to its own slot.
 //   psi_long_solve_kernel    phase 2: one block per long group sums the partials of its group
@@ -48,46 +51,23 @@ __device__ __noinline__ Update solve_psi_group(const Gram& G, const SgdOptions& 
   return psi_sgd_update(G, o, grad_factor(o.maximize, grad_scale), *step == 0.0f, len);
 }
 
-// ---- short groups: one block per group, the group in registers -------------------------------
+// ---- short groups: one block per group (step_short_group) ------------------------------------
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, short_blocks_per_sm<scalar_t>())
     psi_short_groups_kernel(const TensorMeta* metas, int64_t num_tensors, int64_t num_groups,
                             SgdOptions o, const float* grad_scale, const float* found_inf,
                             StepBump bump) {
-  using opmath_t = at::opmath_type<scalar_t>;
   if (skip_step(found_inf)) return;
   PSI_SHARED(typename BlockGramReduce::TempStorage, temp);
   PSI_SHARED(Update, shared_up);
   for (int64_t unit = blockIdx.x; unit < num_groups; unit += gridDim.x) {
     const TensorMeta& a = find_tensor<&TensorMeta::first_unit>(metas, num_tensors, unit);
-    const int64_t len = a.group;  // <= kShortGroup
-    const Ptrs<scalar_t> p(a, (unit - a.first_unit) * len);
-    const bool has_m = p.m != nullptr;
-
-    opmath_t w[kItems], g[kItems], m[kItems];
-    GramAcc<opmath_t> acc;
-#pragma unroll
-    for (int k = 0; k < kItems; ++k) {
-      const int i = static_cast<int>(threadIdx.x) + k * kThreads;
-      const bool in = i < len;
-      w[k] = in ? static_cast<opmath_t>(p.w[i]) : opmath_t(0);
-      g[k] = in ? static_cast<opmath_t>(p.g[i]) : opmath_t(0);
-      m[k] = in && has_m ? p.m[i] : opmath_t(0);
-      acc.add(w[k], g[k], m[k], has_m);
-    }
     const int64_t group = unit - a.first_unit;
-    // Given sums (psi_grams, all-reduced): no reduction. The branch is the same for the block.
-    const Gram G = a.gram != 0 ? given_gram(a, group)
-                               : BlockGramReduce(temp).Reduce(items_gram(acc, w, g, m, has_m),
-                                                              GramSum());  // thread 0 only
-    if (threadIdx.x == 0) {
-      shared_up = solve_psi_group(G, o, grad_scale, reinterpret_cast<const float*>(a.step),
-                                  solve_len(a, group));
-    }
-    __syncthreads();
-    write_items<scalar_t>(shared_up, p.w, p.m, len, w, g, m);
-    __syncthreads();  // shared_up and temp are reused by the next group
+    step_short_group<scalar_t>(a, group, temp, shared_up, [&](const Gram& G) {
+      return solve_psi_group(G, o, grad_scale, reinterpret_cast<const float*>(a.step),
+                             solve_len(a, group));
+    });
   }
   bump_steps_when_last(bump);
 }

@@ -522,7 +522,12 @@ def mta_launches(numels: list[int], depth: int, mta: dict) -> int:
     return launches + (1 if blocks else 0)
 
 
-SHORT_GROUP, CHUNK = 2048, 8192          # multi_tensor.cuh: kShortGroup, kChunk
+# multi_tensor.cuh: kRegisterGroup, kShortGroup, kChunk
+REGISTER_GROUP, SHORT_GROUP, CHUNK = 2048, 65536, 8192
+# Groups in (REGISTER_GROUP, SHORT_GROUP] are read twice by their block; the second read is
+# modelled as an L2 hit while the blocks resident at once hold at most L2_BYTES of (w, g, m):
+# H100 SXM: 50 MB of L2, 132 SMs, 4 short-group blocks per SM (the kernel's 64-register cap).
+L2_BYTES, RESIDENT_SHORT_BLOCKS = 50e6, 132 * 4
 META_BYTES, GRAM_BYTES, UPDATE_BYTES = 96, 48, 56  # TensorMeta, Gram, Update (psi/math.h)
 
 
@@ -555,6 +560,10 @@ def psi_call(manifold, shapes: list, elt: int, adam: bool) -> dict:
         if group <= SHORT_GROUP:
             short_groups += groups
             dram += n * per_elem_rw + v_bytes
+            if group > REGISTER_GROUP:  # the write's second read of w, g, m: L2, beyond it DRAM
+                read = group * (2 * elt + st)
+                working = min(groups, RESIDENT_SHORT_BLOCKS) * read
+                dram += int(groups * read * max(0.0, 1.0 - L2_BYTES / working))
         else:
             chunks = groups * -(-group // CHUNK)
             long_groups += groups
@@ -669,6 +678,10 @@ def model_section(root: Path, elt: int, mta: dict, measure: bool, measure_large:
            "param_bytes": elt, "state_bytes": 4, "multi_tensor_apply": mta,
            "assumptions": [
                "channel/tensor groups of <= 2048 elements: one pass (read w, g, m; write w, m)",
+               "groups of 2049-65536 elements: one block per group reads w, g, m, reduces, "
+               "solves, reads them again and writes w, m; the second read hits L2 while the "
+               "resident blocks (132 SMs x 4) hold at most 50 MB of (w, g, m), and the share "
+               "beyond that comes from DRAM (H100 SXM; not verified on a GPU)",
                "longer groups: reduce reads w, g, m; solve; apply reads w, g, m again and writes "
                "w, m; plus the Gram partials (48 B/chunk of 8192) and Updates (56 B)",
                "Euclidean tensors: one elementwise pass (Adam: also read and write v)",

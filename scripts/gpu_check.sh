@@ -29,7 +29,8 @@
 #   sanitize-plain     python scripts/gpu_sanitize_run.py: every op, fused vs reference, on CUDA.
 #   sanitize-memcheck  the same under compute-sanitizer --tool memcheck (caching allocator off, so
 #                      every tensor is its own allocation); then racecheck, and synccheck last.
-#   bench              psi-cuda bench --device cuda --quick (step_cuda_quick.json).
+#   bench              psi-cuda bench --device cuda --quick (step_cuda_quick.json), and
+#                      benchmarks/bench_kernel_paths.py (kernel_paths_cuda.json).
 #   train-large        torchrun --standalone --nproc-per-node 1 examples/train_large.py --steps 50
 #                      (nccl; the loss must fall).
 #
@@ -88,7 +89,7 @@ STEPS=(setup build tests-cuda-files tests-cuda-cases ctest-build ctest sanitize-
        sanitize-memcheck sanitize-racecheck bench train-large sanitize-synccheck)
 declare -A LIMIT=([setup]=420 [build]=480 [tests-cuda-files]=300 [tests-cuda-cases]=360
   [ctest-build]=480 [ctest]=180 [sanitize-plain]=120 [sanitize-memcheck]=240
-  [sanitize-racecheck]=300 [bench]=240 [train-large]=180 [sanitize-synccheck]=180)
+  [sanitize-racecheck]=300 [bench]=330 [train-large]=180 [sanitize-synccheck]=180)
 for s in $skip_list; do
   if [ -z "${LIMIT[$s]:-}" ] || [ "$s" = setup ]; then
     echo "gpu_check.sh: PSI_CUDA_GPU_CHECK_SKIP: unknown step '$s' (or setup)" >&2
@@ -172,7 +173,7 @@ EOF
   plan sanitize-plain "python scripts/gpu_sanitize_run.py ($("$sys_py" -c 'import ast, sys; ast.parse(open(sys.argv[1]).read())' "$root/scripts/gpu_sanitize_run.py" 2>/dev/null && echo parses || echo "DOES NOT PARSE"))"
   plan sanitize-memcheck "PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode $SANITIZER_RC python scripts/gpu_sanitize_run.py"
   plan sanitize-racecheck "compute-sanitizer --tool racecheck --error-exitcode $SANITIZER_RC python scripts/gpu_sanitize_run.py"
-  plan bench "python -m psi_cuda bench --device cuda --quick --out $(rel "$out") --name step_cuda_quick"
+  plan bench "python -m psi_cuda bench --device cuda --quick --out $(rel "$out") --name step_cuda_quick; python benchmarks/bench_kernel_paths.py --device cuda"
   plan train-large "python -m torch.distributed.run --standalone --nproc-per-node 1 examples/train_large.py --steps 50 --log-every 10"
   plan sanitize-synccheck "compute-sanitizer --tool synccheck --error-exitcode $SANITIZER_RC python scripts/gpu_sanitize_run.py"
   echo "Policy: setup/build failing stops the run; later failures are recorded and the rest continue (stop if the GPU is then unusable)."
@@ -512,7 +513,12 @@ step_bench() {
   (cd "$work" && "$py" -m psi_cuda bench --device cuda --quick --out "$out" --name step_cuda_quick \
      "${plot[@]}") || return 1
   [ -s "$out/step_cuda_quick.json" ] || { echo "FAILED: no $out/step_cuda_quick.json"; return 1; }
-  note "$(rel "$out")/step_cuda_quick.json ($(grep -m1 'copy bandwidth' "$STEP_LOG" | cut -d'(' -f1))"
+  # Each kernel path (rows in registers, read twice, chunked, tiny rows, Euclidean) next to
+  # torch's fused SGD/AdamW on the same sizes.
+  (cd "$work" && "$py" "$root/benchmarks/bench_kernel_paths.py" --device cuda --out "$out" \
+     --name kernel_paths_cuda) || return 1
+  [ -s "$out/kernel_paths_cuda.json" ] || { echo "FAILED: no $out/kernel_paths_cuda.json"; return 1; }
+  note "$(rel "$out")/step_cuda_quick.json ($(grep -m1 'copy bandwidth' "$STEP_LOG" | cut -d'(' -f1)), kernel_paths_cuda.json"
 }
 
 step_train_large() {

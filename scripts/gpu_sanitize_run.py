@@ -6,7 +6,8 @@
 
 Calls psi_cuda.ops.psi_sgd_, psi_adam_, bnp_update_stats_, bnp_precondition_ and bnp_sgd_ on
 small cases that reach every kernel path (channel groups of 1, 3, 2048 = the longest group held
-in registers, 2049, 8193 = one more than a chunk; tensor groups; Euclidean tensors; a list longer
+in registers, 2049 and 8193 = one block reading its group twice, 65537 = one more than one block
+steps alone (chunked); tensor groups; Euclidean tensors; a list longer
 than one launch's table; momentum/nesterov/dampening/exp+parallel/clipping; float32 and bfloat16;
 found_inf absent, 0 and 1; statistics with inner == 1 and inner > 1, channels-last and longer
 than a statistics chunk) and compares each result with psi_cuda.reference, computed on CPU
@@ -86,11 +87,12 @@ def to(device, tensors):
 
 # --- psi_sgd_ / psi_adam_ ------------------------------------------------------------------------
 
-# Channel groups: rows of 1 (frozen), 3, 2048 (registers), 2049 and 8193 (chunked), a conv
-# weight (channels-last in one case) and a row of zeros.
-CHANNEL_SHAPES = [(4, 1), (5, 3), (3, 2048), (2, 2049), (2, 8193), (6, 4, 3, 3)]
+# Channel groups: rows of 1 (frozen), 3, 2048 (registers), 2049 and 8193 (one block, read twice),
+# 65537 (chunked), a conv weight (channels-last in one case) and a row of zeros.
+CHANNEL_SHAPES = [(4, 1), (5, 3), (3, 2048), (2, 2049), (2, 8193), (1, 65537), (6, 4, 3, 3)]
 # Tensor groups: one group per tensor, from a scalar to several chunks.
-TENSOR_SHAPES = [(1, 1), (3,), (2048,), (7, 3, 3, 3), (3, 2049), (1, 8193), (5, 4000)]
+TENSOR_SHAPES = [(1, 1), (3,), (2048,), (7, 3, 3, 3), (3, 2049), (1, 8193), (5, 4000),
+                 (2, 32769)]
 EUCLIDEAN_SHAPES = [(1,), (7, 3), (2049,), (8193,), (3, 5, 2, 2), (0, 4)]
 SHAPES = {"channel": CHANNEL_SHAPES, "tensor": TENSOR_SHAPES, None: EUCLIDEAN_SHAPES}
 

@@ -12,13 +12,14 @@ needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and ops.has_cuda_k
 
 
 def psi_params(device, dtype):
-    """Channel groups (short, and long: rows of 5000 elements > 2048 take the chunked path), a
+    """Channel groups (rows held in registers; rows of 5000 elements, read twice by one block; a
+    row of 70000 > 65536, the chunked path), a
     tensor group and 60 small Euclidean tensors (a table of more than 480 words, so the captured
     table upload takes several launches)."""
     torch.manual_seed(0)
     mk = lambda *s: torch.randn(*s, device=device, dtype=dtype).requires_grad_()
     return [
-        {"params": [mk(8, 3, 3, 3), mk(3, 5000)], "manifold": "channel"},
+        {"params": [mk(8, 3, 3, 3), mk(3, 5000), mk(1, 70000)], "manifold": "channel"},
         {"params": [mk(6, 7)], "manifold": "tensor"},
         {"params": [mk(5) for _ in range(60)] + [mk(4, 3)], "manifold": None,
          "weight_decay": 0.01},

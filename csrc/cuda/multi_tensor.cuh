@@ -24,6 +24,9 @@ namespace {
 constexpr int kThreads = 256;                          // threads per block, every kernel
 constexpr int kItems = 8;                              // elements per thread of a short group
 constexpr int64_t kRegisterGroup = kThreads * kItems;  // longest group held in registers
+constexpr int kWarps = kThreads / 32;                  // warps per block
+constexpr int64_t kWarpGroup = 32 * kItems;            // longest group one warp steps alone:
+                                                       // a block steps kWarps such groups
 constexpr int64_t kChunk = 8192;                       // elements per block of a chunked pass
 // Longest group one block steps alone, in one kernel (reduce, solve, write). Groups longer than
 // kRegisterGroup are read twice by their block: the second read finds the group in L1/L2, where
@@ -93,6 +96,7 @@ struct GramSum {
   }
 };
 using BlockGramReduce = BlockReduce<Gram, kThreads>;
+using WarpGramReduce = WarpReduce<Gram>;
 
 // Running sums of one thread in opmath precision (as the CPU kernel's vector lanes), moved to
 // double once per thread and chunk of kChunk elements (at most kChunk / kThreads elements).
@@ -125,17 +129,6 @@ struct GramAcc {
   }
 };
 
-// This thread's Gram sums of the items it holds in registers: opmath, or double when suspect.
-template <typename opmath_t, int N>
-__device__ __forceinline__ Gram items_gram(const GramAcc<opmath_t>& acc, const opmath_t (&w)[N],
-                                           const opmath_t (&g)[N], const opmath_t (&m)[N],
-                                           bool has_m) {
-  if (!acc.suspect()) return acc.to_double();
-  GramAcc<double> exact;
-#pragma unroll
-  for (int k = 0; k < N; ++k) exact.add(w[k], g[k], m[k], has_m);  // padding items are zeros
-  return exact.to_double();
-}
 
 // Whether the coefficients of `up` are normal numbers (or zero, or NaN) of opmath_t; if not,
 // the update is written in double (docs/ALGORITHMS.md 6.7).
@@ -173,23 +166,24 @@ struct Writer {
   }
 };
 
-// Writes the items this thread holds in registers (elements threadIdx.x + k * kThreads < len).
+// Writes the items this thread holds in registers (elements first + k * stride < len).
 template <typename scalar_t, typename opmath_t, int N>
 __device__ __forceinline__ void write_items(const Update& up, scalar_t* wp, opmath_t* mp,
-                                            int64_t len, const opmath_t (&w)[N],
-                                            const opmath_t (&g)[N], const opmath_t (&m)[N]) {
+                                            int64_t len, int first, int stride,
+                                            const opmath_t (&w)[N], const opmath_t (&g)[N],
+                                            const opmath_t (&m)[N]) {
   if (up.skip) return;
   if (fits_opmath<opmath_t>(up)) {
     const Writer<scalar_t, opmath_t> wr(up);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const int i = static_cast<int>(threadIdx.x) + k * kThreads;
+      const int i = first + k * stride;
       if (i < len) wr.write(wp, mp, i, w[k], g[k], m[k]);
     }
   } else {
     const Writer<scalar_t, opmath_t, double> wr(up);
     for (int k = 0; k < N; ++k) {
-      const int i = static_cast<int>(threadIdx.x) + k * kThreads;
+      const int i = first + k * stride;
       if (i < len) wr.write(wp, mp, i, w[k], g[k], m[k]);
     }
   }
@@ -213,6 +207,30 @@ struct Ptrs {
     return q;
   }
 };
+
+// Loads this thread's items of a group held in registers (elements first + k * stride < len;
+// zeros past the end) and returns their Gram sums: opmath, or double when suspect.
+template <typename scalar_t, typename opmath_t, int N>
+__device__ __forceinline__ Gram load_items(const Ptrs<scalar_t>& p, int64_t len, int first,
+                                           int stride, opmath_t (&w)[N], opmath_t (&g)[N],
+                                           opmath_t (&m)[N]) {
+  const bool has_m = p.m != nullptr;
+  GramAcc<opmath_t> acc;
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    const int i = first + k * stride;
+    const bool in = i < len;
+    w[k] = in ? static_cast<opmath_t>(p.w[i]) : opmath_t(0);
+    g[k] = in ? static_cast<opmath_t>(p.g[i]) : opmath_t(0);
+    m[k] = in && has_m ? p.m[i] : opmath_t(0);
+    acc.add(w[k], g[k], m[k], has_m);
+  }
+  if (!acc.suspect()) return acc.to_double();
+  GramAcc<double> exact;
+#pragma unroll
+  for (int k = 0; k < N; ++k) exact.add(w[k], g[k], m[k], has_m);  // padding items are zeros
+  return exact.to_double();
+}
 
 // This thread's share (elements threadIdx.x, + kThreads, ...) of the Gram matrix of n <= kChunk
 // elements.
@@ -276,48 +294,69 @@ __device__ __forceinline__ int64_t solve_len(const TensorMeta& a, int64_t group)
   return a.gram != 0 ? gram_row_len(reinterpret_cast<const double*>(a.gram), group) : a.group;
 }
 
-// Steps group `group` of tensor `a` (a.group <= kShortGroup elements) with the whole block: the
-// short-group kernels of psi_sgd_ and psi_adam_. A group of at most kRegisterGroup elements is
-// read once into registers, reduced, solved and written from the registers; a longer one is
-// reduced in a first read and written in a second (which finds it in L1/L2). `solve(G)` is called
-// by thread 0 with the group's Gram sums (the given ones when a.gram is set: then no reduction)
-// and returns its step. A block-wide call: every thread calls it for the same group.
+// Shared memory of a short-group kernel's block: the block reduction, or one warp reduction
+// per warp, and the step of each warp's group (of the block's group: up[0]).
+struct ShortShared {
+  typename BlockGramReduce::TempStorage block;
+  typename WarpGramReduce::TempStorage warp[kWarps];
+  Update up[kWarps];
+};
+
+// The number of work units of a tensor in the short-group kernels (groups of at most
+// kShortGroup elements): one per group, or one per kWarps groups of at most kWarpGroup.
+inline int64_t short_units(int64_t group, int64_t groups) {
+  return group <= kWarpGroup ? ceil_div(groups, kWarps) : groups;
+}
+
+// Steps work unit `unit` of tensor `a` (a.group <= kShortGroup), the short-group kernels of
+// psi_sgd_ and psi_adam_, and returns after a barrier (`sh` may then be reused):
+// * groups of at most kWarpGroup elements: one warp per group (kWarps consecutive groups per
+//   unit); each lane holds its elements in registers, a warp reduction, lane 0 solves, the
+//   lanes write from their registers;
+// * at most kRegisterGroup: one block per group, held in registers the same way;
+// * longer: one block per group, reduced in a first read and written in a second (which finds
+//   the group in L1/L2).
+// `solve(G, group)` is called by one thread per group with the group's Gram sums (the given ones
+// when a.gram is set: then no reduction) and returns its step. A block-wide call.
 template <typename scalar_t, typename Solve>
-__device__ __forceinline__ void step_short_group(const TensorMeta& a, int64_t group,
-                                                 typename BlockGramReduce::TempStorage& temp,
-                                                 Update& shared_up, const Solve& solve) {
+__device__ __forceinline__ void step_short_unit(const TensorMeta& a, int64_t unit,
+                                                ShortShared& sh, const Solve& solve) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t len = a.group;
-  const Ptrs<scalar_t> p(a, group * len);
-  const bool has_m = p.m != nullptr;
-  // The branches are the same for the whole block (len and a.gram belong to the tensor).
-  if (len <= kRegisterGroup) {
-    opmath_t w[kItems], g[kItems], m[kItems];
-    GramAcc<opmath_t> acc;
-#pragma unroll
-    for (int k = 0; k < kItems; ++k) {
-      const int i = static_cast<int>(threadIdx.x) + k * kThreads;
-      const bool in = i < len;
-      w[k] = in ? static_cast<opmath_t>(p.w[i]) : opmath_t(0);
-      g[k] = in ? static_cast<opmath_t>(p.g[i]) : opmath_t(0);
-      m[k] = in && has_m ? p.m[i] : opmath_t(0);
-      acc.add(w[k], g[k], m[k], has_m);
+  // The branches on len and a.gram are the same for the whole block (they belong to the tensor),
+  // the one on `group` for a whole warp.
+  if (len <= kWarpGroup) {
+    const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+    const int64_t group = unit * kWarps + warp;
+    if (group < a.numel / len) {
+      const Ptrs<scalar_t> p(a, group * len);
+      opmath_t w[kItems], g[kItems], m[kItems];
+      const Gram part = load_items<scalar_t>(p, len, lane, 32, w, g, m);
+      const Gram G = a.gram != 0 ? given_gram(a, group)
+                                 : WarpGramReduce(sh.warp[warp]).Reduce(part, GramSum());
+      if (lane == 0) sh.up[warp] = solve(G, group);  // G: lane 0 only
+      __syncwarp();
+      write_items<scalar_t>(sh.up[warp], p.w, p.m, len, lane, 32, w, g, m);
     }
-    const Gram G = a.gram != 0 ? given_gram(a, group)
-                               : BlockGramReduce(temp).Reduce(items_gram(acc, w, g, m, has_m),
-                                                              GramSum());  // thread 0 only
-    if (threadIdx.x == 0) shared_up = solve(G);
+  } else if (len <= kRegisterGroup) {
+    const Ptrs<scalar_t> p(a, unit * len);
+    opmath_t w[kItems], g[kItems], m[kItems];
+    const Gram part = load_items<scalar_t>(p, len, threadIdx.x, kThreads, w, g, m);
+    const Gram G = a.gram != 0 ? given_gram(a, unit)
+                               : BlockGramReduce(sh.block).Reduce(part, GramSum());
+    if (threadIdx.x == 0) sh.up[0] = solve(G, unit);  // G: thread 0 only
     __syncthreads();
-    write_items<scalar_t>(shared_up, p.w, p.m, len, w, g, m);
+    write_items<scalar_t>(sh.up[0], p.w, p.m, len, threadIdx.x, kThreads, w, g, m);
   } else {
-    const Gram G = a.gram != 0 ? given_gram(a, group)
-                               : BlockGramReduce(temp).Reduce(
+    const Ptrs<scalar_t> p(a, unit * len);
+    const Gram G = a.gram != 0 ? given_gram(a, unit)
+                               : BlockGramReduce(sh.block).Reduce(
                                      thread_gram<scalar_t, opmath_t>(p, len), GramSum());
-    if (threadIdx.x == 0) shared_up = solve(G);
+    if (threadIdx.x == 0) sh.up[0] = solve(G, unit);
     __syncthreads();
-    thread_apply<scalar_t, opmath_t>(p, len, shared_up);
+    thread_apply<scalar_t, opmath_t>(p, len, sh.up[0]);
   }
-  __syncthreads();  // shared_up and temp are reused by the next group
+  __syncthreads();  // sh is reused by the next unit
 }
 
 // Chunk `unit` of a long-group tensor: its group's index within the tensor and its elements.
@@ -393,7 +432,7 @@ int64_t address(const void* p) { return static_cast<int64_t>(reinterpret_cast<ui
 struct Plan {
   std::vector<TensorMeta> shorts, longs, plains;
   std::vector<int64_t> steps;  // every step, empty tensors included
-  int64_t short_groups = 0, long_chunks = 0, long_groups = 0, plain_chunks = 0;
+  int64_t short_units = 0, long_chunks = 0, long_groups = 0, plain_chunks = 0;
 };
 
 // bufs: empty (no buffer) or one per param; second_moments: empty (psi_sgd_) or one per param.
@@ -428,8 +467,8 @@ Plan make_plan(at::TensorList params, const std::vector<at::Tensor>& grads, at::
     a.group = group_size(p, manifold, block_rows);  // >= 1 since numel > 0
     const int64_t groups = a.numel / a.group;
     if (a.group <= kShortGroup) {
-      a.first_unit = plan.short_groups;
-      plan.short_groups += groups;
+      a.first_unit = plan.short_units;
+      plan.short_units += short_units(a.group, groups);
       plan.shorts.push_back(a);
     } else {
       a.chunks = ceil_div(a.group, kChunk);
@@ -492,7 +531,7 @@ inline StepBumps step_bumps(const Plan& plan, const DeviceTables& tables) {
     b.plains = tables.bump();
   } else if (plan.long_groups > 0) {
     b.longs = tables.bump();
-  } else if (plan.short_groups > 0) {
+  } else if (plan.short_units > 0) {
     b.shorts = tables.bump();
   } else {
     b.own_kernel = true;

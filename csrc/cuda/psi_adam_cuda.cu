@@ -3,9 +3,9 @@
 // PSI-Adam group is reduced and written exactly like a PSI-SGD group with momentum; only the
 // solve differs, which also writes the group's second-moment scalar.
 //
-//   psi_adam_short_groups_kernel  groups of at most kShortGroup (65536) elements: one block per
-//                                 group, reduce, solve and write in one kernel
-//                                 (step_short_group).
+//   psi_adam_short_groups_kernel  groups of at most kShortGroup (65536) elements: a warp or a
+//                                 block per group, reduce, solve and write in one kernel
+//                                 (step_short_unit).
 //   psi_long_reduce_kernel,       longer groups: chunk partials (shared with psi_sgd_),
 //   psi_adam_long_solve_kernel    per-group solve (writes v),
 //   psi_long_apply_kernel         chunk writes (shared with psi_sgd_).
@@ -43,21 +43,19 @@ __device__ __noinline__ Update solve_adam_group(const Gram& G, const AdamOptions
   return r.up;
 }
 
-// ---- short groups: one block per group (step_short_group) ------------------------------------
+// ---- short groups: a warp or a block per group (step_short_unit) -----------------------------
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, short_blocks_per_sm<scalar_t>())
     psi_adam_short_groups_kernel(const TensorMeta* metas, int64_t num_tensors,
-                                 int64_t num_groups, AdamOptions o, const float* grad_scale,
+                                 int64_t num_units, AdamOptions o, const float* grad_scale,
                                  const float* found_inf, StepBump bump) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (skip_step(found_inf)) return;
-  PSI_SHARED(typename BlockGramReduce::TempStorage, temp);
-  PSI_SHARED(Update, shared_up);
-  for (int64_t unit = blockIdx.x; unit < num_groups; unit += gridDim.x) {
+  PSI_SHARED(ShortShared, sh);
+  for (int64_t unit = blockIdx.x; unit < num_units; unit += gridDim.x) {
     const TensorMeta& a = find_tensor<&TensorMeta::first_unit>(metas, num_tensors, unit);
-    const int64_t group = unit - a.first_unit;
-    step_short_group<scalar_t>(a, group, temp, shared_up, [&](const Gram& G) {
+    step_short_unit<scalar_t>(a, unit - a.first_unit, sh, [&](const Gram& G, int64_t group) {
       return solve_adam_group<opmath_t>(G, o, grad_scale, a, group);
     });
   }
@@ -122,9 +120,9 @@ void launch_psi_adam(const Plan& plan, const DeviceTables& tables, const AdamOpt
                      const float* grad_scale, const float* found_inf, const at::Device& device,
                      dev::Stream stream) {
   const StepBumps bumps = step_bumps(plan, tables);
-  if (plan.short_groups > 0) {
-    PSI_LAUNCH(psi_adam_short_groups_kernel<scalar_t>, grid_for(plan.short_groups), kThreads, 0,
-               stream, tables.shorts, static_cast<int64_t>(plan.shorts.size()), plan.short_groups,
+  if (plan.short_units > 0) {
+    PSI_LAUNCH(psi_adam_short_groups_kernel<scalar_t>, grid_for(plan.short_units), kThreads, 0,
+               stream, tables.shorts, static_cast<int64_t>(plan.shorts.size()), plan.short_units,
                o, grad_scale, found_inf, bumps.shorts);
   }
   if (plan.long_groups > 0) {

@@ -3,8 +3,9 @@
 // psi_sgd_/psi_adam_ sum them for themselves (multi_tensor.cuh), so that
 // psi_sgd_(..., grams=psi_grams(...)) equals psi_sgd_(...).
 //
-//   psi_grams_short_kernel   groups of at most kShortGroup elements: one block per group, the
-//                            block reduction of step_short_group, thread 0 writes the row.
+//   psi_grams_short_kernel   groups of at most kShortGroup elements: the reductions of
+//                            step_short_unit (a warp per group of at most kWarpGroup elements,
+//                            a block per longer group); the reducing thread writes the row.
 //   psi_long_reduce_kernel   longer groups: chunk partials (shared with psi_sgd_);
 //   psi_grams_long_kernel    one block per long group adds its partials and writes the row.
 //
@@ -22,20 +23,37 @@
 namespace psi {
 namespace {
 
+// The sums of step_short_unit, for every kind of short group: one warp per group of at most
+// kWarpGroup elements (the same items per lane, the same warp reduction), one block otherwise
+// (thread_gram sums what the block path holds in registers in the same order, and what it reads
+// twice exactly as it does).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    psi_grams_short_kernel(const TensorMeta* metas, int64_t num_tensors, int64_t num_groups) {
+    psi_grams_short_kernel(const TensorMeta* metas, int64_t num_tensors, int64_t num_units) {
   using opmath_t = at::opmath_type<scalar_t>;
-  PSI_SHARED(typename BlockGramReduce::TempStorage, temp);
-  for (int64_t unit = blockIdx.x; unit < num_groups; unit += gridDim.x) {
+  PSI_SHARED(ShortShared, sh);
+  for (int64_t unit = blockIdx.x; unit < num_units; unit += gridDim.x) {
     const TensorMeta& a = find_tensor<&TensorMeta::first_unit>(metas, num_tensors, unit);
-    const int64_t group = unit - a.first_unit;
-    // thread_gram sums as step_short_group does (for groups held in registers too: the same
-    // elements per thread, in the same order): the same sums.
-    const Gram part = thread_gram<scalar_t, opmath_t>(Ptrs<scalar_t>(a, group * a.group), a.group);
-    const Gram G = BlockGramReduce(temp).Reduce(part, GramSum());  // thread 0 only
-    if (threadIdx.x == 0) set_gram_row(reinterpret_cast<double*>(a.gram_out), group, G, a.group);
-    __syncthreads();  // temp is reused by the next group
+    const int64_t local = unit - a.first_unit;
+    double* out = reinterpret_cast<double*>(a.gram_out);
+    if (a.group <= kWarpGroup) {  // the same for the whole block
+      const int lane = static_cast<int>(threadIdx.x) % 32;
+      const int warp = static_cast<int>(threadIdx.x) / 32;
+      const int64_t group = local * kWarps + warp;
+      if (group < a.numel / a.group) {  // the same for the whole warp
+        opmath_t w[kItems], g[kItems], m[kItems];
+        const Gram part = load_items<scalar_t>(Ptrs<scalar_t>(a, group * a.group), a.group, lane,
+                                               32, w, g, m);
+        const Gram G = WarpGramReduce(sh.warp[warp]).Reduce(part, GramSum());  // lane 0 only
+        if (lane == 0) set_gram_row(out, group, G, a.group);
+      }
+    } else {
+      const Gram part =
+          thread_gram<scalar_t, opmath_t>(Ptrs<scalar_t>(a, local * a.group), a.group);
+      const Gram G = BlockGramReduce(sh.block).Reduce(part, GramSum());  // thread 0 only
+      if (threadIdx.x == 0) set_gram_row(out, local, G, a.group);
+    }
+    __syncthreads();  // sh is reused by the next unit
   }
 }
 
@@ -56,9 +74,9 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t>
 void launch_psi_grams(const Plan& plan, const TensorMeta* shorts, const TensorMeta* longs,
                       const at::Device& device, dev::Stream stream) {
-  if (plan.short_groups > 0) {
-    PSI_LAUNCH(psi_grams_short_kernel<scalar_t>, grid_for(plan.short_groups), kThreads, 0,
-               stream, shorts, static_cast<int64_t>(plan.shorts.size()), plan.short_groups);
+  if (plan.short_units > 0) {
+    PSI_LAUNCH(psi_grams_short_kernel<scalar_t>, grid_for(plan.short_units), kThreads, 0,
+               stream, shorts, static_cast<int64_t>(plan.shorts.size()), plan.short_units);
   }
   if (plan.long_groups > 0) {
     const int64_t n = static_cast<int64_t>(plan.longs.size());

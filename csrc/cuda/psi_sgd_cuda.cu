@@ -7,13 +7,15 @@
 // or reuses the device copy of an earlier call with the same table (device_table.cuh); a block
 // finds the tensor of its work unit by binary search over the first-unit column.
 //
-//   psi_short_groups_kernel  channel/tensor groups of at most kShortGroup (65536) elements: one
-//                            block per group (step_short_group, multi_tensor.cuh). The block
-//                            reduces the group's Gram matrix, thread 0 solves the step, every
-//                            thread writes its elements. A group of at most kRegisterGroup (2048)
-//                            elements is held in registers (one read, one write); a longer one
-//                            is read a second time for the write, from L1/L2 where the first read
-//                            left it. A call whose groups are all this short is one launch.
+//   psi_short_groups_kernel  channel/tensor groups of at most kShortGroup (65536) elements, in one
+//                            kernel (step_short_unit, multi_tensor.cuh): a group of at most
+//                            kWarpGroup (256) elements is stepped by one warp (8 per block), a
+//                            longer one by a block. The warp or block reduces the group's Gram
+//                            matrix, one thread solves the step, every thread writes its
+//                            elements. Groups of at most kRegisterGroup (2048) elements are held
+//                            in registers (one read, one write); longer ones are read a second
+//                            time for the write, from L1/L2 where the first read left them. A
+//                            call whose groups are all this short is one launch.
 //   psi_long_reduce_kernel   longer groups, phase 1: one block per chunk of kChunk elements
 //                            writes the chunk's partial Gram matrix to its own slot.
 //   psi_long_solve_kernel    phase 2: one block per long group sums the partials of its group
@@ -51,20 +53,18 @@ __device__ __noinline__ Update solve_psi_group(const Gram& G, const SgdOptions& 
   return psi_sgd_update(G, o, grad_factor(o.maximize, grad_scale), *step == 0.0f, len);
 }
 
-// ---- short groups: one block per group (step_short_group) ------------------------------------
+// ---- short groups: a warp or a block per group (step_short_unit) -----------------------------
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, short_blocks_per_sm<scalar_t>())
-    psi_short_groups_kernel(const TensorMeta* metas, int64_t num_tensors, int64_t num_groups,
+    psi_short_groups_kernel(const TensorMeta* metas, int64_t num_tensors, int64_t num_units,
                             SgdOptions o, const float* grad_scale, const float* found_inf,
                             StepBump bump) {
   if (skip_step(found_inf)) return;
-  PSI_SHARED(typename BlockGramReduce::TempStorage, temp);
-  PSI_SHARED(Update, shared_up);
-  for (int64_t unit = blockIdx.x; unit < num_groups; unit += gridDim.x) {
+  PSI_SHARED(ShortShared, sh);
+  for (int64_t unit = blockIdx.x; unit < num_units; unit += gridDim.x) {
     const TensorMeta& a = find_tensor<&TensorMeta::first_unit>(metas, num_tensors, unit);
-    const int64_t group = unit - a.first_unit;
-    step_short_group<scalar_t>(a, group, temp, shared_up, [&](const Gram& G) {
+    step_short_unit<scalar_t>(a, unit - a.first_unit, sh, [&](const Gram& G, int64_t group) {
       return solve_psi_group(G, o, grad_scale, reinterpret_cast<const float*>(a.step),
                              solve_len(a, group));
     });
@@ -121,9 +121,9 @@ void launch_psi_sgd(const Plan& plan, const DeviceTables& tables, const SgdOptio
                     const float* grad_scale, const float* found_inf, const at::Device& device,
                     dev::Stream stream) {
   const StepBumps bumps = step_bumps(plan, tables);
-  if (plan.short_groups > 0) {
-    PSI_LAUNCH(psi_short_groups_kernel<scalar_t>, grid_for(plan.short_groups), kThreads, 0, stream,
-               tables.shorts, static_cast<int64_t>(plan.shorts.size()), plan.short_groups, o,
+  if (plan.short_units > 0) {
+    PSI_LAUNCH(psi_short_groups_kernel<scalar_t>, grid_for(plan.short_units), kThreads, 0, stream,
+               tables.shorts, static_cast<int64_t>(plan.shorts.size()), plan.short_units, o,
                grad_scale, found_inf, bumps.shorts);
   }
   if (plan.long_groups > 0) {

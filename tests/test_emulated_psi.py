@@ -43,8 +43,22 @@ def step_kw(op, manifold, **kw):
     return dict(lr=0.1, manifold=manifold, **extra, **kw)
 
 
+def _copy(t):
+    """A clone that keeps t's element offset into its buffer (the vector-alignment cases)."""
+    return t.clone() if t.storage_offset() == 0 else _at_offset(t, t.storage_offset())
+
+
+def _at_offset(t, k):
+    """A copy of t (contiguous) that starts k elements into a fresh buffer (k = 0: the
+    allocator's alignment; else misaligned for 16-byte vectors unless k elements are 16 bytes)."""
+    buf = torch.empty(t.numel() + k, dtype=t.dtype)
+    out = buf[k:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
 def run(fn, case, steps, kw):
-    out = clone_all(*case)
+    out = [[_copy(t) for t in lst] for lst in case]
     for _ in range(steps):
         fn(*out, **kw)
     return out
@@ -114,6 +128,33 @@ TINY = [(300, 7), (17, 256), (9, 257), (5, 255), (8, 32), (3, 31), (2, 33), (4, 
 def test_many_tiny_groups(op, manifold, dtype, sched):
     case = make(op, TINY, dtype, manifold)
     check(("tiny", op, manifold, dtype), op, case, step_kw(op, manifold), sched, dtype)
+
+
+# Element offsets of (params, grads, buffers, second moments): all aligned (16-byte vectors and a
+# tail), the params off, the grads off, only the state off (the vector loop needs all four).
+OFFSETS = {"aligned": (0, 0, 0, 0), "params": (1, 0, 0, 0), "grads": (0, 3, 0, 0),
+           "state": (0, 0, 1, 3)}
+# Rows read in place by one block (4000, 4001: a tail), a long group (70001), Euclidean tensors.
+VECTOR_SHAPES = {"channel": [(3, 4000), (2, 4001)], "tensor": [(70001,), (2, 4001)],
+                 None: [(3, 4001), (8195,), (7,)]}
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("where", list(OFFSETS))
+@pytest.mark.parametrize("manifold", ["channel", "tensor", None])
+@pytest.mark.parametrize("op", ["psi_sgd_", "psi_adam_"])
+def test_vector_loads_aligned_and_not(op, manifold, where, dtype, sched):
+    """The 16-byte vector loops and their scalar tails and fallbacks: tensors at offsets that
+    misalign one stream at a time give the CPU kernel's result (and the same bits under every
+    schedule; the sanitized build checks every vector access's alignment)."""
+    case = make(op, VECTOR_SHAPES[manifold], dtype, manifold)
+    offs = OFFSETS[where]
+    lists = [0, 1, 2] + ([3] if op == "psi_adam_" else [])
+    for li, k in zip(lists, offs):
+        case[li] = [_at_offset(t, k) for t in case[li]]
+    assert all(t.storage_offset() == k for li, k in zip(lists, offs) for t in case[li])
+    check(("vec", op, manifold, where, dtype), op, case, step_kw(op, manifold), sched, dtype)
 
 
 @pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
@@ -347,6 +388,9 @@ def test_block_groups(op, shape, b, sched):
     check(("block", op, shape, b), op, case, kw, sched, torch.float32)
 
 
+_NEW_TENSORS: list = []  # see test_tables_are_reused_until_a_tensor_changes
+
+
 @pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
 @pytest.mark.parametrize("kind", list(CALL_KINDS))
 @pytest.mark.parametrize("op", ["psi_sgd_", "psi_adam_"])
@@ -369,7 +413,11 @@ def test_tables_are_reused_until_a_tensor_changes(op, kind, sched):
         for a_list, e_list in zip(out, expected):
             for a, e in zip(a_list, e_list):
                 torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
-        out[0][0] = out[0][0].clone()  # a new tensor: another address
+        # A new tensor: another address. Kept alive for the rest of the session, so that no later
+        # case's new tensor lands at this address and finds this call's table in the cache
+        # (tables are keyed on their words; equal words are rightly reused).
+        out[0][0] = out[0][0].clone()
+        _NEW_TENSORS.append(out[0][0])
         getattr(emulated, op)(*out, **kw)
         assert emulated.host_copies() == 1
         assert all(s.item() == 4.0 for s in out[-1])

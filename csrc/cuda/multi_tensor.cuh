@@ -154,15 +154,20 @@ struct Writer {
       : pw(static_cast<compute_t>(up.param.w)), pg(static_cast<compute_t>(up.param.g)),
         pm(static_cast<compute_t>(up.param.m)), bw(static_cast<compute_t>(up.buf.w)),
         bg(static_cast<compute_t>(up.buf.g)), bm(static_cast<compute_t>(up.buf.m)) {}
-  // w <- P.w w + P.g g + P.m m and m <- B.w w + B.g g + B.m m (the CPU kernel's order of operations).
+  // w <- P.w w + P.g g + P.m m and m <- B.w w + B.g g + B.m m (the CPU kernel's order of
+  // operations): the new w, and with has_m the new m in *m_out.
+  __device__ __forceinline__ scalar_t next(compute_t wi, compute_t gi, compute_t mi, bool has_m,
+                                           opmath_t* m_out) const {
+    compute_t nw = fmadd(pg, gi, pw * wi);
+    if (has_m) {
+      nw = fmadd(pm, mi, nw);
+      *m_out = static_cast<opmath_t>(fmadd(bm, mi, fmadd(bg, gi, bw * wi)));
+    }
+    return static_cast<scalar_t>(nw);
+  }
   __device__ __forceinline__ void write(scalar_t* w, opmath_t* m, int64_t i, compute_t wi,
                                         compute_t gi, compute_t mi) const {
-    compute_t nw = fmadd(pg, gi, pw * wi);
-    if (m != nullptr) {
-      nw = fmadd(pm, mi, nw);
-      m[i] = static_cast<opmath_t>(fmadd(bm, mi, fmadd(bg, gi, bw * wi)));
-    }
-    w[i] = static_cast<scalar_t>(nw);
+    w[i] = next(wi, gi, mi, m != nullptr, m != nullptr ? m + i : nullptr);
   }
 };
 
@@ -232,29 +237,90 @@ __device__ __forceinline__ Gram load_items(const Ptrs<scalar_t>& p, int64_t len,
   return exact.to_double();
 }
 
-// This thread's share (elements threadIdx.x, + kThreads, ...) of the Gram matrix of n <= kChunk
-// elements.
+// ---- element loops with 16-byte accesses ------------------------------------------------------
+// The streaming loops (the Gram sums of groups read in place, the writes of an Update, the
+// Euclidean kernels) access w and g in vectors of kVec elements (16 bytes: 4 fp32, 8 bf16/fp16,
+// 2 fp64) and the opmath state (m, v) in the same number of elements (16 or 32 bytes), when
+// every stream of the loop is 16-byte aligned; thread t takes vectors t, t + kThreads, ...,
+// then the elements past the last whole vector one at a time (tail), as do unaligned streams.
+
+template <typename scalar_t>
+constexpr int kVec = 16 / static_cast<int>(sizeof(scalar_t));
+
+template <typename T, int N>
+struct alignas(16) VecOf {  // N values of T moved as whole 16-byte words
+  T v[N];
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void load_vec(const T* p, T (&out)[N]) {
+  const VecOf<T, N> x = *reinterpret_cast<const VecOf<T, N>*>(p);
+#pragma unroll
+  for (int k = 0; k < N; ++k) out[k] = x.v[k];
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_vec(T* p, const T (&in)[N]) {
+  VecOf<T, N> x;
+#pragma unroll
+  for (int k = 0; k < N; ++k) x.v[k] = in[k];
+  *reinterpret_cast<VecOf<T, N>*>(p) = x;
+}
+
+// The number of whole vectors of n elements that the vector loop of these streams takes: 0 when
+// one of them (null: absent) is not 16-byte aligned.
+template <typename scalar_t>
+__device__ __forceinline__ int64_t vector_count(int64_t n, const void* a, const void* b,
+                                                const void* c = nullptr,
+                                                const void* d = nullptr) {
+  const bool ok = aligned16(a) && aligned16(b) && (c == nullptr || aligned16(c)) &&
+                  (d == nullptr || aligned16(d));
+  return ok ? n / kVec<scalar_t> : 0;
+}
+
+// This thread's sums of the Gram matrix of n elements, in acc_t (opmath_t, or double).
+template <typename acc_t, typename scalar_t, typename opmath_t>
+__device__ __forceinline__ GramAcc<acc_t> gram_sums(const Ptrs<scalar_t>& p, int64_t n) {
+  constexpr int V = kVec<scalar_t>;
+  GramAcc<acc_t> acc;
+  const bool has_m = p.m != nullptr;
+  const int64_t nv = vector_count<scalar_t>(n, p.w, p.g, p.m);
+  for (int64_t j = threadIdx.x; j < nv; j += kThreads) {
+    scalar_t w[V], g[V];
+    opmath_t m[V];
+    load_vec<V>(p.w + j * V, w);
+    load_vec<V>(p.g + j * V, g);
+    if (has_m) load_vec<V>(p.m + j * V, m);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      acc.add(static_cast<acc_t>(static_cast<opmath_t>(w[k])),
+              static_cast<acc_t>(static_cast<opmath_t>(g[k])),
+              has_m ? static_cast<acc_t>(m[k]) : acc_t(0), has_m);
+    }
+  }
+  for (int64_t i = nv * V + threadIdx.x; i < n; i += kThreads) {
+    acc.add(static_cast<acc_t>(static_cast<opmath_t>(p.w[i])),
+            static_cast<acc_t>(static_cast<opmath_t>(p.g[i])),
+            has_m ? static_cast<acc_t>(p.m[i]) : acc_t(0), has_m);
+  }
+  return acc;
+}
+
+// This thread's share of the Gram matrix of n <= kChunk elements: opmath sums, or double ones
+// (the same elements again) when those are suspect.
 template <typename scalar_t, typename opmath_t>
 __device__ Gram chunk_gram(const Ptrs<scalar_t>& p, int64_t n) {
-  GramAcc<opmath_t> acc;
-  const bool has_m = p.m != nullptr;
-  for (int64_t i = threadIdx.x; i < n; i += kThreads) {
-    const opmath_t mi = has_m ? p.m[i] : opmath_t(0);
-    acc.add(static_cast<opmath_t>(p.w[i]), static_cast<opmath_t>(p.g[i]), mi, has_m);
-  }
+  const GramAcc<opmath_t> acc = gram_sums<opmath_t, scalar_t, opmath_t>(p, n);
   if (!acc.suspect()) return acc.to_double();
-  GramAcc<double> exact;  // the same elements again, in double
-  for (int64_t i = threadIdx.x; i < n; i += kThreads) {
-    const double mi = has_m ? static_cast<double>(p.m[i]) : 0.0;
-    exact.add(static_cast<double>(p.w[i]), static_cast<double>(p.g[i]), mi, has_m);
-  }
-  return exact.to_double();
+  return gram_sums<double, scalar_t, opmath_t>(p, n).to_double();
 }
 
 // This thread's share of the Gram matrix of n elements: chunk by chunk of kChunk elements, each
-// chunk's opmath sums added in double (one chunk: chunk_gram's result, bit for bit). The
-// elements of a thread are those the register path holds (threadIdx.x + k * kThreads, in order),
-// so both give the same sums for groups of at most kRegisterGroup elements.
+// chunk's opmath sums added in double (one chunk: chunk_gram's result, bit for bit).
 template <typename scalar_t, typename opmath_t>
 __device__ Gram thread_gram(const Ptrs<scalar_t>& p, int64_t n) {
   Gram sum = chunk_gram<scalar_t, opmath_t>(p, min64(kChunk, n));
@@ -264,22 +330,44 @@ __device__ Gram thread_gram(const Ptrs<scalar_t>& p, int64_t n) {
   return sum;
 }
 
-// Writes this thread's share of n elements with `up` (nothing when up.skip).
+// Writes this thread's share of n elements with `wr`.
+template <typename scalar_t, typename opmath_t, typename compute_t>
+__device__ __forceinline__ void apply_writer(const Ptrs<scalar_t>& p, int64_t n,
+                                             const Writer<scalar_t, opmath_t, compute_t>& wr) {
+  constexpr int V = kVec<scalar_t>;
+  const bool has_m = p.m != nullptr;
+  const int64_t nv = vector_count<scalar_t>(n, p.w, p.g, p.m);
+  for (int64_t j = threadIdx.x; j < nv; j += kThreads) {
+    scalar_t w[V], g[V];
+    opmath_t m[V];
+    load_vec<V>(p.w + j * V, w);
+    load_vec<V>(p.g + j * V, g);
+    if (has_m) load_vec<V>(p.m + j * V, m);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const compute_t mk = has_m ? static_cast<compute_t>(m[k]) : compute_t(0);
+      w[k] = wr.next(static_cast<compute_t>(static_cast<opmath_t>(w[k])),
+                     static_cast<compute_t>(static_cast<opmath_t>(g[k])), mk, has_m, &m[k]);
+    }
+    store_vec<V>(p.w + j * V, w);
+    if (has_m) store_vec<V>(p.m + j * V, m);
+  }
+  for (int64_t i = nv * V + threadIdx.x; i < n; i += kThreads) {
+    const compute_t mi = has_m ? static_cast<compute_t>(p.m[i]) : compute_t(0);
+    wr.write(p.w, p.m, i, static_cast<compute_t>(static_cast<opmath_t>(p.w[i])),
+             static_cast<compute_t>(static_cast<opmath_t>(p.g[i])), mi);
+  }
+}
+
+// Writes this thread's share of n elements with `up` (nothing when up.skip): in opmath, or in
+// double when a coefficient of `up` is outside opmath's normal range.
 template <typename scalar_t, typename opmath_t>
 __device__ void thread_apply(const Ptrs<scalar_t>& p, int64_t n, const Update& up) {
   if (up.skip) return;
   if (fits_opmath<opmath_t>(up)) {
-    const Writer<scalar_t, opmath_t> wr(up);
-    for (int64_t i = threadIdx.x; i < n; i += kThreads) {
-      const opmath_t mi = p.m != nullptr ? p.m[i] : opmath_t(0);
-      wr.write(p.w, p.m, i, static_cast<opmath_t>(p.w[i]), static_cast<opmath_t>(p.g[i]), mi);
-    }
+    apply_writer(p, n, Writer<scalar_t, opmath_t>(up));
   } else {
-    const Writer<scalar_t, opmath_t, double> wr(up);
-    for (int64_t i = threadIdx.x; i < n; i += kThreads) {
-      const double mi = p.m != nullptr ? static_cast<double>(p.m[i]) : 0.0;
-      wr.write(p.w, p.m, i, static_cast<double>(p.w[i]), static_cast<double>(p.g[i]), mi);
-    }
+    apply_writer(p, n, Writer<scalar_t, opmath_t, double>(up));
   }
 }
 

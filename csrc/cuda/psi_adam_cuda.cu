@@ -101,7 +101,27 @@ __global__ void __launch_bounds__(kThreads)
     const AdamElementwiseT<opmath_t> c(euclidean_adam_constants(o, f, t));
     const Ptrs<scalar_t> p(a, begin);
     opmath_t* v = reinterpret_cast<opmath_t*>(a.v) + begin;
-    for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+    // 16-byte vectors while w, g, m and v are aligned (multi_tensor.cuh), then the tail.
+    constexpr int V = kVec<scalar_t>;
+    const int64_t nv = vector_count<scalar_t>(n, p.w, p.g, p.m, v);
+    for (int64_t j = threadIdx.x; j < nv; j += kThreads) {
+      scalar_t w[V], g[V];
+      opmath_t m[V], vv[V];
+      load_vec<V>(p.w + j * V, w);
+      load_vec<V>(p.g + j * V, g);
+      load_vec<V>(p.m + j * V, m);
+      load_vec<V>(v + j * V, vv);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        w[k] = static_cast<scalar_t>(euclidean_adam_step(static_cast<opmath_t>(w[k]),
+                                                         static_cast<opmath_t>(g[k]), &m[k],
+                                                         &vv[k], c));
+      }
+      store_vec<V>(p.w + j * V, w);
+      store_vec<V>(p.m + j * V, m);
+      store_vec<V>(v + j * V, vv);
+    }
+    for (int64_t i = nv * V + threadIdx.x; i < n; i += kThreads) {
       opmath_t mi = p.m[i], vi = v[i];
       const opmath_t wi = euclidean_adam_step(static_cast<opmath_t>(p.w[i]),
                                               static_cast<opmath_t>(p.g[i]), &mi, &vi, c);

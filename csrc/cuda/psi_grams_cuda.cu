@@ -23,10 +23,10 @@
 namespace psi {
 namespace {
 
-// The sums of step_short_unit, for every kind of short group: one warp per group of at most
-// kWarpGroup elements (the same items per lane, the same warp reduction), one block otherwise
-// (thread_gram sums what the block path holds in registers in the same order, and what it reads
-// twice exactly as it does).
+// The sums of step_short_unit, for every kind of short group, summed as it sums them: one warp
+// per group of at most kWarpGroup elements (the same items per lane, the same warp reduction),
+// one block per longer group (load_items for groups held in registers, thread_gram for those
+// read in place).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     psi_grams_short_kernel(const TensorMeta* metas, int64_t num_tensors, int64_t num_units) {
@@ -48,8 +48,14 @@ __global__ void __launch_bounds__(kThreads)
         if (lane == 0) set_gram_row(out, group, G, a.group);
       }
     } else {
-      const Gram part =
-          thread_gram<scalar_t, opmath_t>(Ptrs<scalar_t>(a, local * a.group), a.group);
+      const Ptrs<scalar_t> p(a, local * a.group);
+      Gram part;
+      if (a.group <= kRegisterGroup) {  // the same for the whole block
+        opmath_t w[kItems], g[kItems], m[kItems];
+        part = load_items<scalar_t>(p, a.group, threadIdx.x, kThreads, w, g, m);
+      } else {
+        part = thread_gram<scalar_t, opmath_t>(p, a.group);
+      }
       const Gram G = BlockGramReduce(sh.block).Reduce(part, GramSum());  // thread 0 only
       if (threadIdx.x == 0) set_gram_row(out, local, G, a.group);
     }

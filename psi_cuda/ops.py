@@ -20,7 +20,9 @@ TRANSPORTS = {name: code for code, name in enumerate(reference.TRANSPORTS)}
 
 
 # The library the wrappers below call. psi_cuda.emulated binds the same wrappers to psi_cuda_emu,
-# the CUDA kernels run by the CPU emulator, whose ops have the same schemas.
+# the CUDA kernels run by the CPU emulator, whose ops have the same schemas. The wrappers call
+# each op's `.default` overload: the packet (`_OPS.psi_sgd_(...)`) first resolves the overload
+# from the arguments, about 10 us a call.
 _OPS = torch.ops.psi_cuda
 
 # Read once: a constant for torch.compile, which cannot trace the dispatcher query.
@@ -80,7 +82,7 @@ def psi_sgd_(
     if check:
         _check_dispatchable("psi_sgd_", params=params, grads=grads,
                             momentum_buffers=momentum_buffers, state_steps=state_steps)
-    _OPS.psi_sgd_(
+    _OPS.psi_sgd_.default(
         params,
         grads,
         momentum_buffers,
@@ -115,7 +117,7 @@ def psi_grams(params: list[Tensor], grads: list[Tensor], buffers: list[Tensor], 
     if opts["manifold"] == 0:
         raise ValueError("psi_grams: manifold must be 'channel', 'block' or 'tensor'; got "
                          f"{manifold!r}")
-    return _OPS.psi_grams(params, grads, buffers, manifold=opts["manifold"],
+    return _OPS.psi_grams.default(params, grads, buffers, manifold=opts["manifold"],
                           block_rows=opts["block_rows"])
 
 
@@ -163,7 +165,7 @@ def psi_adam_(
     if check:
         _check_dispatchable("psi_adam_", params=params, grads=grads, exp_avgs=exp_avgs,
                             exp_avg_sqs=exp_avg_sqs, state_steps=state_steps)
-    _OPS.psi_adam_(
+    _OPS.psi_adam_.default(
         params,
         grads,
         exp_avgs,
@@ -238,7 +240,8 @@ def bnp_update_stats_(input: Tensor, mean: Tensor, sqmean: Tensor, step: Tensor,
     if check:
         _check_dispatchable("bnp_update_stats_", input=[input], mean=[mean], sqmean=[sqmean],
                             step=[step])
-    _OPS.bnp_update_stats_(input, mean, sqmean, step, channel_dim=channel_dim, momentum=momentum)
+    _OPS.bnp_update_stats_.default(input, mean, sqmean, step, channel_dim=channel_dim,
+                                   momentum=momentum)
 
 
 def bnp_precondition_(weight_grads: list[Tensor], bias_grads: list[Tensor], means: list[Tensor],
@@ -247,8 +250,8 @@ def bnp_precondition_(weight_grads: list[Tensor], bias_grads: list[Tensor], mean
     empty (the uncentered no-bias variant for every layer) or one per weight gradient."""
     _check_dispatchable("bnp_precondition_", weight_grads=weight_grads, bias_grads=bias_grads,
                         means=means, sqmeans=sqmeans)
-    _OPS.bnp_precondition_(weight_grads, bias_grads, means, sqmeans, groups=list(groups),
-                           eps=eps)
+    _OPS.bnp_precondition_.default(weight_grads, bias_grads, means, sqmeans,
+                                   groups=list(groups), eps=eps)
 
 
 def bnp_sgd_(weights: list[Tensor], biases: list[Tensor], weight_grads: list[Tensor],
@@ -267,12 +270,12 @@ def bnp_sgd_(weights: list[Tensor], biases: list[Tensor], weight_grads: list[Ten
                             weight_momentum_buffers=weight_momentum_buffers,
                             bias_momentum_buffers=bias_momentum_buffers,
                             state_steps=state_steps, means=means, sqmeans=sqmeans)
-    _OPS.bnp_sgd_(weights, biases, weight_grads, bias_grads,
-                  weight_momentum_buffers, bias_momentum_buffers, state_steps,
-                  means, sqmeans, groups=list(groups), eps=eps, lr=lr,
-                  momentum=momentum, dampening=dampening, nesterov=nesterov,
-                  weight_decay=weight_decay, maximize=maximize,
-                  grad_scale=grad_scale, found_inf=found_inf)
+    _OPS.bnp_sgd_.default(weights, biases, weight_grads, bias_grads,
+                          weight_momentum_buffers, bias_momentum_buffers, state_steps,
+                          means, sqmeans, groups=list(groups), eps=eps, lr=lr,
+                          momentum=momentum, dampening=dampening, nesterov=nesterov,
+                          weight_decay=weight_decay, maximize=maximize,
+                          grad_scale=grad_scale, found_inf=found_inf)
 
 
 @torch.library.register_fake("psi_cuda::bnp_update_stats_")

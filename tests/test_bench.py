@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from psi_cuda.apps import bench, bench_report, shapes
 
@@ -20,12 +21,13 @@ def test_tiny_run_writes_json_chart_and_table(tmp_path):
     pytest.importorskip("matplotlib")
     report = bench.main(["--models", "tiny", "--steps", "2", "--warmup", "1", "--scaling",
                          "--large-values", "300000", "--scaling-start", "100000",
-                         "--scaling-steps", "1", "--copy-mib", "32",
-                         "--out", str(tmp_path), "--name", "step_cpu"])
+                         "--scaling-steps", "1", "--copy-mib", "32", "--host-tensors", "3",
+                         "--host-steps", "2", "--out", str(tmp_path), "--name", "step_cpu"])
     saved = json.loads((tmp_path / "step_cpu.json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert (tmp_path / "step_cpu.png").stat().st_size > 0
-    for key in ("machine", "device", "dtype", "steps", "copy_bandwidth_gbs", "models", "scaling"):
+    for key in ("machine", "device", "dtype", "steps", "copy_bandwidth_gbs", "models", "scaling",
+                "host"):
         assert key in saved
     assert {"cpu", "cores", "torch", "torch_threads"} <= set(saved["machine"])
     assert saved["copy_bandwidth_gbs"] > 0
@@ -44,6 +46,66 @@ def test_tiny_run_writes_json_chart_and_table(tmp_path):
 
     text = bench_report.table(saved, "benchmarks/results/step_cpu.json")
     assert "| psi_cuda PSISGD (fused) |" in text and "**Scaling**" in text
+    assert list(saved["host"]["sizes"]) == ["3"]
+
+
+def _check_host(host, sizes, steps):
+    assert host["shape"] == [4, 9] and host["steps"] == steps and host["threads"] == 1
+    assert list(host["sizes"]) == [str(n) for n in sizes]
+    for n in sizes:
+        r = host["sizes"][str(n)]
+        assert r["tensors"] == n
+        assert set(r["methods"]) == set(bench.HOST_METHODS)
+        for row in r["methods"].values():
+            assert row["steps"] == steps
+            for key in ("median_us_per_tensor", "q1_us_per_tensor", "q3_us_per_tensor",
+                        "median_ms_per_step"):
+                assert math.isfinite(row[key]) and row[key] > 0
+            assert row["q1_us_per_tensor"] <= row["median_us_per_tensor"] <= row["q3_us_per_tensor"]
+            # the per-tensor figure is the step's median over the list size
+            assert math.isclose(row["median_us_per_tensor"] * n, row["median_ms_per_step"] * 1e3)
+        assert set(r["ratios"]) == {f"{a} / {b}" for a, b in bench.HOST_RATIOS}
+        assert all(math.isfinite(v) and v > 0 for v in r["ratios"].values())
+
+
+def test_host_only_writes_the_host_section(tmp_path, capsys):
+    report = bench.main(["--host-only", "--host-tensors", "2", "5", "--host-steps", "3",
+                         "--warmup", "1", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "host_cpu.json").read_text())  # not step_cpu.json
+    assert saved == json.loads(json.dumps(report))
+    assert saved["models"] == {} and "scaling" not in saved and _finite_numbers(saved)
+    assert not (tmp_path / "step_cpu.json").exists() and not list(tmp_path.glob("*.png"))
+    _check_host(saved["host"], [2, 5], 3)
+    out = capsys.readouterr().out
+    assert "host time per tensor" in out and "PSISGD (channel)" in out
+
+
+def test_host_steps_step_the_lists():
+    """Every host-time method steps its list: the parameters move, and the PSI channel groups
+    keep their row norms."""
+    steps = bench.host_methods(3, "cpu", torch.float32)
+    assert list(steps) == list(bench.HOST_METHODS)
+    for name, step in steps.items():
+        opt = step.__self__
+        ps = [p for g in opt.param_groups for p in g["params"]]
+        assert len(ps) == 3 and all(p.shape == (4, 9) and p.grad is not None for p in ps)
+        before = [p.detach().clone() for p in ps]
+        step()
+        for p, b in zip(ps, before):
+            assert not torch.equal(p, b), name
+            if "channel" in name:
+                torch.testing.assert_close(p.norm(dim=1), b.norm(dim=1))
+
+
+def test_defaults_of_the_host_section():
+    full, quick = bench.parse_args([]), bench.parse_args(["--quick"])
+    assert full.host and full.host_tensors == [100, 1000, 10_000] and full.host_steps == 30
+    assert full.host_threads == 1
+    assert quick.host and quick.host_tensors == [100, 1000] and quick.host_steps == 10
+    assert quick.models == ["resnet50", "vit_b16"] and not quick.scaling
+    assert not bench.parse_args(["--no-host"]).host
+    only = bench.parse_args(["--host-only"])
+    assert only.host and only.models == [] and not only.scaling
 
 
 def test_cli_has_bench(capsys):

@@ -4,6 +4,7 @@
     psi-cuda bench --quick                            # a minute: fewer steps, no large list
     psi-cuda bench --models resnet50 --steps 30 --only PSISGD "SGD (fused)"
     psi-cuda bench --device cuda --dtype bfloat16     # on a GPU (large list: 1B+ values)
+    psi-cuda bench --host-only                        # only the host time per tensor (~1 min)
 
 Parameter lists are shaped like real models (psi_cuda/apps/shapes.py; no models are built):
 ResNet-50 (channel groups + Euclidean BN/fc), ViT-B/16 (tensor groups + Euclidean) and a large
@@ -19,6 +20,14 @@ column counts the SGD bytes; compare them with each other by time.
 The methods share one set of parameters and gradients per list (each keeps its own optimizer
 state), which keeps the large list within memory; on the large list only the methods that fit
 run (fused PSISGD, torch fused/foreach SGD, the for-loop PSISGD reference).
+
+The host-time section (--host, on by default) times a step over N tensors of shape (4, 9) with
+their gradients set (N = 100, 1,000, 10,000): fused PSISGD (momentum 0.9; one channel group per
+row, and Euclidean), fused PSIAdam (the same two) and torch's fused SGD and AdamW, each on its own
+copy of the list, round-robin, on one torch thread (--host-threads), and reports the median step
+time divided by N. The kernels' work on 36 values is a small part of it: what it measures is the
+per-tensor cost of the Python and C++ host work of a step (grouping, state lookups, checks, the
+op's argument lists), which on a GPU is the step time of a model with many small tensors.
 
 A scaling sweep (--scaling) times fused PSISGD, torch's fused SGD and the PSISGD references on
 prefixes of the large list from 1M values up to the whole list.
@@ -401,6 +410,93 @@ def bench_scaling(args, dtype: torch.dtype, bw: float, large_result: dict | None
     return {"lists": "prefixes of the large list", "points": points}
 
 
+# --- host time per tensor ---------------------------------------------------------------------
+
+HOST_SHAPE = (4, 9)
+HOST_SIZES = (100, 1000, 10_000)
+HOST_METHODS = ("psi_cuda PSISGD (channel)", "psi_cuda PSISGD (euclidean)", "torch SGD (fused)",
+                "psi_cuda PSIAdam (channel)", "psi_cuda PSIAdam (euclidean)",
+                "torch AdamW (fused)")
+# (method, its torch peer) of the ratios reported
+HOST_RATIOS = (("psi_cuda PSISGD (channel)", "torch SGD (fused)"),
+               ("psi_cuda PSISGD (euclidean)", "torch SGD (fused)"),
+               ("psi_cuda PSIAdam (channel)", "torch AdamW (fused)"),
+               ("psi_cuda PSIAdam (euclidean)", "torch AdamW (fused)"))
+
+
+def host_methods(n: int, device: str, dtype: torch.dtype, lr: float = 0.01,
+                 momentum: float = 0.9) -> dict[str, Callable[[], object]]:
+    """name -> step function of the host-time section: each method steps its own list of ``n``
+    tensors of shape HOST_SHAPE with their gradients set (the same values for every method)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    values = [torch.randn(HOST_SHAPE, generator=g) for _ in range(n)]
+    grads = [torch.randn(HOST_SHAPE, generator=g) * 1e-3 for _ in range(n)]
+
+    def params():
+        ps = [v.to(device, dtype).requires_grad_(True) for v in values]
+        for p, gr in zip(ps, grads):
+            p.grad = gr.to(device, dtype)
+        return ps
+
+    fused = device.startswith("cuda") or device == "cpu"
+    table = {
+        "psi_cuda PSISGD (channel)": lambda: PSISGD(params(), lr=lr, momentum=momentum,
+                                                    manifold="channel", backend="fused"),
+        "psi_cuda PSISGD (euclidean)": lambda: PSISGD(params(), lr=lr, momentum=momentum,
+                                                      manifold=None, backend="fused"),
+        "torch SGD (fused)": lambda: torch.optim.SGD(params(), lr=lr, momentum=momentum,
+                                                     fused=fused),
+        "psi_cuda PSIAdam (channel)": lambda: PSIAdam(params(), lr=lr, manifold="channel",
+                                                      backend="fused"),
+        "psi_cuda PSIAdam (euclidean)": lambda: PSIAdam(params(), lr=lr, manifold=None,
+                                                        backend="fused"),
+        "torch AdamW (fused)": lambda: torch.optim.AdamW(params(), lr=lr, fused=fused),
+    }
+    return {name: make().step for name, make in table.items()}
+
+
+def bench_host(args, dtype: torch.dtype) -> dict:
+    """Per-tensor step time on lists of many small tensors (the host work of a step), with
+    ``args.host_threads`` torch threads (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.host_threads)
+    try:
+        return _bench_host(args, dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench_host(args, dtype: torch.dtype) -> dict:
+    print(f"\nhost time per tensor: N tensors of shape {HOST_SHAPE} with gradients set, "
+          f"median of {args.host_steps} steps (after {args.warmup} warm-up steps), "
+          f"{torch.get_num_threads()} thread(s), us per tensor:", flush=True)
+    names = [n for n in HOST_METHODS if selected(n, args.only)]
+    short = {n: n.replace("psi_cuda ", "") for n in names}
+    print("  " + f"{'tensors':>8s}" + "".join(f"  {short[n]:>20s}" for n in names), flush=True)
+    sizes = {}
+    for n in args.host_tensors:
+        steps_of = {k: v for k, v in host_methods(n, args.device, dtype).items() if k in names}
+        load = load_average()
+        times = round_robin(steps_of, args.device, args.warmup, args.host_steps)
+        del steps_of
+        rows = {}
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [med, med, med]
+            rows[name] = {"median_us_per_tensor": med / n * 1e6,
+                          "q1_us_per_tensor": q[0] / n * 1e6, "q3_us_per_tensor": q[2] / n * 1e6,
+                          "median_ms_per_step": med * 1e3, "steps": len(ts)}
+        ratios = {f"{a} / {b}": rows[a]["median_us_per_tensor"] / rows[b]["median_us_per_tensor"]
+                  for a, b in HOST_RATIOS if a in rows and b in rows}
+        sizes[str(n)] = {"tensors": n, "load_average_before": load,
+                         "load_average_after": load_average(), "methods": rows, "ratios": ratios}
+        print("  " + f"{n:8d}" + "".join(f"  {rows[k]['median_us_per_tensor']:20.2f}"
+                                          for k in names), flush=True)
+        gc.collect()
+    return {"shape": list(HOST_SHAPE), "steps": args.host_steps, "warmup": args.warmup,
+            "threads": torch.get_num_threads(), "sizes": sizes}
+
+
 # --- output ---------------------------------------------------------------------------------
 
 
@@ -475,6 +571,23 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--scaling-steps", type=int, default=10)
     ap.add_argument("--scaling-start", type=int, default=1_000_000,
                     help="smallest list of the sweep (values); sizes grow 4x up to the large list")
+    ap.add_argument("--host", dest="host", action="store_true", default=True,
+                    help="run the host-time section (default: on)")
+    ap.add_argument("--no-host", dest="host", action="store_false")
+    ap.add_argument("--host-only", action="store_true",
+                    help="only the host-time section (no model lists, no copy bandwidth); the "
+                    "default result file is then host_<device>.json")
+    ap.add_argument("--host-tensors", type=int, nargs="+", default=None,
+                    help="list sizes of the host-time section (default: 100 1000 10000; "
+                    "--quick: 100 1000)")
+    ap.add_argument("--host-steps", type=int, default=None,
+                    help="timed steps per method and size in the host-time section (default "
+                    "30, --quick 10)")
+    # One thread: the host work is serial and 36 values per tensor are too few to split. With two
+    # threads on this shared 2-core VM, torch's fused per-tensor CPU kernels waited on the thread
+    # pool when another process kept a core busy (up to 8 ms a tensor instead of 5 us).
+    ap.add_argument("--host-threads", type=int, default=1,
+                    help="torch threads during the host-time section (default: 1)")
     ap.add_argument("--copy-mib", type=int, default=512,
                     help="buffer size of the copy-bandwidth measurement (MiB)")
     ap.add_argument("--quick", action="store_true",
@@ -494,44 +607,60 @@ def source_root() -> Path | None:
     return root if (root / "benchmarks").is_dir() and (root / "README.md").is_file() else None
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line with the defaults that depend on --quick and --host-only filled in."""
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.models is None:
         args.models = ["resnet50", "vit_b16"] if args.quick else list(MODELS)
     if args.steps is None:
         args.steps = 5 if args.quick else 20
     if args.scaling is None:
-        args.scaling = not args.quick and "large" in args.models
+        args.scaling = not args.quick and "large" in args.models and not args.host_only
+    if args.host_tensors is None:
+        args.host_tensors = [100, 1000] if args.quick else list(HOST_SIZES)
+    if args.host_steps is None:
+        args.host_steps = 10 if args.quick else 30
+    if args.host_only:
+        args.host, args.models = True, []
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda")
                                           else "float32"))
     root = source_root()
     out = Path(args.out) if args.out else (root / "benchmarks" / "results" if root
                                            else Path("bench_results"))
 
-    bw = copy_bandwidth(args.device, args.copy_mib << 20)
+    bw = copy_bandwidth(args.device, args.copy_mib << 20) if args.models else None
     mach = machine(args.device)
-    print(f"copy bandwidth: {bw:.1f} GB/s  ({mach.get('gpu') or mach['cpu']}, "
-          f"{torch.get_num_threads()} threads), load average {load_average()}", flush=True)
+    print((f"copy bandwidth: {bw:.1f} GB/s  " if bw else "") +
+          f"({mach.get('gpu') or mach['cpu']}, {torch.get_num_threads()} threads), "
+          f"load average {load_average()}", flush=True)
     report = {"command": "psi-cuda bench " + " ".join(argv if argv is not None else
                                                       sys.argv[1:]),
               "machine": mach, "device": args.device, "dtype": str(dtype).replace("torch.", ""),
               "steps": args.steps, "warmup": args.warmup, "copy_bandwidth_gbs": bw,
               "load_average_start": load_average(), "models": {}}
     t0 = time.time()
+    if args.host:
+        report["host"] = bench_host(args, dtype)
     for model in args.models:
         report["models"][model] = bench_model(model, args, dtype, bw)
     if args.scaling:
         report["scaling"] = bench_scaling(args, dtype, bw, report["models"].get("large"))
-    report["copy_bandwidth_end_gbs"] = copy_bandwidth(args.device, args.copy_mib << 20)
+    if args.models:
+        report["copy_bandwidth_end_gbs"] = copy_bandwidth(args.device, args.copy_mib << 20)
     report["wall_s"] = round(time.time() - t0, 1)
     out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or "step_" + args.device.split(":")[0]
+    stem = args.name or ("host_" if args.host_only else "step_") + args.device.split(":")[0]
     path = out / f"{stem}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nsaved {path}  ({report['wall_s']:.0f} s)")
-    if not args.no_plot:
+    if not args.no_plot and args.models:
         png = plot(report, out / f"{stem}.png")
         if png:
             print(f"saved {png}")

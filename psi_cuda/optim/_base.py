@@ -3,12 +3,14 @@ state it keeps, makes it, and says which op it calls with which options (docs/AR
 "adding an optimizer"); this module does the rest: building the groups (from a model or from
 params), the option and gradient checks made before any write, grouping by device and dtype,
 master weights, GradScaler hand-off, sharded tensor groups, and a bit-for-bit
-``load_state_dict``."""
+``load_state_dict``; and it keeps each group's op calls from one step to the next (``_Plan``)
+while nothing they depend on changes."""
 from __future__ import annotations
 
 import warnings
 from functools import partial
 from itertools import chain
+from operator import attrgetter, is_
 from typing import Any
 
 import torch
@@ -102,6 +104,7 @@ class FusedOptimizer(Optimizer):
                 "(Euclidean, torch.optim behaviour), as a keyword or per group")
         if param_group.get("manifold") == "euclidean":
             param_group = {**param_group, "manifold": None}
+        self._drop_plans()
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         self._check_options(group, where)
@@ -124,22 +127,32 @@ class FusedOptimizer(Optimizer):
     def step(self, closure=None):
         """Performs one optimization step. ``closure`` re-evaluates the model and returns the
         loss."""
-        loss, grad_scale, found_inf = self._begin_step(closure)
+        loss, grad_scale, found_inf, plans = self._begin_step(closure)
         check_capture(self, self._needs_state)
         found_inf = self._skip_nonfinite(found_inf)
         for gi, group in enumerate(self.param_groups):
+            if plans[gi] is not None:
+                self._step_plan(group, gi, plans[gi], grad_scale, found_inf)
+                continue
             writebacks = []
             self._step_group(group, gi, grad_scale, found_inf, writebacks)
             write_back(writebacks)
+        if not torch.compiler.is_compiling() and self.__dict__.get("_plans"):
+            # what the plans' state check compares with at the next step
+            self._plan_states = (self.state, list(self.state.values()))
         return loss
 
     def _step_group(self, group: dict, index: int, grad_scale, found_inf, writebacks: list,
                     params=None, manifold: Any = REQUIRED) -> None:
         """Steps ``params`` (default: the group's) of ``group`` with the optimizer's op, one call
         per (device, dtype)."""
+        whole = params is None and manifold is REQUIRED  # the group as it is: kept as a plan
         manifold = group["manifold"] if manifold is REQUIRED else manifold
         weight_decay = self._weight_decay(group, index, manifold)
+        copies = len(writebacks)
         buckets = self._lists(group, group["params"] if params is None else params, writebacks)
+        if whole and len(writebacks) == copies and not torch.compiler.is_compiling():
+            self._keep_plan(group, index, buckets)
         options = self._op_options(group, weight_decay)
         if manifold == "block":
             options["block_rows"] = group["block_rows"]
@@ -182,19 +195,94 @@ class FusedOptimizer(Optimizer):
         return buckets
 
     def _begin_step(self, closure):
-        """Runs the closure, checks every gradient before anything is touched (a bad one must
-        leave everything unchanged) and returns (loss, grad_scale, found_inf)."""
+        """Runs the closure, checks every option set not checked yet and every gradient before
+        anything is touched (a bad one must leave everything unchanged) and returns (loss,
+        grad_scale, found_inf, plans): per group the ``_Plan`` to step it with (its gradients
+        checked), or None."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_changed_options()
+        plans = self._ready_plans()
         for gi, group in enumerate(self.param_groups):
+            if plans[gi] is not None:
+                continue
             for pi, p in enumerate(group["params"]):
                 if p.grad is not None:
                     where = f"{self.name}: param_groups[{gi}]['params'][{pi}]"
                     check_grad(p, where, self.name)
                     distributed.check_param(p, group.get("manifold"), where, self.name)
-        return loss, getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        return loss, getattr(self, "grad_scale", None), getattr(self, "found_inf", None), plans
+
+    # -------------------------------------------------------------------- plans
+
+    def _check_changed_options(self) -> None:
+        """``_check_options`` of every group whose options changed since they were last checked
+        (at ``add_param_group``, ``load_state_dict`` or a step): a ValueError naming the key
+        before anything is written."""
+        if torch.compiler.is_compiling():
+            return
+        checked = self.__dict__.setdefault("_checked_options", {})
+        for gi, group in enumerate(self.param_groups):
+            seen = checked.get(gi)
+            if seen is not None and seen[0] is group and _same_options(seen[1], group):
+                continue
+            self._check_options(group, f"{self.name}: param_groups[{gi}]")
+            checked[gi] = (group, _options_of(group))
+
+    def _drop_plans(self) -> None:
+        self.__dict__.pop("_plans", None)
+        self.__dict__.pop("_checked_options", None)
+
+    def _plan_key(self, group: dict) -> tuple:
+        """What a group's plan depends on besides its tensors: the options that decide its
+        state and op lists (the op's scalar options are read at every step)."""
+        first = group["params"][0] if group["params"] else None
+        return (self.backend, group.get("manifold"), group.get("block_rows"),
+                group.get("master_weights"), tuple(self._state_keys(first, group)))
+
+    def _keep_plan(self, group: dict, index: int, buckets: dict) -> None:
+        """Keeps the op lists ``_lists`` just made for the whole of ``group`` as its plan, when
+        they are the group's own tensors: plain tensors (no DTensor, no complex view), each
+        listed once, stepped in place (no master copy or contiguous copy)."""
+        plans = self.__dict__.setdefault("_plans", {})
+        plans.pop(index, None)
+        plan = _Plan.make(self, group, buckets)
+        if plan is not None:
+            plans[index] = plan
+
+    def _ready_plans(self) -> list:
+        """Per group its plan, checked for this step (``_Plan.ready``), or None; plans that no
+        longer hold are dropped."""
+        plans = self.__dict__.get("_plans")
+        ready = [None] * len(self.param_groups)
+        if not plans or torch.compiler.is_compiling():
+            return ready
+        states, values = self.__dict__.get("_plan_states", (None, ()))
+        if (states is not self.state or len(values) != len(self.state)
+                or not all(map(is_, self.state.values(), values))):
+            plans.clear()  # state added, removed or replaced (load_state_dict, state.clear())
+            return ready
+        for gi, group in enumerate(self.param_groups):
+            plan = plans.get(gi)
+            if plan is None:
+                continue
+            if plan.ready(self, group):
+                ready[gi] = plan
+            else:
+                del plans[gi]
+        return ready
+
+    def _step_plan(self, group: dict, index: int, plan: "_Plan", grad_scale, found_inf) -> None:
+        """``_step_group`` with the lists of ``plan``: the same op calls on the same lists."""
+        manifold = group["manifold"]
+        options = self._op_options(group, self._weight_decay(group, index, manifold))
+        if manifold == "block":
+            options["block_rows"] = group["block_rows"]
+        for device, fn, lists in plan.calls:
+            fn(*lists, manifold=manifold, grad_scale=on_device(grad_scale, device),
+               found_inf=on_device(found_inf, device), **options)
 
     def _skip_nonfinite(self, found_inf):
         """With ``skip_nonfinite=True`` (docs/ALGORITHMS.md 6.6): a 0/1 tensor saying whether a
@@ -281,6 +369,7 @@ class FusedOptimizer(Optimizer):
         optimizer, or of one over other shapes, raises ``ValueError`` before anything changes;
         a ``step`` saved as a number (older torch optimizers) becomes the tensor counter."""
         self._check_loadable(state_dict)
+        self._drop_plans()
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
@@ -356,6 +445,147 @@ class FusedOptimizer(Optimizer):
                 got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
                 raise ValueError(f"{where}: state {key!r} has shape {got}, expected {want} "
                                  f"(a parameter of shape {tuple(p.shape)})")
+
+
+_grad = attrgetter("grad")
+_shape = attrgetter("shape")
+_dtype = attrgetter("dtype")
+_device = attrgetter("device")
+_layout = attrgetter("layout")
+_PLAIN_TYPES = (Tensor, nn.Parameter)
+
+
+class _Plan:
+    """The op calls of one param group, kept from one step to the next so that a step does not
+    redo per tensor what did not change: grouping by device and dtype, state lookups, the checks
+    of ``_init_state`` and ``step_target``, the lists. Made by ``_step_group`` from the lists
+    ``_lists`` made (``make``) for a group whose tensors are plain, each listed once and stepped
+    in place; used while ``ready`` holds:
+
+    * the group is the same dict, its ``params`` the same tensors, ``_plan_key`` the same (the
+      optimizer's backend, manifold, block_rows, master_weights, state keys: lr and the op's
+      other scalar options are read at every step);
+    * every parameter has the same data pointer (a parameter given new data, ``p.data = ...``:
+      another dtype, device or memory layout, is re-planned);
+    * the state tensors in the lists are still the state (``opt.state[p][key]`` replaced,
+      ``load_state_dict``, ``opt.state.clear()``: re-planned; the optimizer's ``_ready_plans``
+      checks the per-parameter state dicts);
+    * the same parameters have a gradient. Gradients that are the same tensors with the same
+      data pointers as at the last step are used as they are; new gradient tensors (after
+      ``zero_grad()``) or new data (``p.grad.data = ...``) are checked here as ``check_grad``
+      checks them (plain dense tensors of the parameter's shape, dtype and device), and any
+      that is not sends the group to the full path, whose checks name it. (A gradient changed
+      in place on the same memory, by ``resize_`` or ``as_strided_``, is left to the op's own
+      checks, which raise before that call writes anything.)
+    """
+
+    __slots__ = ("group", "params", "key", "grads", "present", "absent", "stepped", "ptrs",
+                 "shapes", "calls", "positions", "kinds", "states", "state_keys", "state_tensors",
+                 "present_grads", "grad_ptrs")
+
+    @classmethod
+    def make(cls, opt: "FusedOptimizer", group: dict, buckets: dict) -> "_Plan | None":
+        params = list(group["params"])
+        grads = list(map(_grad, params))
+        present = [i for i, g in enumerate(grads) if g is not None]
+        stepped = [params[i] for i in present]
+        if len(set(map(id, stepped))) != len(stepped):
+            return None  # a parameter listed twice: stepped twice, in two calls
+        for p in stepped:
+            if (type(p) not in _PLAIN_TYPES or type(p.grad) is not Tensor or p.is_complex()
+                    or p.grad.layout != torch.strided):
+                return None
+        positions: dict = {}
+        for j, p in enumerate(stepped):
+            positions.setdefault((p.device, p.dtype, 0), []).append(j)
+        if set(positions) != set(buckets):
+            return None
+        self = cls()
+        self.group, self.params, self.key = group, params, opt._plan_key(group)
+        self.grads, self.present, self.stepped = grads, present, stepped
+        self.absent = [i for i, g in enumerate(grads) if g is None]
+        self.present_grads = [grads[i] for i in present]
+        self.grad_ptrs = list(map(Tensor.data_ptr, self.present_grads))
+        self.ptrs = [p.data_ptr() for p in stepped]
+        self.shapes = [p.shape for p in stepped]
+        self.calls, self.positions, self.kinds = [], [], []
+        for key, lists in buckets.items():
+            pos = positions[key]
+            if len(lists[0]) != len(pos) or not all(map(is_, lists[0], (stepped[j] for j in pos))):
+                return None
+            device = key[0]
+            fn = (partial(getattr(ops, opt.op), check=False) if opt._use_fused(device)
+                  else getattr(reference, opt.op))
+            self.calls.append((device, fn, lists))
+            self.positions.append(pos)
+            self.kinds.append((key[1], device))
+        self.states, self.state_keys, self.state_tensors = [], [], []
+        for p in stepped:
+            state = opt.state[p]
+            for k in ["step"] + [k for k in opt._state_keys(p, group) if k is not None]:
+                self.states.append(state)
+                self.state_keys.append(k)
+                self.state_tensors.append(state[k])
+        return self
+
+    def ready(self, opt: "FusedOptimizer", group: dict) -> bool:
+        """Whether the plan still steps ``group`` as ``_step_group`` would; with new gradient
+        tensors, checks them and puts them in the lists."""
+        params = group["params"]
+        if (group is not self.group or len(params) != len(self.params)
+                or not all(map(is_, params, self.params)) or opt._plan_key(group) != self.key):
+            return False
+        if list(map(Tensor.data_ptr, self.stepped)) != self.ptrs:
+            return False
+        if not all(map(is_, map(dict.get, self.states, self.state_keys), self.state_tensors)):
+            return False
+        grads = list(map(_grad, params))
+        if (all(map(is_, grads, self.grads))
+                and list(map(Tensor.data_ptr, self.present_grads)) == self.grad_ptrs):
+            return True
+        present = [grads[i] for i in self.present]
+        if any(grads[i] is not None for i in self.absent):
+            return False
+        if set(map(type, present)) - {Tensor} or list(map(_shape, present)) != self.shapes:
+            return False  # None, a subclass (DTensor), or another shape
+        single = len(self.calls) == 1
+        for (dtype, device), pos in zip(self.kinds, self.positions):
+            gs = present if single else [present[j] for j in pos]
+            if (set(map(_dtype, gs)) != {dtype} or set(map(_device, gs)) != {device}
+                    or set(map(_layout, gs)) != {torch.strided}):
+                return False
+        for (_, _, lists), pos in zip(self.calls, self.positions):
+            lists[1] = present if single else [present[j] for j in pos]
+        self.grads, self.present_grads = grads, present
+        self.grad_ptrs = list(map(Tensor.data_ptr, present))
+        return True
+
+
+def _options_of(group: dict) -> tuple:
+    return tuple((k, v) for k, v in group.items() if k != "params")
+
+
+def _same_value(a, b) -> bool:
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (bool, int, float, str)):
+        return a == b
+    if isinstance(a, tuple):
+        return len(a) == len(b) and all(map(_same_value, a, b))
+    return False  # another object (a tensor lr, a list): the same only if it is the same object
+
+
+def _same_options(seen: tuple, group: dict) -> bool:
+    """Whether ``group``'s options are those of ``_options_of`` ``seen``: same keys, same
+    values (numbers, strings and tuples of them by value, other objects by identity)."""
+    if len(seen) != len(group) - ("params" in group):
+        return False
+    for k, v in seen:
+        if k not in group or not _same_value(v, group[k]):
+            return False
+    return True
 
 
 def state_like(p: Tensor, state: dict, key: str, manifold=None) -> Tensor:

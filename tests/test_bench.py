@@ -40,6 +40,11 @@ def test_tiny_run_writes_json_chart_and_table(tmp_path):
     for row in tiny["methods"].values():
         assert row["median_ms"] > 0 and row["gbs"] > 0 and row["steps"] == 2
     assert "PSISGD fused / torch SGD fused" in tiny["ratios"]
+    # the yardstick: the stream-limit loop ran beside the methods, each row has its fraction
+    assert bench.STREAM_LIMIT in names
+    for row in tiny["methods"].values():
+        assert row["frac_stream_limit"] > 0
+    assert f"psi_cuda PSISGD (fused) / {bench.STREAM_LIMIT}" in tiny["ratios"]
     pts = saved["scaling"]["points"]
     assert len(pts) == 2 and pts[0]["params"] >= 100_000 and pts[-1]["params"] >= 300_000
     assert _finite_numbers(saved)
@@ -47,6 +52,27 @@ def test_tiny_run_writes_json_chart_and_table(tmp_path):
     text = bench_report.table(saved, "benchmarks/results/step_cpu.json")
     assert "| psi_cuda PSISGD (fused) |" in text and "**Scaling**" in text
     assert list(saved["host"]["sizes"]) == ["3"]
+
+
+def test_stream_limit_is_a_momentum_step_pattern():
+    """psi_cuda_bench::stream_limit_ reads w, g, m and writes m = 0.9 m + g, w -= 1e-3 m
+    (against torch on the same values; lengths across its chunks and vector tails); bad
+    arguments raise ValueError naming them."""
+    for n in (1, 7, 32768, 32768 * 3 + 5):
+        w, g, m = (torch.randn(n) for _ in range(3))
+        want_m = torch.addcmul(g, m, torch.tensor(0.9))
+        want_w = w - 1e-3 * want_m
+        torch.ops.psi_cuda_bench.stream_limit_(w, g, m)
+        torch.testing.assert_close(m, want_m, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(w, want_w, rtol=1e-6, atol=1e-6)
+    x = torch.zeros(8)
+    with pytest.raises(ValueError, match="g must be a contiguous float32"):
+        torch.ops.psi_cuda_bench.stream_limit_(x, torch.zeros(8, dtype=torch.float64), x.clone())
+    with pytest.raises(ValueError, match="m must have 8 elements"):
+        torch.ops.psi_cuda_bench.stream_limit_(x, x.clone(), torch.zeros(9))
+    with pytest.raises(ValueError, match="w must be a contiguous"):
+        torch.ops.psi_cuda_bench.stream_limit_(torch.zeros(4, 4).t(), torch.zeros(16),
+                                               torch.zeros(16))
 
 
 def _check_host(host, sizes, steps):

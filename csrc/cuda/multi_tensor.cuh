@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "psi/ops.h"
@@ -336,7 +337,10 @@ __device__ __forceinline__ void apply_writer(const Ptrs<scalar_t>& p, int64_t n,
                                              const Writer<scalar_t, opmath_t, compute_t>& wr) {
   constexpr int V = kVec<scalar_t>;
   const bool has_m = p.m != nullptr;
-  const int64_t nv = vector_count<scalar_t>(n, p.w, p.g, p.m);
+  // The double writer (coefficients outside opmath's range: rare) stays scalar: its registers
+  // would not leave room for the vectors.
+  const int64_t nv =
+      std::is_same<compute_t, opmath_t>::value ? vector_count<scalar_t>(n, p.w, p.g, p.m) : 0;
   for (int64_t j = threadIdx.x; j < nv; j += kThreads) {
     scalar_t w[V], g[V];
     opmath_t m[V];

@@ -272,7 +272,10 @@ def methods(shapes: ShapeList, params: list[torch.Tensor], device: str, lr: floa
         "psi_cuda PSIAdam (reference, for-loop)": psiadam("reference"),
         "torch AdamW (fused)": lambda: torch.optim.AdamW(params, lr=lr, fused=True).step,
         "torch AdamW (foreach)": lambda: torch.optim.AdamW(params, lr=lr, foreach=True).step,
+        STREAM_LIMIT: lambda: stream_limit(sum(p.numel() for p in params), device),
     }
+    if device != "cpu" or any(p.dtype != torch.float32 for p in params):
+        table.pop(STREAM_LIMIT)
     if not fused_sgd_ok:
         for name in ("torch SGD (fused)", "torch AdamW (fused)"):
             table.pop(name)
@@ -281,6 +284,19 @@ def methods(shapes: ShapeList, params: list[torch.Tensor], device: str, lr: floa
             if "BNPSGD" in name:
                 table.pop(name)
     return table
+
+
+STREAM_LIMIT = "stream limit (read 3, write 2)"
+
+
+def stream_limit(n: int, device: str) -> Callable[[], object]:
+    """The yardstick of the CPU figures: ``psi_cuda_bench::stream_limit_``, a plain loop (built
+    with the extension's flags and ISA dispatch, split over threads like the CPU kernels) with a
+    momentum step's access pattern, m = 0.9 m + g, w -= 1e-3 m, on three fp32 streams of ``n``
+    values: the bytes of a step over the list, without the optimizer's arithmetic. (torch's
+    fused SGD runs above ``dst.copy_(src)``'s bandwidth, so a copy is not the limit.)"""
+    w, g, m = (torch.randn(n, device=device) * 1e-2 for _ in range(3))
+    return lambda: torch.ops.psi_cuda_bench.stream_limit_(w, g, m)
 
 
 def step_bytes(n: int, dtype: torch.dtype) -> int:
@@ -328,9 +344,14 @@ def bench_model(model: str, args, dtype: torch.dtype, bw: float) -> dict:
     times = round_robin(steps_of, args.device, args.warmup, args.steps)
     del steps_of
     rows = {name: summarize(ts, bytes_of[name], bw) for name, ts in times.items()}
+    limit = rows.get(STREAM_LIMIT)
     for name, r in rows.items():
+        if limit:  # GB/s as a fraction of the loop with the same access pattern
+            r["frac_stream_limit"] = r["gbs"] / limit["gbs"]
         print(f"  {name:40s} {r['median_ms']:9.2f} ms  [{r['q1_ms']:.2f}, {r['q3_ms']:.2f}]  "
-              f"{r['gbs']:7.2f} GB/s  {100 * r['frac_copy_bw']:5.1f}% of copy", flush=True)
+              f"{r['gbs']:7.2f} GB/s  {100 * r['frac_copy_bw']:5.1f}% of copy"
+              + (f"  {100 * r['frac_stream_limit']:5.1f}% of limit" if limit else ""),
+              flush=True)
     out = {"tensors": len(shapes), "params": n, "bytes_per_step": nbytes,
            "load_average_before": load, "load_average_after": load_average(), "methods": rows,
            "ratios": ratios(rows)}
@@ -357,6 +378,10 @@ def ratios(rows: dict) -> dict:
                 out[f"{peer} / PSISGD fused"] = t[peer] / fused
     if "psi_cuda PSIAdam (fused)" in t and "torch AdamW (fused)" in t:
         out["PSIAdam fused / torch AdamW fused"] = t["psi_cuda PSIAdam (fused)"] / t["torch AdamW (fused)"]
+    if STREAM_LIMIT in t:
+        for name in ("psi_cuda PSISGD (fused)", "torch SGD (fused)"):
+            if name in t:
+                out[f"{name} / {STREAM_LIMIT}"] = t[name] / t[STREAM_LIMIT]
     if "psi_cuda BNPSGD (fused op)" in t and "psi_cuda BNPSGD (reference, for-loop)" in t:
         out["BNPSGD reference / BNPSGD fused"] = (t["psi_cuda BNPSGD (reference, for-loop)"]
                                                   / t["psi_cuda BNPSGD (fused op)"])

@@ -283,6 +283,15 @@ __device__ __forceinline__ int64_t vector_count(int64_t n, const void* a, const 
   return ok ? n / kVec<scalar_t> : 0;
 }
 
+// Loads vector j (elements j * V ... j * V + V - 1) of w, g and, when present, m.
+template <typename scalar_t, typename opmath_t, int V>
+__device__ __forceinline__ void load_wgm(const Ptrs<scalar_t, opmath_t>& p, int64_t j,
+                                         scalar_t (&w)[V], scalar_t (&g)[V], opmath_t (&m)[V]) {
+  load_vec<V>(p.w + j * V, w);
+  load_vec<V>(p.g + j * V, g);
+  if (p.m != nullptr) load_vec<V>(p.m + j * V, m);
+}
+
 // This thread's sums of the Gram matrix of n elements, in acc_t (opmath_t, or double).
 template <typename acc_t, typename scalar_t, typename opmath_t>
 __device__ __forceinline__ GramAcc<acc_t> gram_sums(const Ptrs<scalar_t>& p, int64_t n) {
@@ -293,9 +302,7 @@ __device__ __forceinline__ GramAcc<acc_t> gram_sums(const Ptrs<scalar_t>& p, int
   for (int64_t j = threadIdx.x; j < nv; j += kThreads) {
     scalar_t w[V], g[V];
     opmath_t m[V];
-    load_vec<V>(p.w + j * V, w);
-    load_vec<V>(p.g + j * V, g);
-    if (has_m) load_vec<V>(p.m + j * V, m);
+    load_wgm(p, j, w, g, m);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       acc.add(static_cast<acc_t>(static_cast<opmath_t>(w[k])),
@@ -344,9 +351,7 @@ __device__ __forceinline__ void apply_writer(const Ptrs<scalar_t>& p, int64_t n,
   for (int64_t j = threadIdx.x; j < nv; j += kThreads) {
     scalar_t w[V], g[V];
     opmath_t m[V];
-    load_vec<V>(p.w + j * V, w);
-    load_vec<V>(p.g + j * V, g);
-    if (has_m) load_vec<V>(p.m + j * V, m);
+    load_wgm(p, j, w, g, m);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       const compute_t mk = has_m ? static_cast<compute_t>(m[k]) : compute_t(0);

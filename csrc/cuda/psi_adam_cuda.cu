@@ -107,9 +107,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t j = threadIdx.x; j < nv; j += kThreads) {
       scalar_t w[V], g[V];
       opmath_t m[V], vv[V];
-      load_vec<V>(p.w + j * V, w);
-      load_vec<V>(p.g + j * V, g);
-      load_vec<V>(p.m + j * V, m);
+      load_wgm(p, j, w, g, m);  // m: always present for Adam
       load_vec<V>(v + j * V, vv);
 #pragma unroll
       for (int k = 0; k < V; ++k) {

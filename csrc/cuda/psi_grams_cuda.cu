@@ -3,9 +3,8 @@
 // psi_sgd_/psi_adam_ sum them for themselves (multi_tensor.cuh), so that
 // psi_sgd_(..., grams=psi_grams(...)) equals psi_sgd_(...).
 //
-//   psi_grams_short_kernel   groups of at most kShortGroup elements: the reductions of
-//                            step_short_unit (a warp per group of at most kWarpGroup elements,
-//                            a block per longer group); the reducing thread writes the row.
+//   psi_grams_short_kernel   groups of at most kShortGroup elements: step_short_unit, whose
+//                            solving thread writes the row and returns an update that skips.
 //   psi_long_reduce_kernel   longer groups: chunk partials (shared with psi_sgd_);
 //   psi_grams_long_kernel    one block per long group adds its partials and writes the row.
 //
@@ -23,43 +22,20 @@
 namespace psi {
 namespace {
 
-// The sums of step_short_unit, for every kind of short group, summed as it sums them: one warp
-// per group of at most kWarpGroup elements (the same items per lane, the same warp reduction),
-// one block per longer group (load_items for groups held in registers, thread_gram for those
-// read in place).
+// step_short_unit itself, with a "solve" that records the group's sums in its row and leaves
+// the group unchanged: the sums of psi_sgd_/psi_adam_ by construction, for every kind of short
+// group (as the CPU kernel runs the ops' work-item driver).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     psi_grams_short_kernel(const TensorMeta* metas, int64_t num_tensors, int64_t num_units) {
-  using opmath_t = at::opmath_type<scalar_t>;
   PSI_SHARED(ShortShared, sh);
   for (int64_t unit = blockIdx.x; unit < num_units; unit += gridDim.x) {
     const TensorMeta& a = find_tensor<&TensorMeta::first_unit>(metas, num_tensors, unit);
-    const int64_t local = unit - a.first_unit;
     double* out = reinterpret_cast<double*>(a.gram_out);
-    if (a.group <= kWarpGroup) {  // the same for the whole block
-      const int lane = static_cast<int>(threadIdx.x) % 32;
-      const int warp = static_cast<int>(threadIdx.x) / 32;
-      const int64_t group = local * kWarps + warp;
-      if (group < a.numel / a.group) {  // the same for the whole warp
-        opmath_t w[kItems], g[kItems], m[kItems];
-        const Gram part = load_items<scalar_t>(Ptrs<scalar_t>(a, group * a.group), a.group, lane,
-                                               32, w, g, m);
-        const Gram G = WarpGramReduce(sh.warp[warp]).Reduce(part, GramSum());  // lane 0 only
-        if (lane == 0) set_gram_row(out, group, G, a.group);
-      }
-    } else {
-      const Ptrs<scalar_t> p(a, local * a.group);
-      Gram part;
-      if (a.group <= kRegisterGroup) {  // the same for the whole block
-        opmath_t w[kItems], g[kItems], m[kItems];
-        part = load_items<scalar_t>(p, a.group, threadIdx.x, kThreads, w, g, m);
-      } else {
-        part = thread_gram<scalar_t, opmath_t>(p, a.group);
-      }
-      const Gram G = BlockGramReduce(sh.block).Reduce(part, GramSum());  // thread 0 only
-      if (threadIdx.x == 0) set_gram_row(out, local, G, a.group);
-    }
-    __syncthreads();  // sh is reused by the next unit
+    step_short_unit<scalar_t>(a, unit - a.first_unit, sh, [&](const Gram& G, int64_t group) {
+      set_gram_row(out, group, G, a.group);
+      return unchanged();  // skip: nothing is written
+    });
   }
 }
 

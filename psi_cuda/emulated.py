@@ -32,8 +32,9 @@ except ImportError:  # a build without PSI_CUDA_BUILD_EMULATOR=1
 
 ORDERS = ("forward", "reverse", "random")
 
-__all__ = ["available", "schedule", "capture", "launches", "host_copies", "psi_sgd_",
-           "psi_adam_", "psi_grams", "bnp_update_stats_", "bnp_precondition_", "bnp_sgd_", "ORDERS"]
+__all__ = ["available", "schedule", "capture", "launches", "host_copies", "device_allocations",
+           "psi_sgd_", "psi_adam_", "psi_grams", "bnp_update_stats_", "bnp_precondition_",
+           "bnp_sgd_", "ORDERS"]
 
 
 def available() -> bool:
@@ -104,6 +105,13 @@ def host_copies() -> int:
     it reused a table an earlier call uploaded (csrc/cuda/device_table.cuh)."""
     _require()
     return int(torch.ops.psi_cuda_emu._host_copies())
+
+
+def device_allocations() -> int:
+    """The device tensors the last emulated op allocated (from torch's allocator, which stands
+    for CUDA's caching allocator during an op): 0 when it reused every buffer it needs."""
+    _require()
+    return int(torch.ops.psi_cuda_emu._device_allocations())
 
 
 def _bind(fn):

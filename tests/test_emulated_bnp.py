@@ -15,10 +15,14 @@ pytestmark = needs_emulator
 
 _cache = ScheduleCache()
 
-# More statistics inputs: inner == 1 with C above one tile of 32 channels and rows over several
-# chunks; inner > 1 with planes over one kStatsChunk (16384) and an inner size of 1..32.
+# More statistics inputs. Columns kernel (inner < 32: rows of C * inner columns): inner == 1
+# with C above one tile of 32 columns and rows over several chunks; inner 4, 17, 25, 31 (a
+# channel's columns across two tiles). Planes kernel (inner >= 32): inner 32, 33, planes over
+# one kStatsChunk (16384).
 EXTRA_STATS = [((3000, 37), 1, None), ((1, 70), 1, None), ((2, 3, 9000), 1, None),
-               ((5, 4, 17), 1, None), ((3, 6, 2, 2), 1, None)]
+               ((5, 4, 17), 1, None), ((3, 6, 2, 2), 1, None), ((600, 40), 1, None),
+               ((70, 3, 5, 5), 1, None), ((4, 5, 31), 1, None), ((4, 5, 32), 1, None),
+               ((3, 2, 33), 1, None)]
 
 
 def stats_inputs(case, dtype):
@@ -162,12 +166,13 @@ def test_many_layers(sched):
     _cache.check(("many", ), emulate, sched, out)
 
 
-@pytest.mark.parametrize("shape", [(4096, 16), (64, 16, 32, 32), (8, 4, 40000)], ids=str)
+@pytest.mark.parametrize("shape", [(4096, 16), (512, 8, 4, 4), (64, 16, 32, 32), (8, 4, 40000)],
+                         ids=str)
 def test_stats_accurate_far_from_zero_mean(shape):
     """Inputs 300 + N(0, 1): the variance sqmean - mean^2 is 1e-5 of sqmean, so float running
     sums must reach double often. Float64 statistics against a float64 oracle; both the row
     (inner == 1) and plane paths. (Summed in float per block, the plane path lost 1% of the
-    variance; the CPU kernel keeps it to 1e-3.)"""
+    variance; the CPU kernel keeps it to 1e-3.) (512, 8, 4, 4): the columns kernel with inner 16."""
     torch.manual_seed(0)
     x = (300 + torch.randn(shape, dtype=torch.float64)).float()
     dims = [d for d in range(x.dim()) if d != 1]
@@ -183,10 +188,13 @@ def test_stats_accurate_far_from_zero_mean(shape):
 @pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("case", [((300, 6), 1, None), ((3, 6, 2, 2), 1, None),
-                                  ((2, 3, 9000), 1, None)], ids=str)
+                                  ((600, 40), 1, None), ((2, 3, 9000), 1, None),
+                                  ((2, 5, 40000), 1, None)], ids=str)
 def test_update_stats_skips_nonfinite_batch(case, bad, sched):
-    """The check kernel's flag: a batch with one inf/NaN leaves mean, sqmean and step as they
-    are (the CPU kernel too), between two finite batches that blend."""
+    """The finalizing block's check: a batch with one inf/NaN (in one channel, in one chunk of
+    one tile) leaves every channel's mean and sqmean and the step as they are (the CPU kernel
+    too), between two finite batches that blend; the workspace's counters are left at zero for
+    the next call."""
     def run(fn):
         x, cd = stats_inputs(case, torch.float32)
         C = x.size(cd)
@@ -236,3 +244,65 @@ def test_sgd_steps_advance_from_the_last_rows_block(sched):
                           [torch.ones(5)], groups=[1], eps=1e-5, lr=0.1)
         assert [r["kernel"] for r in emulated.launches()] == ["increment_steps_kernel"]
         assert empty_steps[0].item() == 3.0
+
+
+# (case, the kernel that must take it)
+ONE_LAUNCH = [(((600, 40), 1, None), "stats_columns_kernel"),
+              (((70, 3, 5, 5), 1, None), "stats_columns_kernel"),
+              (((4, 5, 31), 1, None), "stats_columns_kernel"),
+              (((4, 5, 32), 1, None), "stats_planes_kernel"),
+              (((2, 3, 40000), 1, None), "stats_planes_kernel")]
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
+@pytest.mark.parametrize("case,kernel", ONE_LAUNCH, ids=[str(c[0]) for c in ONE_LAUNCH])
+def test_update_stats_one_launch_no_allocation(case, kernel, sched):
+    """bnp_update_stats_ is one launch (the block that completes the call finalizes and advances
+    the step) and allocates nothing once the stream's workspace is as large as the call needs:
+    a larger input grows it, then every call of the smaller one reuses it. Under capture the
+    call takes a fresh workspace of the graph's own (zeroed counters, scratch) and gives the same result bit for
+    bit."""
+    with emulated.schedule(*sched):
+        big = torch.randn(20000, 40)  # columns: 313 chunks of 2 tiles, the largest workspace here
+        emulated.bnp_update_stats_(big, torch.zeros(40), torch.ones(40), torch.zeros(()),
+                                   channel_dim=1, momentum=0.1)
+        expected = run_stats(ops.bnp_update_stats_, case, torch.float32)
+        x, cd = stats_inputs(case, torch.float32)
+        C = x.size(cd)
+        runs = []
+        for capture in (False, True):
+            mean, sqmean, step = torch.zeros(C), torch.ones(C), torch.zeros(())
+            with emulated.capture(capture):
+                for _ in range(3):
+                    emulated.bnp_update_stats_(x, mean, sqmean, step, channel_dim=cd,
+                                               momentum=0.1)
+                    assert [r["kernel"] for r in emulated.launches()] == [f"{kernel}<scalar_t>"]
+                    assert emulated.device_allocations() == (2 if capture else 0)
+                    x = x * 0.5 + 1
+            x, _ = stats_inputs(case, torch.float32)
+            runs.append([mean, sqmean, step])
+    for a, e in zip(runs[0], expected[0]):
+        close(a, e, torch.float32)
+    for a, e in zip(runs[1], runs[0]):
+        assert torch.equal(a, e)
+
+
+def test_update_stats_layouts_in_sequence():
+    """Calls of different layouts one after another on the stream's one workspace (columns and
+    planes, more and fewer tiles, chunks and channels than the call before): each call's
+    counters start at zero whatever the previous call left in the workspace, so every call
+    equals the CPU kernel."""
+    cases = [((64, 1000), 1, None), ((4, 33, 70), 1, None), ((600, 40), 1, None),
+             ((2, 5, 40000), 1, None), ((3, 6, 2, 2), 1, None), ((70, 3, 5, 5), 1, None),
+             ((1, 70), 1, None), ((4, 5, 32), 1, None)]
+    for _ in range(2):
+        for case in cases:
+            close_all = []
+            for fn in (ops.bnp_update_stats_, emulated.bnp_update_stats_):
+                x, cd = stats_inputs(case, torch.float32)
+                C = x.size(cd)
+                st = [torch.zeros(C), torch.ones(C), torch.zeros(())]
+                fn(x, *st, channel_dim=cd, momentum=0.1)
+                close_all.append(st)
+            for a, e in zip(close_all[1], close_all[0]):
+                close(a, e, torch.float32)

@@ -2,22 +2,22 @@
 // (math: psi/bnp.h; semantics: the CPU kernels in csrc/cpu/bnp_cpu.cpp, which this file follows:
 // same checks, same layouts, same order of the formulas). Only sums and element loops are here.
 //
-// bnp_update_stats_ (input seen as [outer, C, inner] in memory order), four launches:
-//   stats_rows_kernel     inner == 1 (Linear input, channels-last conv input): a block is a tile
-//                         of tx channels (threads along channels, coalesced) x ty threads along
-//                         rows, over one chunk of rows; it writes the tile's per-channel sum and
-//                         sum of squares for its chunk to its own slot of a scratch tensor.
-//   stats_planes_kernel   inner > 1 (NCHW-like): a block is (channel, chunk of kStatsChunk of the
-//                         channel's outer * inner elements), reduced over the block.
-//   stats_finalize_kernel one warp per channel adds the chunk partials in a fixed order (in
-//                         double), reads the step on the device, a = bnp_batch_weight(momentum,
-//                         step), blends mean/sqmean with bnp_blend.
-//   (stats_check_kernel   before the finalize: one block flags a batch whose partial sums are
-//                         not finite; finalize and step increment then change nothing.)
-//   increment_step_kernel step += 1 (after the finalize kernel, which read it: stream order).
+// bnp_update_stats_ (input seen as [outer, C, inner] in memory order), one launch:
+//   stats_columns_kernel  inner < 32 (Linear input, channels-last conv input, small spatial
+//                         sizes): x read as rows of W = C * inner columns, a block a tile of tx
+//                         columns (threads along columns: coalesced whatever the inner size) x
+//                         ty threads along rows, over one chunk of rows.
+//   stats_planes_kernel   inner >= 32 (NCHW-like): a block is (channel, chunk of kStatsChunk of
+//                         the channel's outer * inner elements), reduced over the block.
+//   Each block writes its partial sums to the stream's workspace and counts itself in its
+//   segment's (tile's, channel's) arrival counter; the last block of a segment adds the
+//   segment's partials over the chunks in chunk order, and the block that completes the last
+//   segment checks the channel totals (a batch with an inf or a NaN changes nothing), blends them
+//   into mean/sqmean with the batch weight of the step it reads, and advances the step. No
+//   allocation once the stream's workspace has grown to the largest layer (stats_workspace).
 // Each thread sums in float (double for float64 input) and moves its sums to double every
-// kStatsFlush elements; block sums and partials are double, without atomics: the result does not
-// depend on timing.
+// kStatsFlush elements; partials and totals are double, added in a fixed order: the result does
+// not depend on timing or on which block arrives last.
 //
 // bnp_precondition_ / bnp_sgd_: one multi-tensor launch per phase. The host builds a table with
 // one LayerMeta per layer that has rows (device addresses, row layout, the index of its first
@@ -52,6 +52,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -66,8 +67,6 @@ namespace psi {
 namespace {
 
 constexpr int kThreads = 256;                   // threads per block, every kernel
-constexpr int kWarpSize = 32;
-constexpr int kWarps = kThreads / kWarpSize;    // warps per block
 constexpr int64_t kMaxGrid = int64_t{1} << 20;  // larger 1-D launches loop (grid-stride)
 constexpr int64_t kStatsChunk = 16384;          // stats, inner > 1: elements per block
 constexpr int64_t kMinRowsPerThread = 8;        // stats, inner == 1: rows per thread at least
@@ -127,58 +126,205 @@ struct StatsAcc {
   }
 };
 
-// ================================================================ bnp_update_stats_
+// Element i of a statistics vector, float32 or float64 (is_f64).
+__device__ __forceinline__ double load_stat(const void* p, int64_t is_f64, int64_t i) {
+  return is_f64 ? static_cast<const double*>(p)[i]
+                : static_cast<double>(static_cast<const float*>(p)[i]);
+}
 
-// inner == 1: x is [rows, C]. blockDim = (tx, ty), tx * ty == kThreads, ty a power of 2;
-// blockIdx.x: tile of tx channels, blockIdx.y: chunk of rows_per_chunk rows. Partials of chunk k,
-// channel c at psum/psq[k * C + c].
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
-    stats_rows_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t C,
-                      int64_t rows_per_chunk, double* __restrict__ psum,
-                      double* __restrict__ psq) {
-  using acc_t = stats_acc_t<scalar_t>;
-  PSI_SHARED(double[kThreads], ssum);
-  PSI_SHARED(double[kThreads], ssq);
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t chunk = blockIdx.y;
-  const int64_t r0 = chunk * rows_per_chunk;
-  const int64_t r1 = min64(rows, r0 + rows_per_chunk);
-  StatsAcc<acc_t> acc;
-  if (c < C) {
-    for (int64_t r = r0 + threadIdx.y; r < r1; r += blockDim.y) {
-      acc.add(static_cast<acc_t>(x[r * C + c]));
-    }
-  }
-  const SumSq<double> t = acc.total();
-  const unsigned tid = threadIdx.y * blockDim.x + threadIdx.x;
-  ssum[tid] = t.s;
-  ssq[tid] = t.q;
+// ================================================================ bnp_update_stats_
+//
+// One launch per call. Each block writes the partial sums of its unit (a chunk of rows of a tile
+// of columns, or a chunk of one channel's elements) to the call's workspace, then counts itself
+// in the arrival counter of its segment (tile or channel): the block that arrives last in a
+// segment adds the segment's partials over its chunks in chunk order (column totals) and counts
+// the segment in the call's counter; the block that completes the call's counter checks that
+// every channel total is finite, blends them into mean/sqmean and advances the step. Every
+// counter is reset to zero by the block that saw it complete. All sums are added in a fixed
+// order, so the result does not depend on which block finishes last.
+//
+// The workspace: the counters (segments + 1 words, zero between calls), and 8-byte words of
+// scratch: the column totals (2 * cols), the chunk partials (2 * chunks * cols). It belongs to the
+// stream and is reused by every call on it (stats_workspace), so a forward allocates nothing once
+// the largest layer has run.
+
+constexpr int kPlanesMinInner = 32;  // inner sizes from here on take the planes kernel
+
+struct StatsWork {
+  unsigned long long* arrived;  // [segments + 1]: one per segment, then the call's
+  double* col_sum;              // [cols], then col_sq = col_sum + cols
+  double* part_sum;             // [chunks * cols], then part_sq = part_sum + chunks * cols
+  int64_t cols, chunks;
+};
+
+// What the block that finishes the call writes: mean/sqmean (float32 or float64) of C channels,
+// channel c the sum of columns [c * cols_per_channel, (c + 1) * cols_per_channel).
+struct StatsOut {
+  void* mean;
+  void* sqmean;
+  int64_t stat_f64;  // 1: mean/sqmean are float64
+  float* step;
+  double momentum, count;
+  int64_t C, cols_per_channel;
+};
+
+__device__ __forceinline__ int block_tid() {
+  return static_cast<int>(threadIdx.y * blockDim.x + threadIdx.x);
+}
+
+// Called by every thread of the block once its writes to the workspace are done; true in every
+// thread of the block whose arrival completes `*counter` (the `expected`-th), which also resets
+// it. The writers' fences, then thread 0's count: the standard fence-then-count pattern (the
+// reader reads through volatile pointers, past L1).
+__device__ __forceinline__ bool arrive_last(unsigned long long* counter,
+                                            unsigned long long expected) {
+  PSI_SHARED(int, last);
+  __threadfence();  // this thread's workspace writes are visible before the block's arrival
   __syncthreads();
-  for (unsigned h = blockDim.y / 2; h > 0; h /= 2) {  // fixed tree over threadIdx.y
+  if (block_tid() == 0) {
+    last = atomicAdd(counter, 1ull) == expected - 1;
+    if (last) *counter = 0;  // every arrival has happened: ready for the next call
+  }
+  __syncthreads();
+  const bool is_last = last != 0;
+  if (is_last) __threadfence();
+  return is_last;
+}
+
+__device__ __forceinline__ void channel_total(const StatsWork& w, const StatsOut& o, int64_t c,
+                                              double& s, double& q) {
+  const volatile double* cs = w.col_sum;
+  const volatile double* cq = w.col_sum + w.cols;
+  s = 0;
+  q = 0;
+  for (int64_t i = c * o.cols_per_channel; i < (c + 1) * o.cols_per_channel; ++i) {
+    s += cs[i];
+    q += cq[i];
+  }
+}
+
+__device__ __forceinline__ void store_stat(void* p, int64_t f64, int64_t c, double v) {
+  if (f64) {
+    static_cast<double*>(p)[c] = v;
+  } else {
+    static_cast<float*>(p)[c] = static_cast<float>(v);
+  }
+}
+
+// The block that completes the call: a batch whose channel totals are not all finite (an inf or
+// a NaN in it, or squares beyond the sums' range) changes nothing, the step included
+// (docs/ALGORITHMS.md 4.4); otherwise the blend with the batch weight of the step, then step += 1.
+__device__ __forceinline__ void finalize_stats(const StatsWork& w, const StatsOut& o) {
+  PSI_SHARED(int, bad);
+  const int tid = block_tid();
+  const int nthreads = static_cast<int>(blockDim.x * blockDim.y);
+  if (tid == 0) bad = 0;
+  __syncthreads();
+  bool found = false;
+  for (int64_t c = tid; c < o.C; c += nthreads) {
+    double s, q;
+    channel_total(w, o, c, s, q);
+    found = found || !(s - s == 0.0) || !(q - q == 0.0);
+  }
+  if (found) bad = 1;  // every writer writes 1
+  __syncthreads();
+  if (bad != 0) return;  // uniform over the block
+  const double a = bnp_batch_weight(o.momentum, static_cast<double>(*o.step));
+  for (int64_t c = tid; c < o.C; c += nthreads) {
+    double s, q;
+    channel_total(w, o, c, s, q);
+    store_stat(o.mean, o.stat_f64, c, bnp_blend(load_stat(o.mean, o.stat_f64, c), s / o.count, a));
+    store_stat(o.sqmean, o.stat_f64, c,
+               bnp_blend(load_stat(o.sqmean, o.stat_f64, c), q / o.count, a));
+  }
+  __syncthreads();  // every thread has read the step
+  if (tid == 0) *o.step += 1.0f;
+}
+
+// Sum over threadIdx.y of ssum/ssq[threadIdx.y * blockDim.x + threadIdx.x] (a fixed tree; ty a
+// power of 2), left in row 0.
+__device__ __forceinline__ void tree_over_y(double* ssum, double* ssq) {
+  const unsigned tid = threadIdx.y * blockDim.x + threadIdx.x;
+  __syncthreads();
+  for (unsigned h = blockDim.y / 2; h > 0; h /= 2) {
     if (threadIdx.y < h) {
       ssum[tid] += ssum[tid + h * blockDim.x];
       ssq[tid] += ssq[tid + h * blockDim.x];
     }
     __syncthreads();
   }
-  if (threadIdx.y == 0 && c < C) {
-    psum[chunk * C + c] = ssum[threadIdx.x];
-    psq[chunk * C + c] = ssq[threadIdx.x];
-  }
 }
 
-// inner > 1: x is [outer, C, inner]; channel c has n = outer * inner elements, cut into chunks of
-// kStatsChunk. Unit u = c * chunks + k (grid-stride); partials at psum/psq[u].
+// inner < kPlanesMinInner: x is [rows, W] in memory (W = C * inner columns; column j belongs to
+// channel j / inner), read along rows, so a warp reads contiguous columns whatever the inner
+// size. blockDim = (tx, ty), tx * ty == kThreads, ty a power of 2; blockIdx.x: tile of tx
+// columns (a segment), blockIdx.y: chunk of rows_per_chunk rows. Partials of chunk k, column j
+// at part[k * W + j].
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    stats_planes_kernel(const scalar_t* __restrict__ x, int64_t outer, int64_t C, int64_t inner,
-                        int64_t chunks, double* __restrict__ psum, double* __restrict__ psq) {
+    stats_columns_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t rows_per_chunk,
+                         StatsWork w, StatsOut o) {
+  using acc_t = stats_acc_t<scalar_t>;
+  PSI_SHARED(double[kThreads], ssum);
+  PSI_SHARED(double[kThreads], ssq);
+  const int64_t W = w.cols;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t chunk = blockIdx.y;
+  const int64_t r0 = chunk * rows_per_chunk;
+  const int64_t r1 = min64(rows, r0 + rows_per_chunk);
+  const unsigned tid = threadIdx.y * blockDim.x + threadIdx.x;
+  StatsAcc<acc_t> acc;
+  if (j < W) {
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += blockDim.y) {
+      acc.add(static_cast<acc_t>(x[r * W + j]));
+    }
+  }
+  const SumSq<double> t = acc.total();
+  ssum[tid] = t.s;
+  ssq[tid] = t.q;
+  tree_over_y(ssum, ssq);
+  if (threadIdx.y == 0 && j < W) {
+    volatile double* ps = w.part_sum;
+    ps[chunk * W + j] = ssum[threadIdx.x];
+    ps[w.chunks * W + chunk * W + j] = ssq[threadIdx.x];
+  }
+  if (!arrive_last(w.arrived + blockIdx.x, gridDim.y)) return;
+
+  // Last chunk of this tile: its columns' totals over the chunks, thread (x, y) adding chunks
+  // y, y + ty, ... in order, then the same tree over y.
+  double s = 0, q = 0;
+  if (j < W) {
+    const volatile double* ps = w.part_sum;
+    for (int64_t k = threadIdx.y; k < w.chunks; k += blockDim.y) {
+      s += ps[k * W + j];
+      q += ps[w.chunks * W + k * W + j];
+    }
+  }
+  ssum[tid] = s;
+  ssq[tid] = q;
+  tree_over_y(ssum, ssq);
+  if (threadIdx.y == 0 && j < W) {
+    volatile double* cs = w.col_sum;
+    cs[j] = ssum[threadIdx.x];
+    cs[W + j] = ssq[threadIdx.x];
+  }
+  if (!arrive_last(w.arrived + gridDim.x, gridDim.x)) return;
+  finalize_stats(w, o);
+}
+
+// inner >= kPlanesMinInner: x is [outer, C, inner]; channel c (a segment) has n = outer * inner
+// elements in runs of inner, cut into chunks of kStatsChunk. Unit u = c * chunks + k
+// (grid-stride); its partials at part[u].
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    stats_planes_kernel(const scalar_t* __restrict__ x, int64_t outer, int64_t inner, StatsWork w,
+                        StatsOut o) {
   using acc_t = stats_acc_t<scalar_t>;
   using StatsReduce = BlockReduce<SumSq<double>, kThreads>;
   PSI_SHARED(typename StatsReduce::TempStorage, temp);
+  const int64_t C = o.C, chunks = w.chunks;
   const int64_t n = outer * inner;
-  // A thread steps kThreads elements: kThreads / inner blocks and kThreads % inner inside one.
+  // A thread steps kThreads elements: kThreads / inner runs and kThreads % inner inside one.
   const int64_t step_o = kThreads / inner, step_i = kThreads % inner;
   for (int64_t unit = blockIdx.x; unit < C * chunks; unit += gridDim.x) {
     const int64_t c = unit / chunks;
@@ -187,75 +333,91 @@ __global__ void __launch_bounds__(kThreads)
     StatsAcc<acc_t> acc;
     int64_t j = j0 + threadIdx.x;
     if (j < j1) {
-      int64_t o = j / inner, i = j % inner;
+      int64_t jo = j / inner, ji = j % inner;
       for (; j < j1; j += kThreads) {
-        acc.add(static_cast<acc_t>(x[(o * C + c) * inner + i]));
-        o += step_o;
-        i += step_i;
-        if (i >= inner) {
-          i -= inner;
-          ++o;
+        acc.add(static_cast<acc_t>(x[(jo * C + c) * inner + ji]));
+        jo += step_o;
+        ji += step_i;
+        if (ji >= inner) {
+          ji -= inner;
+          ++jo;
         }
       }
     }
     const SumSq<double> t = StatsReduce(temp).Reduce(acc.total(), SumSqOp());
     if (threadIdx.x == 0) {
-      psum[unit] = t.s;
-      psq[unit] = t.q;
+      volatile double* ps = w.part_sum;
+      ps[unit] = t.s;
+      ps[C * chunks + unit] = t.q;
     }
-    __syncthreads();  // temp is reused by the next unit
+    // (arrive_last's barriers also order temp's reuse below after this reduction.)
+    if (arrive_last(w.arrived + c, chunks)) {
+      // Last chunk of channel c: its total over the chunks (strided by thread, then the block
+      // reduction: a fixed order).
+      double s = 0, q = 0;
+      const volatile double* ps = w.part_sum;
+      for (int64_t k = threadIdx.x; k < chunks; k += kThreads) {
+        s += ps[c * chunks + k];
+        q += ps[C * chunks + c * chunks + k];
+      }
+      const SumSq<double> total = StatsReduce(temp).Reduce(SumSq<double>{s, q}, SumSqOp());
+      if (threadIdx.x == 0) {
+        volatile double* cs = w.col_sum;
+        cs[c] = total.s;
+        cs[C + c] = total.q;
+      }
+      if (arrive_last(w.arrived + C, C)) finalize_stats(w, o);
+    }
+    __syncthreads();  // temp and the shared flags are reused by the next unit
   }
 }
 
-// One warp per channel c: the partials of c are at p[c * c_stride + k * k_stride], k < chunks;
-// they are added in double (fixed order), divided by count and blended into mean/sqmean with the
-// batch weight of the step read here.
-// One block: *bad = 1 when any of the n partial sums is not finite (the batch holds an inf or a
-// NaN, or its squares overflow the sums), else 0. The finalize and step kernels read it: such a
-// batch changes nothing (docs/ALGORITHMS.md 4.4).
-__global__ void __launch_bounds__(kThreads)
-    stats_check_kernel(const double* __restrict__ partials, int64_t n, double* bad) {
-  using CheckReduce = BlockReduce<int, kThreads>;
-  PSI_SHARED(typename CheckReduce::TempStorage, temp);
-  int found = 0;
-  for (int64_t i = threadIdx.x; i < n; i += kThreads) {
-    const double v = partials[i];
-    found |= !(v - v == 0.0);
-  }
-  const int total = CheckReduce(temp).Sum(found);
-  if (threadIdx.x == 0) *bad = total != 0 ? 1.0 : 0.0;
-}
+// The statistics workspace of `stream`: `counters` zero words and `words` scratch words. One per
+// device and stream, kept and grown (never shrunk) across calls, so calls after the largest one
+// allocate nothing. The counters are a buffer of their own, so that every counter word is zero
+// between calls whatever the layout of the previous call (a kernel resets each counter it
+// completes); the scratch needs no initial value. Stream order keeps each call's use after the
+// previous call's; a grown buffer's old block goes back to the caching allocator, which reuses it
+// on this stream only after the kernels already queued. Under CUDA graph capture: fresh buffers
+// from the graph's pool instead (the counters' memset is replayed with the graph), so a graph
+// never shares the eager workspace.
+struct StatsBuffers {
+  at::Tensor counters, scratch;
+};
 
-template <typename acc_t, typename stat_t>
-__global__ void __launch_bounds__(kThreads)
-    stats_finalize_kernel(const acc_t* __restrict__ psum, const acc_t* __restrict__ psq,
-                          int64_t C, int64_t chunks, int64_t c_stride, int64_t k_stride,
-                          double count, stat_t* __restrict__ mean, stat_t* __restrict__ sqmean,
-                          const float* step, double momentum, const double* bad) {
-  if (*bad != 0.0) return;  // a non-finite batch does not enter the averages
-  using FinalReduce = WarpReduce<SumSq<double>>;
-  PSI_SHARED(typename FinalReduce::TempStorage[kWarps], temp);
-  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
-  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kWarps + warp; c < C; c += stride) {
-    double s = 0, q = 0;
-    for (int64_t k = lane; k < chunks; k += kWarpSize) {
-      s += static_cast<double>(psum[c * c_stride + k * k_stride]);
-      q += static_cast<double>(psq[c * c_stride + k * k_stride]);
-    }
-    const SumSq<double> t = FinalReduce(temp[warp]).Reduce(SumSq<double>{s, q}, SumSqOp());
-    if (lane == 0) {  // the reduction is valid in lane 0
-      const double a = bnp_batch_weight(momentum, static_cast<double>(*step));
-      mean[c] = static_cast<stat_t>(bnp_blend(static_cast<double>(mean[c]), t.s / count, a));
-      sqmean[c] = static_cast<stat_t>(bnp_blend(static_cast<double>(sqmean[c]), t.q / count, a));
-    }
-    __syncwarp();  // temp[warp] is reused by the warp's next channel
+StatsBuffers stats_workspace(int64_t counters, int64_t words, const at::Device& device,
+                             dev::Stream stream) {
+  const auto opts = at::TensorOptions().dtype(at::kLong).device(device);
+  if (dev::is_capturing(stream)) {
+    return StatsBuffers{at::zeros({counters}, opts), at::empty({words}, opts)};
   }
-}
-
-__global__ void increment_step_kernel(float* step, const double* bad) {
-  if (*bad == 0.0) *step += 1.0f;
+  struct Entry {
+    int device;
+    uintptr_t stream;
+    StatsBuffers buffers;
+  };
+  // Never destroyed: device tensors must not be freed by static destructors at exit.
+  static std::mutex& mutex = *new std::mutex();
+  static std::vector<Entry>& cache = *new std::vector<Entry>();
+  const uintptr_t key = reinterpret_cast<uintptr_t>(stream);
+  const std::lock_guard<std::mutex> lock(mutex);
+  Entry* entry = nullptr;
+  for (Entry& e : cache) {
+    if (e.device == device.index() && e.stream == key) entry = &e;
+  }
+  if (entry == nullptr) {
+    cache.push_back(Entry{device.index(), key,
+                          StatsBuffers{at::zeros({counters}, opts), at::empty({words}, opts)}});
+    return cache.back().buffers;
+  }
+  StatsBuffers& b = entry->buffers;
+  if (b.counters.numel() < counters) {
+    b.counters = at::zeros({std::max(counters, 2 * b.counters.numel())}, opts);
+  }
+  if (b.scratch.numel() < words) {
+    b.scratch = at::empty({std::max(words, 2 * b.scratch.numel())}, opts);
+  }
+  return b;  // references the caller holds until its launch is queued
 }
 
 void bnp_update_stats_cuda(const at::Tensor& input, const at::Tensor& mean,
@@ -268,56 +430,56 @@ void bnp_update_stats_cuda(const at::Tensor& input, const at::Tensor& mean,
   const dev::DeviceGuard guard(input.device());
   const dev::Stream stream = dev::current_stream(input.device());
   const int64_t C = L.channels;
+  const bool columns = L.inner < kPlanesMinInner;
 
-  // Work split; partials of (chunk k, channel c) at [c * c_stride + k * k_stride].
-  int64_t chunks = 0, c_stride = 0, k_stride = 0;
-  int64_t rows_per_chunk = 0;
-  unsigned tx = 1, tiles = 1;
-  if (L.inner == 1) {
-    while (tx < 32 && tx < C) tx *= 2;
-    tiles = static_cast<unsigned>(ceil_div(C, tx));
+  // Work split: cols (column totals), chunks per segment, segments.
+  int64_t cols = 0, chunks = 0, segments = 0, rows_per_chunk = 0;
+  unsigned tx = 1;
+  if (columns) {
+    cols = C * L.inner;
+    while (tx < 32 && tx < cols) tx *= 2;
+    segments = ceil_div(cols, tx);
     const int64_t ty = kThreads / tx;
-    const int64_t max_chunks = std::max<int64_t>(1, kStatsTargetBlocks / tiles);
+    const int64_t max_chunks = std::max<int64_t>(1, kStatsTargetBlocks / segments);
     chunks = std::min(ceil_div(L.outer, ty * kMinRowsPerThread), max_chunks);
     rows_per_chunk = ceil_div(L.outer, chunks);
     chunks = ceil_div(L.outer, rows_per_chunk);
-    c_stride = 1;
-    k_stride = C;
   } else {
-    chunks = ceil_div(L.outer * L.inner, kStatsChunk);
-    c_stride = chunks;
-    k_stride = 1;
+    cols = C;
+    chunks = ceil_div(count, kStatsChunk);
+    segments = C;
   }
-  // The partials, then one double: the flag of stats_check_kernel.
-  const at::Tensor partials = at::empty(
-      {2 * C * chunks + 1}, at::TensorOptions().dtype(at::kDouble).device(input.device()));
-  double* psum = partials.data_ptr<double>();
-  double* psq = psum + C * chunks;
-  double* bad = psum + 2 * C * chunks;
+  const StatsBuffers ws =
+      stats_workspace(segments + 1, 2 * cols + 2 * chunks * cols, input.device(), stream);
+  StatsWork w{};
+  w.arrived = reinterpret_cast<unsigned long long*>(ws.counters.data_ptr<int64_t>());
+  w.col_sum = reinterpret_cast<double*>(ws.scratch.data_ptr<int64_t>());
+  w.part_sum = w.col_sum + 2 * cols;
+  w.cols = cols;
+  w.chunks = chunks;
+  StatsOut o{};
+  o.mean = mean.data_ptr();
+  o.sqmean = sqmean.data_ptr();
+  o.stat_f64 = mean.scalar_type() == at::kDouble;
+  o.step = step.data_ptr<float>();
+  o.momentum = momentum;
+  o.count = static_cast<double>(count);
+  o.C = C;
+  o.cols_per_channel = columns ? L.inner : 1;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, L.x.scalar_type(),
                                   "bnp_update_stats_cuda", [&] {
     const scalar_t* x = L.x.const_data_ptr<scalar_t>();
-    if (L.inner == 1) {
+    if (columns) {
       const dim3 block(tx, static_cast<unsigned>(kThreads / tx));
-      const dim3 grid(tiles, static_cast<unsigned>(chunks));
-      PSI_LAUNCH(stats_rows_kernel<scalar_t>, grid, block, 0, stream, x, L.outer, C, rows_per_chunk,
-                 psum, psq);
+      const dim3 grid(static_cast<unsigned>(segments), static_cast<unsigned>(chunks));
+      PSI_LAUNCH(stats_columns_kernel<scalar_t>, grid, block, 0, stream, x, L.outer,
+                 rows_per_chunk, w, o);
     } else {
       PSI_LAUNCH(stats_planes_kernel<scalar_t>, grid_for(C * chunks), kThreads, 0, stream, x,
-                 L.outer, C, L.inner, chunks, psum, psq);
+                 L.outer, L.inner, w, o);
     }
   });
-
-  PSI_LAUNCH(stats_check_kernel, 1, kThreads, 0, stream, psum, 2 * C * chunks, bad);
-  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bnp_update_stats_cuda_blend", [&] {
-    PSI_LAUNCH((stats_finalize_kernel<double, scalar_t>), grid_for(ceil_div(C, kWarps)), kThreads,
-               0, stream, psum, psq, C, chunks, c_stride, k_stride, static_cast<double>(count),
-               mean.data_ptr<scalar_t>(), sqmean.data_ptr<scalar_t>(), step.const_data_ptr<float>(),
-               momentum, bad);
-  });
-
-  PSI_LAUNCH(increment_step_kernel, 1, 1, 0, stream, step.data_ptr<float>(), bad);
 }
 
 // ================================================================ rows: precondition and sgd
@@ -354,8 +516,7 @@ __device__ __forceinline__ const LayerMeta& find_layer(const LayerMeta* metas, i
 }
 
 __device__ __forceinline__ double load_stat(int64_t addr, int64_t is_f64, int64_t i) {
-  return is_f64 ? reinterpret_cast<const double*>(addr)[i]
-                : static_cast<double>(reinterpret_cast<const float*>(addr)[i]);
+  return load_stat(reinterpret_cast<const void*>(addr), is_f64, i);
 }
 
 // One block per layer: tab[a.tab + c] = shift, tab[a.tab + channels + c] = inv.

@@ -449,8 +449,11 @@ void deferred_free(void* p) {
   std::free(p);
 }
 
+int64_t g_allocations = 0;  // device allocations made by the current op (device_allocations)
+
 struct StreamOrderedAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
+    ++g_allocations;
     const size_t bytes = (std::max<size_t>(n, 1) + 63) / 64 * 64;
     void* p = std::aligned_alloc(64, bytes);
     TORCH_CHECK(p != nullptr, "emulator: out of memory allocating ", n, " bytes");
@@ -567,6 +570,7 @@ OpScope::OpScope() {
   g_op_mutex.lock();
   g_log.clear();
   g_copies = 0;
+  g_allocations = 0;
   g_rng.seed(g_seed);
   {
     const std::lock_guard<std::mutex> lock(g_free_mutex);
@@ -615,6 +619,7 @@ void set_capture(bool on) {
 
 const std::vector<LaunchRecord>& launch_log() { return g_log; }
 int64_t host_copies() { return g_copies; }
+int64_t device_allocations() { return g_allocations; }
 
 size_t run_grid(const char* name, dim3 grid, dim3 block, const std::function<void()>& body) {
   g_grid_dim = grid;

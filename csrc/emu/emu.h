@@ -154,6 +154,7 @@ void set_schedule(Order order, uint64_t seed);
 void set_capture(bool on);
 const std::vector<LaunchRecord>& launch_log();
 int64_t host_copies();  // host-to-device copies (table uploads) queued by the last op
+int64_t device_allocations();  // device tensors the last op allocated (host code and kernels)
 
 // Runs one grid: every block of `grid` with `block` threads executing `body`. Returns the largest
 // static shared memory any block registered.

@@ -52,4 +52,6 @@ TORCH_LIBRARY(psi_cuda_emu, m) {
   m.def("_set_capture(bool on) -> ()", &set_capture);
   m.def("_launches() -> str", &launches);
   m.def("_host_copies() -> int", []() -> int64_t { return psi::emu::host_copies(); });
+  m.def("_device_allocations() -> int",
+        []() -> int64_t { return psi::emu::device_allocations(); });
 }

@@ -15,6 +15,14 @@ The lists (about 8-9M fp32 values each, so that every step moves 170-190 MB, bey
 * ``tiny rows (9)``: 1M rows of 9, depthwise 3x3 convs (one block per row);
 * ``euclidean``: the same 8.4M values as one Euclidean tensor (manifold=None).
 
+Then BNP's statistics (``bnp_update_stats_``, one launch per call) on layer inputs of 4-13M
+values, next to torch's BatchNorm statistics kernel (``torch.batch_norm_stats``; ``var_mean`` on
+the CPU), which reads the input once as this op does:
+
+* ``NCHW 56x56`` and ``NCHW 7x7``: the planes kernel (inner sizes 3136 and 49);
+* ``NCHW 4x4``: inner size 16, the columns kernel (read as rows of C * 16 columns);
+* ``channels-last 56x56`` and ``Linear (12608, 768)``: inner size 1, the columns kernel.
+
 For each list the methods take turns step by step (round-robin, ``psi_cuda.apps.bench``), and
 the table gives the median step time, the GB/s of the bytes a step must move (PSI-SGD with
 momentum: read w, g, m, write w, m, 20 B per fp32 value; PSI-Adam: 28 B per value for torch's
@@ -43,6 +51,14 @@ LISTS = {  # name: (shape of one tensor, how many, manifold)
     "euclidean": ((4096, 2048), 1, None),
 }
 QUICK_SCALE = 64  # --quick: every list's rows divided by this
+
+STATS = {  # name: (input shape, memory format)
+    "NCHW 56x56": ((64, 64, 56, 56), None),
+    "NCHW 7x7": ((256, 512, 7, 7), None),
+    "NCHW 4x4": ((256, 1024, 4, 4), None),
+    "channels-last 56x56": ((64, 64, 56, 56), torch.channels_last),
+    "Linear (12608, 768)": ((12608, 768), None),
+}
 
 
 def make_state(shape, count, manifold, device, adam):
@@ -80,6 +96,29 @@ def steps_of(shape, count, manifold, device):
     }
 
 
+def stats_of(shape, fmt, device):
+    """bnp_update_stats_ on one input and torch's statistics of the same input."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    C = shape[1]
+    mean, sqmean, step = (torch.zeros(C, device=device), torch.ones(C, device=device),
+                          torch.zeros((), device=device))
+    if x.is_cuda:
+        def baseline():
+            return torch.batch_norm_stats(x, 1e-5)
+    else:
+        dims = [d for d in range(x.dim()) if d != 1]
+
+        def baseline():
+            return torch.var_mean(x, dim=dims)
+    return {
+        "bnp_update_stats_": lambda: ops.bnp_update_stats_(x, mean, sqmean, step, channel_dim=1,
+                                                           momentum=0.1),
+        "torch BN stats": baseline,
+    }
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
@@ -94,7 +133,7 @@ def main(argv=None) -> dict:
     steps = 5 if args.quick else args.steps
     report = {"command": "python benchmarks/bench_kernel_paths.py " + " ".join(argv or sys.argv[1:]),
               "machine": machine(args.device), "steps": steps, "lists": {}}
-    header = f"{'list':<22}{'values':>10}  {'method':<20}{'median ms':>10}{'GB/s':>8}{'/ torch':>9}"
+    header = f"{'list':<28}{'values':>10}  {'method':<20}{'median ms':>10}{'GB/s':>8}{'/ torch':>9}"
     print(header)
     print("-" * len(header))
     for name, (shape, count, manifold) in LISTS.items():
@@ -111,9 +150,27 @@ def main(argv=None) -> dict:
         for method, row in rows.items():
             ref = "torch AdamW (fused)" if "adam" in method.lower() else "torch SGD (fused)"
             row["vs_torch_fused"] = row["median_s"] / rows[ref]["median_s"]
-            print(f"{name:<22}{n:>10}  {method:<20}{row['median_s'] * 1e3:>10.3f}"
+            print(f"{name:<28}{n:>10}  {method:<20}{row['median_s'] * 1e3:>10.3f}"
                   f"{row['gb_per_s']:>8.1f}{row['vs_torch_fused']:>8.2f}x")
         report["lists"][name] = {"shape": list(shape), "tensors": count, "manifold": manifold,
+                                 "values": n, "methods": rows}
+    report["stats"] = {}
+    for name, (shape, fmt) in STATS.items():
+        if args.quick:
+            shape = (max(1, shape[0] // QUICK_SCALE),) + shape[1:]
+        n = 1
+        for d in shape:
+            n *= d
+        times = round_robin(stats_of(shape, fmt, args.device), args.device, args.warmup, steps)
+        rows = {}
+        for method, ts in times.items():
+            med = statistics.median(ts)
+            rows[method] = {"median_s": med, "times_s": ts, "gb_per_s": n * 4 / med / 1e9}
+        for method, row in rows.items():
+            row["vs_torch"] = row["median_s"] / rows["torch BN stats"]["median_s"]
+            print(f"{'stats ' + name:<28}{n:>10}  {method:<20}{row['median_s'] * 1e3:>10.3f}"
+                  f"{row['gb_per_s']:>8.1f}{row['vs_torch']:>8.2f}x")
+        report["stats"][name] = {"shape": list(shape), "channels_last": fmt is not None,
                                  "values": n, "methods": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{args.name or 'kernel_paths_' + args.device.split(':')[0]}.json"

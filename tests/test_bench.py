@@ -2,6 +2,8 @@
 and README table it promises. No timing assertions."""
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +149,25 @@ def test_lists_are_model_sized():
     assert abs(shapes.numel(shapes.vit_b16()) - 86.6e6) < 0.3e6
     big = shapes.large(500_000_000)
     assert 500e6 <= shapes.numel(big) < 501e6
+
+
+def test_kernel_paths_quick_run_reports_every_list(tmp_path):
+    """benchmarks/bench_kernel_paths.py (run by scripts/gpu_check.sh on a GPU): the smoke run on
+    the CPU times every path and every statistics input, and each ratio is the ratio of the
+    saved medians."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_kernel_paths as kp
+    finally:
+        sys.path.pop(0)
+    report = kp.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--name", "kp"])
+    saved = json.loads((tmp_path / "kp.json").read_text())
+    assert set(saved["lists"]) == set(kp.LISTS) and set(saved["stats"]) == set(kp.STATS)
+    for entry in saved["stats"].values():
+        rows = entry["methods"]
+        assert set(rows) == {"bnp_update_stats_", "torch BN stats"}
+        for row in rows.values():
+            assert len(row["times_s"]) == 5 and row["median_s"] > 0
+            assert row["vs_torch"] == pytest.approx(
+                row["median_s"] / rows["torch BN stats"]["median_s"])
+    assert report["stats"].keys() == saved["stats"].keys()

@@ -201,11 +201,14 @@ def run_psi_found_inf(op, device, dtype, manifold, gen):
 # --- BNP ------------------------------------------------------------------------------------------
 
 # (input shape, channel_dim, channels_last): inner == 1 (rows of channels, many rows), inner > 1,
-# channels-last, a 1-D input, channel_dim 0, and planes longer than a statistics chunk (16384).
+# channels-last, a 1-D input, channel_dim 0, and planes longer than a statistics chunk (16384);
+# the columns kernel over many tiles and chunks (its two-level last-block finalize) and at inner
+# 31, the planes kernel at inner 32 and over several chunks of several channels.
 STATS_CASES = [((64, 7), -1, False), ((40000, 3), 1, False), ((5, 2049), 1, False),
                ((9,), 0, False), ((4, 3, 5, 5), 1, False), ((4, 3, 5, 5), 1, True),
                ((2, 5, 3, 4), 1, True), ((3, 7, 5), 0, False), ((2, 3, 20000), 1, False),
-               ((0, 5), 1, False)]
+               ((0, 5), 1, False), ((20000, 200), 1, False), ((64, 40, 31), 1, False),
+               ((64, 40, 32), 1, False), ((8, 6, 50000), 1, False)]
 
 # (weight shape, groups): linear, wide linear (2049, 8193 inputs), conv, grouped, depthwise,
 # 1x1, conv3d, empty.

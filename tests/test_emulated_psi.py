@@ -1,8 +1,9 @@
 """psi_sgd_ and psi_adam_: the CUDA kernels (csrc/cuda/psi_*_cuda.cu), run in the CPU emulator,
 against the CPU kernels (tolerance) and across thread/block schedules (bit for bit).
 
-The cases hit every kernel path and boundary: groups of 1, 2, 255, 256, 257 (the warp-per-group
-limit kWarpGroup = 256; many tiny groups per block), 2047, 2048, 2049 elements (the register
+The cases hit every kernel path and boundary: groups of 1, 2, 32, 33 (the thread-per-group
+limit kThreadGroup = 32), 255, 256, 257 (the warp-per-group limit kWarpGroup = 256; many tiny
+groups per block), 2047, 2048, 2049 elements (the register
 limit of a block's group, kRegisterGroup = 2048), 8191, 8192, 8193 and
 3 * 8192 + 1 (chunk edges of the short path's Gram sums, kChunk = 8192), 65535, 65536, 65537 (the
 one-block limit kShortGroup = 65536) and 8 * 8192 + 8193 (chunk edges of the long-group path),
@@ -25,8 +26,8 @@ pytestmark = needs_emulator
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SMALL_SHAPES = [(7, 3, 3, 3), (5, 1), (3, 17), (2, 9000), (64, 129), (0, 4), (33,), (1, 1)]
-BOUNDARY_LENGTHS = [1, 2, 255, 256, 257, 2047, 2048, 2049, 8191, 8192, 8193, 3 * 8192 + 1, 65535, 65536, 65537,
-                    8 * 8192 + 8193]
+BOUNDARY_LENGTHS = [1, 2, 32, 33, 255, 256, 257, 2047, 2048, 2049, 8191, 8192, 8193,
+                    3 * 8192 + 1, 65535, 65536, 65537, 8 * 8192 + 8193]
 
 _cache = ScheduleCache()
 
@@ -113,12 +114,13 @@ LISTS = {
 }
 
 
-# Groups of at most 256 elements are stepped by one warp each, 8 to a block: rows around the warp
-# limit (255, 256, 257) and a lane's items (31, 32, 33), unit counts that leave the last block's
-# warps partly idle (300 rows: 37 full units and 4 groups), frozen length-1 groups, and tiny
-# groups beside block-sized ones in one call.
-TINY = [(300, 7), (17, 256), (9, 257), (5, 255), (8, 32), (3, 31), (2, 33), (4, 1), (3, 3, 3, 3),
-        (2, 4000)]
+# Groups of at most 32 elements are stepped by one thread each, 256 to a block, longer ones of
+# at most 256 by one warp each, 8 to a block: rows of 7 (300 rows: two units, the second's
+# threads partly idle), 31 and 32 (the thread limit; 513 rows of 32: three units, the last with
+# one group), 33 and 255-257 (a warp each, around the warp limit), frozen length-1 groups, and
+# tiny groups beside block-sized ones in one call.
+TINY = [(300, 7), (17, 256), (9, 257), (5, 255), (8, 32), (513, 32), (3, 31), (2, 33), (4, 1),
+        (3, 3, 3, 3), (2, 4000)]
 
 
 @pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)

@@ -28,6 +28,8 @@ constexpr int64_t kRegisterGroup = kThreads * kItems;  // longest group held in 
 constexpr int kWarps = kThreads / 32;                  // warps per block
 constexpr int64_t kWarpGroup = 32 * kItems;            // longest group one warp steps alone:
                                                        // a block steps kWarps such groups
+constexpr int64_t kThreadGroup = 32;                   // longest group one thread steps alone:
+                                                       // a block steps kThreads such groups
 constexpr int64_t kChunk = 8192;                       // elements per block of a chunked pass
 // Longest group one block steps alone, in one kernel (reduce, solve, write). Groups longer than
 // kRegisterGroup are read twice by their block: the second read finds the group in L1/L2, where
@@ -400,13 +402,61 @@ struct ShortShared {
 };
 
 // The number of work units of a tensor in the short-group kernels (groups of at most
-// kShortGroup elements): one per group, or one per kWarps groups of at most kWarpGroup.
+// kShortGroup elements): one per kThreads groups of at most kThreadGroup, one per kWarps groups
+// of at most kWarpGroup, one per longer group.
 inline int64_t short_units(int64_t group, int64_t groups) {
+  if (group <= kThreadGroup) return ceil_div(groups, kThreads);
   return group <= kWarpGroup ? ceil_div(groups, kWarps) : groups;
+}
+
+// The Gram sums of a group of n elements summed by one thread, in order: opmath, or double (the
+// same elements again) when those are suspect.
+template <typename scalar_t, typename opmath_t>
+__device__ __forceinline__ Gram serial_gram(const Ptrs<scalar_t>& p, int64_t n) {
+  const bool has_m = p.m != nullptr;
+  GramAcc<opmath_t> acc;
+  for (int64_t i = 0; i < n; ++i) {
+    acc.add(static_cast<opmath_t>(p.w[i]), static_cast<opmath_t>(p.g[i]),
+            has_m ? p.m[i] : opmath_t(0), has_m);
+  }
+  if (!acc.suspect()) return acc.to_double();
+  GramAcc<double> exact;
+  for (int64_t i = 0; i < n; ++i) {
+    exact.add(static_cast<opmath_t>(p.w[i]), static_cast<opmath_t>(p.g[i]),
+              has_m ? p.m[i] : opmath_t(0), has_m);
+  }
+  return exact.to_double();
+}
+
+// Writes the n elements of a group with `up`, by one thread (nothing when up.skip): in opmath, or
+// in double when a coefficient of `up` is outside opmath's normal range.
+template <typename scalar_t, typename opmath_t>
+__device__ __forceinline__ void serial_apply(const Ptrs<scalar_t>& p, int64_t n,
+                                             const Update& up) {
+  if (up.skip) return;
+  const bool has_m = p.m != nullptr;
+  if (fits_opmath<opmath_t>(up)) {
+    const Writer<scalar_t, opmath_t> wr(up);
+    for (int64_t i = 0; i < n; ++i) {
+      wr.write(p.w, p.m, i, static_cast<opmath_t>(p.w[i]), static_cast<opmath_t>(p.g[i]),
+               has_m ? p.m[i] : opmath_t(0));
+    }
+  } else {
+    const Writer<scalar_t, opmath_t, double> wr(up);
+    for (int64_t i = 0; i < n; ++i) {
+      wr.write(p.w, p.m, i, static_cast<double>(static_cast<opmath_t>(p.w[i])),
+               static_cast<double>(static_cast<opmath_t>(p.g[i])),
+               has_m ? static_cast<double>(p.m[i]) : 0.0);
+    }
+  }
 }
 
 // Steps work unit `unit` of tensor `a` (a.group <= kShortGroup), the short-group kernels of
 // psi_sgd_ and psi_adam_, and returns after a barrier (`sh` may then be reused):
+// * groups of at most kThreadGroup elements: one thread per group (kThreads consecutive groups
+//   per unit) sums, solves and writes its group: the solves of a warp run side by side instead
+//   of one lane solving while 31 wait; the group's elements are read twice, the second time from
+//   L1 (a block's groups: at most 256 * 32 elements);
 // * groups of at most kWarpGroup elements: one warp per group (kWarps consecutive groups per
 //   unit); each lane holds its elements in registers, a warp reduction, lane 0 solves, the
 //   lanes write from their registers;
@@ -422,7 +472,14 @@ __device__ __forceinline__ void step_short_unit(const TensorMeta& a, int64_t uni
   const int64_t len = a.group;
   // The branches on len and a.gram are the same for the whole block (they belong to the tensor),
   // the one on `group` for a whole warp.
-  if (len <= kWarpGroup) {
+  if (len <= kThreadGroup) {
+    const int64_t group = unit * kThreads + threadIdx.x;
+    if (group < a.numel / len) {
+      const Ptrs<scalar_t> p(a, group * len);
+      const Gram G = a.gram != 0 ? given_gram(a, group) : serial_gram<scalar_t, opmath_t>(p, len);
+      serial_apply<scalar_t, opmath_t>(p, len, solve(G, group));
+    }
+  } else if (len <= kWarpGroup) {
     const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
     const int64_t group = unit * kWarps + warp;
     if (group < a.numel / len) {

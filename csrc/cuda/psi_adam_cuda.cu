@@ -3,8 +3,8 @@
 // PSI-Adam group is reduced and written exactly like a PSI-SGD group with momentum; only the
 // solve differs, which also writes the group's second-moment scalar.
 //
-//   psi_adam_short_groups_kernel  groups of at most kShortGroup (65536) elements: a warp or a
-//                                 block per group, reduce, solve and write in one kernel
+//   psi_adam_short_groups_kernel  groups of at most kShortGroup (65536) elements: a thread, a
+//                                 warp or a block per group, reduce, solve and write in one kernel
 //                                 (step_short_unit).
 //   psi_long_reduce_kernel,       longer groups: chunk partials (shared with psi_sgd_),
 //   psi_adam_long_solve_kernel    per-group solve (writes v),
@@ -43,7 +43,7 @@ __device__ __noinline__ Update solve_adam_group(const Gram& G, const AdamOptions
   return r.up;
 }
 
-// ---- short groups: a warp or a block per group (step_short_unit) -----------------------------
+// ---- short groups: a thread, a warp or a block per group (step_short_unit) -------------------
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, short_blocks_per_sm<scalar_t>())

@@ -9,10 +9,11 @@
 //
 //   psi_short_groups_kernel  channel/tensor groups of at most kShortGroup (65536) elements, in one
 //                            kernel (step_short_unit, multi_tensor.cuh): a group of at most
-//                            kWarpGroup (256) elements is stepped by one warp (8 per block), a
-//                            longer one by a block. The warp or block reduces the group's Gram
-//                            matrix, one thread solves the step, every thread writes its
-//                            elements. Groups of at most kRegisterGroup (2048) elements are held
+//                            kThreadGroup (32) elements is stepped by one thread (256 per block),
+//                            of at most kWarpGroup (256) by one warp (8 per block), a longer one
+//                            by a block. The thread sums, solves and writes its group; a warp or
+//                            block reduces the group's Gram matrix, one thread solves the step,
+//                            every thread writes its elements. Groups of at most kRegisterGroup (2048) elements are held
 //                            in registers (one read, one write); longer ones are read a second
 //                            time for the write, from L1/L2 where the first read left them. A
 //                            call whose groups are all this short is one launch.
@@ -53,7 +54,7 @@ __device__ __noinline__ Update solve_psi_group(const Gram& G, const SgdOptions& 
   return psi_sgd_update(G, o, grad_factor(o.maximize, grad_scale), *step == 0.0f, len);
 }
 
-// ---- short groups: a warp or a block per group (step_short_unit) -----------------------------
+// ---- short groups: a thread, a warp or a block per group (step_short_unit) -------------------
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, short_blocks_per_sm<scalar_t>())

@@ -42,7 +42,8 @@ bool is_channels_last(const at::Tensor& t) {
 
 StatsLayout checked_stats_layout(const at::Tensor& x, const at::Tensor& mean,
                                  const at::Tensor& sqmean, const at::Tensor& step,
-                                 int64_t channel_dim, double momentum) {
+                                 int64_t channel_dim, double momentum,
+                                 const std::optional<at::Tensor>& batches) {
   const char* op = "bnp_update_stats_";
   TORCH_CHECK(x.layout() == at::kStrided, op, ": input must be a dense tensor");
   TORCH_CHECK(is_float_dtype(x.scalar_type()), op,
@@ -62,6 +63,13 @@ StatsLayout checked_stats_layout(const at::Tensor& x, const at::Tensor& mean,
                   step.device() == x.device(),
               op, ": step must be a float32 tensor with one element on ", x.device(), ", got ",
               step.scalar_type(), " with ", step.numel(), " elements on ", step.device());
+  if (batches.has_value()) {
+    const at::Tensor& b = *batches;
+    TORCH_CHECK(b.numel() == 1 && b.scalar_type() == at::kFloat && b.device() == x.device(),
+                op, ": batches must be a float32 tensor with one element on ", x.device(),
+                ", got ", b.scalar_type(), " with ", b.numel(), " elements on ", b.device());
+    TORCH_CHECK(!b.is_same(step), op, ": batches and step must be different tensors");
+  }
 
   StatsLayout L{x, 1, channels, 1};
   if (x.is_contiguous()) {

@@ -35,10 +35,11 @@ inline void define_ops(torch::Library& m) {
 
   // BNP (psi/bnp.h). Statistics of one layer input: per channel (dim channel_dim) batch mean and
   // mean of squares in one pass, folded into the bias-corrected moving averages mean/sqmean
-  // (float32 or float64), step += 1. An empty batch changes nothing.
+  // (float32 or float64), step += 1. An empty batch changes nothing; a non-finite one changes
+  // nothing but batches (float32 scalar, optional): batches += 1 for every non-empty batch.
   m.def(
       "bnp_update_stats_(Tensor input, Tensor(a!) mean, Tensor(b!) sqmean, Tensor(c!) step, *, "
-      "int channel_dim, float momentum) -> ()");
+      "int channel_dim, float momentum, Tensor(d!)? batches=None) -> ()");
   // Rewrites weight and bias gradients with the BNP formula. bias_grads is empty (no-bias
   // variant for all layers of the call) or one per weight gradient; groups: conv groups.
   m.def(

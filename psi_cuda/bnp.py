@@ -129,10 +129,9 @@ class BNP:
             # Python-side check.
             fn = partial(ops.bnp_update_stats_, check=False) if self._use_fused(x.device) else \
                 reference.bnp_update_stats_
+            # One launch on CUDA; batches counts every non-empty batch (in the same launch).
             fn(x.detach(), layer.mean, layer.sqmean, layer.step,
-               channel_dim=layer.channel_dim(x), momentum=self.momentum)
-            if x.numel() > 0:  # (an empty batch changes nothing and is not counted)
-                layer.batches.add_(1)
+               channel_dim=layer.channel_dim(x), momentum=self.momentum, batches=layer.batches)
             if self.sync_stats:
                 distributed.average_([layer.mean, layer.sqmean], self.process_group)
             return None

@@ -232,16 +232,19 @@ def _psi_sgd_fake(params, grads, momentum_buffers, state_steps, *, lr, momentum,
 
 
 def bnp_update_stats_(input: Tensor, mean: Tensor, sqmean: Tensor, step: Tensor, *,
-                      channel_dim: int, momentum: float, check: bool = True) -> None:
+                      channel_dim: int, momentum: float, batches: Tensor | None = None,
+                      check: bool = True) -> None:
     """Folds the per-channel batch mean and mean of squares of ``input`` (channels on
     ``channel_dim``) into the bias-corrected moving averages ``mean``/``sqmean``; ``step += 1``.
-    One pass over ``input``; contiguous and channels-last inputs are read in place.
+    One pass over ``input``; contiguous and channels-last inputs are read in place. An empty
+    batch changes nothing; a batch whose sums are not finite changes nothing but ``batches``
+    (float32 scalar, optional), which counts every non-empty batch, in the same launch.
     ``check=False`` skips the Python-side check (the kernels check every argument)."""
     if check:
         _check_dispatchable("bnp_update_stats_", input=[input], mean=[mean], sqmean=[sqmean],
-                            step=[step])
+                            step=[step], batches=[] if batches is None else [batches])
     _OPS.bnp_update_stats_.default(input, mean, sqmean, step, channel_dim=channel_dim,
-                                   momentum=momentum)
+                                   momentum=momentum, batches=batches)
 
 
 def bnp_precondition_(weight_grads: list[Tensor], bias_grads: list[Tensor], means: list[Tensor],
@@ -279,7 +282,7 @@ def bnp_sgd_(weights: list[Tensor], biases: list[Tensor], weight_grads: list[Ten
 
 
 @torch.library.register_fake("psi_cuda::bnp_update_stats_")
-def _bnp_update_stats_fake(input, mean, sqmean, step, *, channel_dim, momentum):
+def _bnp_update_stats_fake(input, mean, sqmean, step, *, channel_dim, momentum, batches=None):
     return None
 
 

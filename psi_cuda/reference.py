@@ -383,13 +383,16 @@ def stats_dims(x: Tensor, channel_dim: int) -> list[int]:
 
 @torch.no_grad()
 def bnp_update_stats_(x: Tensor, mean: Tensor, sqmean: Tensor, step: Tensor, *,
-                      channel_dim: int, momentum: float) -> None:
+                      channel_dim: int, momentum: float, batches: Tensor | None = None) -> None:
     """Reference of ``ops.bnp_update_stats_``: per-channel batch mean and mean of squares of the
     layer input ``x``, folded into the bias-corrected moving averages ``mean`` and ``sqmean``
-    (state dtype: float32, or float64). ``step`` (float32 scalar) counts the updates.
-    An empty batch, and a batch whose statistics are not finite, change nothing."""
+    (state dtype: float32, or float64). ``step`` (float32 scalar) counts the updates,
+    ``batches`` (optional) every non-empty batch. An empty batch, and a batch whose statistics
+    are not finite, change nothing else."""
     if x.numel() == 0:
         return
+    if batches is not None:
+        batches.add_(1)
     xf = x.detach().to(torch.float64)
     dims = stats_dims(x, channel_dim)
     batch_mean = xf.mean(dims) if dims else xf

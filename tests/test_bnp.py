@@ -221,6 +221,30 @@ def test_stats_empty_batch_changes_nothing(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_stats_batches_counts_every_nonempty_batch(backend, device):
+    """``batches`` (optional) counts every non-empty batch, a non-finite one included, in the
+    same call; ``step`` only those that entered the averages; an empty batch neither."""
+    fn = ops.bnp_update_stats_ if backend == "fused" else reference.bnp_update_stats_
+    torch.manual_seed(0)
+    x = torch.randn(16, 5, device=device)
+    st = [torch.zeros(5, device=device), torch.ones(5, device=device),
+          torch.zeros((), device=device)]
+    batches = torch.zeros((), device=device)
+    poisoned = x.clone()
+    poisoned[3, 2] = float("nan")
+    for inp in (x, poisoned, x[:0], x * 2, poisoned):
+        fn(inp, *st, channel_dim=-1, momentum=0.1, batches=batches)
+    assert batches.item() == 4.0 and st[2].item() == 2.0
+    twin = [torch.zeros(5, device=device), torch.ones(5, device=device),
+            torch.zeros((), device=device)]
+    for inp in (x, x * 2):  # without batches: the same averages
+        fn(inp, *twin, channel_dim=-1, momentum=0.1)
+    for a, b in zip(st, twin):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["rows", "planes"])  # Linear input; NCHW conv input
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("backend", ["fused", "reference"])
@@ -424,6 +448,10 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.psi_cuda.bnp_update_stats_.default,
                           (torch.randn(4, 3, 5, 5), torch.zeros(3), torch.ones(3),
                            torch.zeros(())), dict(channel_dim=1, momentum=0.1))
+    torch.library.opcheck(torch.ops.psi_cuda.bnp_update_stats_.default,
+                          (torch.randn(4, 3, 5, 5), torch.zeros(3), torch.ones(3),
+                           torch.zeros(())), dict(channel_dim=1, momentum=0.1,
+                                                  batches=torch.zeros(())))
 
 
 # ------------------------------------------------------------------ bad inputs
@@ -443,6 +471,12 @@ BAD_STATS = {
                   r"input must be float"),
     "channel_dim": (lambda a, k: k.__setitem__("channel_dim", 3), r"channel_dim 3 is out of range"),
     "momentum": (lambda a, k: k.__setitem__("momentum", 0.0), r"momentum must be in \(0, 1\]"),
+    "batches dtype": (lambda a, k: k.__setitem__("batches", torch.zeros((), dtype=torch.int64)),
+                      r"batches must be a float32 tensor with one element"),
+    "batches size": (lambda a, k: k.__setitem__("batches", torch.zeros(2)),
+                     r"batches must be a float32 tensor with one element"),
+    "batches is step": (lambda a, k: k.__setitem__("batches", a[3]),
+                        r"batches and step must be different tensors"),
 }
 
 
@@ -451,12 +485,13 @@ def test_stats_bad_inputs_raise_and_change_nothing(bad):
     args, kw = stats_args(), dict(channel_dim=1, momentum=0.1)
     mutate, match = BAD_STATS[bad]
     mutate(args, kw)
-    before = [t.clone() for t in args[1:]]
+    outs = args[1:] + ([kw["batches"]] if "batches" in kw else [])
+    before = [t.clone() for t in outs]
     # Bad options are ValueErrors, bad tensors RuntimeErrors (as in torch).
     with pytest.raises(ValueError if bad in ("channel_dim", "momentum") else RuntimeError,
                        match=match):
         ops.bnp_update_stats_(*args, **kw)
-    for a, b in zip(args[1:], before):
+    for a, b in zip(outs, before):
         assert torch.equal(a, b)
 
 

@@ -193,22 +193,24 @@ def test_stats_accurate_far_from_zero_mean(shape):
 def test_update_stats_skips_nonfinite_batch(case, bad, sched):
     """The finalizing block's check: a batch with one inf/NaN (in one channel, in one chunk of
     one tile) leaves every channel's mean and sqmean and the step as they are (the CPU kernel
-    too), between two finite batches that blend; the workspace's counters are left at zero for
-    the next call."""
+    too), between two finite batches that blend, and counts in ``batches``; the workspace's
+    counters are left at zero for the next call."""
     def run(fn):
         x, cd = stats_inputs(case, torch.float32)
         C = x.size(cd)
         mean, sqmean = torch.zeros(C), torch.ones(C)
-        step = torch.zeros((), dtype=torch.float32)
-        fn(x, mean, sqmean, step, channel_dim=cd, momentum=0.1)
+        step, batches = torch.zeros((), dtype=torch.float32), torch.zeros(())
+        kw = dict(channel_dim=cd, momentum=0.1, batches=batches)
+        fn(x, mean, sqmean, step, **kw)
         poisoned = x.clone()
         poisoned.view(-1)[x.numel() // 2] = bad
-        fn(poisoned, mean, sqmean, step, channel_dim=cd, momentum=0.1)
-        fn(x * 0.5 + 1, mean, sqmean, step, channel_dim=cd, momentum=0.1)
-        return [[mean, sqmean, step]]
+        fn(poisoned, mean, sqmean, step, **kw)
+        fn(x * 0.5 + 1, mean, sqmean, step, **kw)
+        return [[mean, sqmean, step, batches]]
 
     expected = run(ops.bnp_update_stats_)
     assert expected[0][2].item() == 2 and torch.isfinite(expected[0][0]).all()
+    assert expected[0][3].item() == 3  # batches: every non-empty batch, in the same launch
     with emulated.schedule(*sched):
         out = run(emulated.bnp_update_stats_)
     assert_launches_within_limits()

@@ -110,10 +110,13 @@ void channel_sums(const scalar_t* x, int64_t outer, int64_t C, int64_t inner, do
 }
 
 void bnp_update_stats_cpu(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& sqmean,
-                          const at::Tensor& step, int64_t channel_dim, double momentum) {
-  const StatsLayout L = checked_stats_layout(input, mean, sqmean, step, channel_dim, momentum);
+                          const at::Tensor& step, int64_t channel_dim, double momentum,
+                          const std::optional<at::Tensor>& batches) {
+  const StatsLayout L =
+      checked_stats_layout(input, mean, sqmean, step, channel_dim, momentum, batches);
   const int64_t count = L.outer * L.inner;
   if (L.x.numel() == 0 || count == 0) return;
+  if (batches.has_value()) *batches->data_ptr<float>() += 1.0f;  // every non-empty batch
   const int64_t C = L.channels;
   std::vector<double> sum(C, 0.0), sq(C, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, L.x.scalar_type(), "bnp_stats", [&] {

@@ -12,8 +12,9 @@
 //   Each block writes its partial sums to the stream's workspace and counts itself in its
 //   segment's (tile's, channel's) arrival counter; the last block of a segment adds the
 //   segment's partials over the chunks in chunk order, and the block that completes the last
-//   segment checks the channel totals (a batch with an inf or a NaN changes nothing), blends them
-//   into mean/sqmean with the batch weight of the step it reads, and advances the step. No
+//   segment counts the batch (batches, optional), checks the channel totals (a batch with an inf
+//   or a NaN changes nothing else), blends them into mean/sqmean with the batch weight of the
+//   step it reads, and advances the step. No
 //   allocation once the stream's workspace has grown to the largest layer (stats_workspace).
 // Each thread sums in float (double for float64 input) and moves its sums to double every
 // kStatsFlush elements; partials and totals are double, added in a fixed order: the result does
@@ -164,6 +165,7 @@ struct StatsOut {
   void* sqmean;
   int64_t stat_f64;  // 1: mean/sqmean are float64
   float* step;
+  float* batches;  // null: not counted
   double momentum, count;
   int64_t C, cols_per_channel;
 };
@@ -211,14 +213,18 @@ __device__ __forceinline__ void store_stat(void* p, int64_t f64, int64_t c, doub
   }
 }
 
-// The block that completes the call: a batch whose channel totals are not all finite (an inf or
-// a NaN in it, or squares beyond the sums' range) changes nothing, the step included
-// (docs/ALGORITHMS.md 4.4); otherwise the blend with the batch weight of the step, then step += 1.
+// The block that completes the call: batches += 1; a batch whose channel totals are not all
+// finite (an inf or a NaN in it, or squares beyond the sums' range) changes nothing else, the
+// step included (docs/ALGORITHMS.md 4.4); otherwise the blend with the batch weight of the step,
+// then step += 1.
 __device__ __forceinline__ void finalize_stats(const StatsWork& w, const StatsOut& o) {
   PSI_SHARED(int, bad);
   const int tid = block_tid();
   const int nthreads = static_cast<int>(blockDim.x * blockDim.y);
-  if (tid == 0) bad = 0;
+  if (tid == 0) {
+    bad = 0;
+    if (o.batches != nullptr) *o.batches += 1.0f;
+  }
   __syncthreads();
   bool found = false;
   for (int64_t c = tid; c < o.C; c += nthreads) {
@@ -422,8 +428,9 @@ StatsBuffers stats_workspace(int64_t counters, int64_t words, const at::Device& 
 
 void bnp_update_stats_cuda(const at::Tensor& input, const at::Tensor& mean,
                            const at::Tensor& sqmean, const at::Tensor& step, int64_t channel_dim,
-                           double momentum) {
-  const StatsLayout L = checked_stats_layout(input, mean, sqmean, step, channel_dim, momentum);
+                           double momentum, const std::optional<at::Tensor>& batches) {
+  const StatsLayout L =
+      checked_stats_layout(input, mean, sqmean, step, channel_dim, momentum, batches);
   const int64_t count = L.outer * L.inner;
   if (L.x.numel() == 0 || count == 0) return;
   dev::check_device(input.device(), "bnp_update_stats_", "an input");
@@ -462,6 +469,7 @@ void bnp_update_stats_cuda(const at::Tensor& input, const at::Tensor& mean,
   o.sqmean = sqmean.data_ptr();
   o.stat_f64 = mean.scalar_type() == at::kDouble;
   o.step = step.data_ptr<float>();
+  o.batches = batches.has_value() ? batches->data_ptr<float>() : nullptr;
   o.momentum = momentum;
   o.count = static_cast<double>(count);
   o.C = C;

@@ -57,7 +57,7 @@ void test_channel_coefficients() {
 at::Device g_device = at::kCPU;
 
 using StatsSig = void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                      int64_t, double);
+                      int64_t, double, const std::optional<at::Tensor>&);
 using SgdSig = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                     at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                     at::TensorList, at::IntArrayRef, double, double, double, double, bool,
@@ -84,7 +84,7 @@ void test_op_stats() {
     for (int t = 0; t < 2; ++t) {
       at::Tensor x = at::randn({N, C, H, W}, f64());
       if (channels_last) x = x.contiguous(at::MemoryFormat::ChannelsLast);
-      op<StatsSig>("psi_cuda::bnp_update_stats_").call(x, mean, sq, step, 1, rho);
+      op<StatsSig>("psi_cuda::bnp_update_stats_").call(x, mean, sq, step, 1, rho, std::nullopt);
       const at::Tensor xc = x.cpu().contiguous();
       const double* p = xc.const_data_ptr<double>();
       const double a = t == 0 ? 1.0 : rho / (1.0 - (1.0 - rho) * (1.0 - rho));

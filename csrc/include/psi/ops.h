@@ -105,7 +105,8 @@ struct StatsLayout {
 // Checks the arguments of bnp_update_stats_ (errors name the argument) and returns the layout.
 StatsLayout checked_stats_layout(const at::Tensor& input, const at::Tensor& mean,
                                  const at::Tensor& sqmean, const at::Tensor& step,
-                                 int64_t channel_dim, double momentum);
+                                 int64_t channel_dim, double momentum,
+                                 const std::optional<at::Tensor>& batches);
 
 // Memory view of one output channel (row) of a weight (out, in/groups, *kernel): `outer` blocks
 // of `inner` elements; the input channel is the block index (contiguous conv weights) or the

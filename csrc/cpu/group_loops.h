@@ -4,7 +4,12 @@
 // psi/adam.h) and in their elementwise Euclidean step.
 //
 // The tensors of the list are cut into work items of about kItemElems elements:
-//   rows   - whole channel groups (short rows): reduce, solve, write while the rows are in cache;
+//   rows   - whole channel groups (short rows), one row after the other: reduce it (from
+//            memory), solve, write it (its second read hits L1/L2). That ran 1.35-1.5x the
+//            stream-limit loop on ResNet-50's channel tensors where a pipeline that wrote row r-1
+//            in the loop that reduced row r ran 1.7-1.9x: rows of 1024+ values (3 streams of
+//            12+ KB) do not fit in L1 twice, and that loop's cache re-reads held back its memory
+//            reads (rows of 256-512 values: the same time either way);
 //   chunk  - a piece of a long group (a tensor group, or a row longer than kLongGroup): its
 //            partial Gram matrix is stored, the group is solved once all its chunks are reduced,
 //            then a second parallel pass writes it;
@@ -33,7 +38,7 @@ namespace psi {
 namespace {
 
 constexpr int64_t kItemElems = 1 << 15;  // elements per work item
-// Rows items are longer: each starts and ends its row pipeline with an unfused pass.
+// Elements per rows item (whole rows; 2^13 to 2^19 measured the same on ResNet-50).
 constexpr int64_t kRowItemElems = 1 << 17;
 constexpr int64_t kLongGroup = 1 << 16;  // longer groups are reduced in chunks, in parallel
 constexpr int64_t kFlush = 1 << 10;      // opmath partial sums are moved to double this often
@@ -92,12 +97,6 @@ Gram reduce_gram(const scalar_t* w, const scalar_t* g, const opmath_t* m, int64_
 template <typename scalar_t, typename opmath_t>
 void apply_update(scalar_t* w, const scalar_t* g, opmath_t* m, int64_t n, const Update& up) {
   PSI_CPU_CALL((w, g, m, n, up), apply_update_loop<scalar_t, opmath_t>);
-}
-
-template <typename scalar_t, typename opmath_t>
-Gram apply_then_reduce(scalar_t* w0, const scalar_t* g0, opmath_t* m0, const Update& up,
-                       const scalar_t* w1, const scalar_t* g1, const opmath_t* m1, int64_t n) {
-  PSI_CPU_CALL((w0, g0, m0, up, w1, g1, m1, n), apply_then_reduce_loop<scalar_t, opmath_t>);
 }
 
 // One tensor of a call: addresses of w, g (laid out like w) and m (null: no buffer), its size and
@@ -223,21 +222,12 @@ void run_group_items(const std::vector<GroupTensor>& ts, bool euclidean, const S
     const GroupTensor& a = ts[it.tensor];
     if (it.kind == kPlain) {
       plain(it.tensor, it.begin, it.end);
-    } else if (it.kind == kRows && a.given != nullptr) {  // given sums: solve, write
+    } else if (it.kind == kRows) {  // per row: reduce (or given sums), solve, write
       for (int64_t r = it.begin; r < it.end; ++r) {
         auto [w, g, m] = ptrs(a, r * a.group);
-        apply_update(w, g, m, a.group, solve(it.tensor, r, gram_row(a.given, r)));
+        const Gram G = a.given != nullptr ? gram_row(a.given, r) : reduce_gram(w, g, m, a.group);
+        apply_update(w, g, m, a.group, solve(it.tensor, r, G));
       }
-    } else if (it.kind == kRows) {
-      auto [w0, g0, m0] = ptrs(a, it.begin * a.group);
-      Update up = solve(it.tensor, it.begin, reduce_gram(w0, g0, m0, a.group));
-      for (int64_t r = it.begin + 1; r < it.end; ++r) {
-        auto [w1, g1, m1] = ptrs(a, r * a.group);
-        const Gram G = apply_then_reduce(w0, g0, m0, up, w1, g1, m1, a.group);
-        up = solve(it.tensor, r, G);
-        w0 = w1; g0 = g1; m0 = m1;
-      }
-      apply_update(w0, g0, m0, a.group, up);
     } else if (it.slot >= 0) {
       auto [w, g, m] = ptrs(a, it.begin);
       partial[it.slot] = reduce_gram(w, g, m, it.end - it.begin);

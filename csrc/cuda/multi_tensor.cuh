@@ -294,14 +294,22 @@ __device__ __forceinline__ void load_wgm(const Ptrs<scalar_t, opmath_t>& p, int6
   if (p.m != nullptr) load_vec<V>(p.m + j * V, m);
 }
 
-// This thread's sums of the Gram matrix of n elements, in acc_t (opmath_t, or double).
-template <typename acc_t, typename scalar_t, typename opmath_t>
-__device__ __forceinline__ GramAcc<acc_t> gram_sums(const Ptrs<scalar_t>& p, int64_t n) {
+// The element loops below take this thread's share of n elements: vectors first, first +
+// kStride, ... (when every stream is aligned), then tail elements nv * V + first, + kStride, ...
+// kStride = kThreads with first = threadIdx.x: a block's elements shared by its threads;
+// kStride = 1 with first = 0: all n elements by one thread, in order (groups of at most
+// kThreadGroup).
+
+// This thread's sums of the Gram matrix of its share of n elements, in acc_t (opmath_t, or
+// double).
+template <typename acc_t, int kStride, typename scalar_t, typename opmath_t>
+__device__ __forceinline__ GramAcc<acc_t> gram_sums(const Ptrs<scalar_t>& p, int64_t n,
+                                                    int64_t first) {
   constexpr int V = kVec<scalar_t>;
   GramAcc<acc_t> acc;
   const bool has_m = p.m != nullptr;
   const int64_t nv = vector_count<scalar_t>(n, p.w, p.g, p.m);
-  for (int64_t j = threadIdx.x; j < nv; j += kThreads) {
+  for (int64_t j = first; j < nv; j += kStride) {
     scalar_t w[V], g[V];
     opmath_t m[V];
     load_wgm(p, j, w, g, m);
@@ -312,7 +320,7 @@ __device__ __forceinline__ GramAcc<acc_t> gram_sums(const Ptrs<scalar_t>& p, int
               has_m ? static_cast<acc_t>(m[k]) : acc_t(0), has_m);
     }
   }
-  for (int64_t i = nv * V + threadIdx.x; i < n; i += kThreads) {
+  for (int64_t i = nv * V + first; i < n; i += kStride) {
     acc.add(static_cast<acc_t>(static_cast<opmath_t>(p.w[i])),
             static_cast<acc_t>(static_cast<opmath_t>(p.g[i])),
             has_m ? static_cast<acc_t>(p.m[i]) : acc_t(0), has_m);
@@ -322,35 +330,37 @@ __device__ __forceinline__ GramAcc<acc_t> gram_sums(const Ptrs<scalar_t>& p, int
 
 // This thread's share of the Gram matrix of n <= kChunk elements: opmath sums, or double ones
 // (the same elements again) when those are suspect.
-template <typename scalar_t, typename opmath_t>
-__device__ Gram chunk_gram(const Ptrs<scalar_t>& p, int64_t n) {
-  const GramAcc<opmath_t> acc = gram_sums<opmath_t, scalar_t, opmath_t>(p, n);
+template <typename scalar_t, typename opmath_t, int kStride = kThreads>
+__device__ Gram chunk_gram(const Ptrs<scalar_t>& p, int64_t n, int64_t first) {
+  const GramAcc<opmath_t> acc = gram_sums<opmath_t, kStride, scalar_t, opmath_t>(p, n, first);
   if (!acc.suspect()) return acc.to_double();
-  return gram_sums<double, scalar_t, opmath_t>(p, n).to_double();
+  return gram_sums<double, kStride, scalar_t, opmath_t>(p, n, first).to_double();
 }
 
 // This thread's share of the Gram matrix of n elements: chunk by chunk of kChunk elements, each
 // chunk's opmath sums added in double (one chunk: chunk_gram's result, bit for bit).
 template <typename scalar_t, typename opmath_t>
 __device__ Gram thread_gram(const Ptrs<scalar_t>& p, int64_t n) {
-  Gram sum = chunk_gram<scalar_t, opmath_t>(p, min64(kChunk, n));
+  Gram sum = chunk_gram<scalar_t, opmath_t>(p, min64(kChunk, n), threadIdx.x);
   for (int64_t begin = kChunk; begin < n; begin += kChunk) {
-    sum = GramSum()(sum, chunk_gram<scalar_t, opmath_t>(p.at(begin), min64(kChunk, n - begin)));
+    sum = GramSum()(sum, chunk_gram<scalar_t, opmath_t>(p.at(begin), min64(kChunk, n - begin),
+                                                        threadIdx.x));
   }
   return sum;
 }
 
 // Writes this thread's share of n elements with `wr`.
-template <typename scalar_t, typename opmath_t, typename compute_t>
+template <int kStride, typename scalar_t, typename opmath_t, typename compute_t>
 __device__ __forceinline__ void apply_writer(const Ptrs<scalar_t>& p, int64_t n,
-                                             const Writer<scalar_t, opmath_t, compute_t>& wr) {
+                                             const Writer<scalar_t, opmath_t, compute_t>& wr,
+                                             int64_t first) {
   constexpr int V = kVec<scalar_t>;
   const bool has_m = p.m != nullptr;
   // The double writer (coefficients outside opmath's range: rare) stays scalar: its registers
   // would not leave room for the vectors.
   const int64_t nv =
       std::is_same<compute_t, opmath_t>::value ? vector_count<scalar_t>(n, p.w, p.g, p.m) : 0;
-  for (int64_t j = threadIdx.x; j < nv; j += kThreads) {
+  for (int64_t j = first; j < nv; j += kStride) {
     scalar_t w[V], g[V];
     opmath_t m[V];
     load_wgm(p, j, w, g, m);
@@ -363,7 +373,7 @@ __device__ __forceinline__ void apply_writer(const Ptrs<scalar_t>& p, int64_t n,
     store_vec<V>(p.w + j * V, w);
     if (has_m) store_vec<V>(p.m + j * V, m);
   }
-  for (int64_t i = nv * V + threadIdx.x; i < n; i += kThreads) {
+  for (int64_t i = nv * V + first; i < n; i += kStride) {
     const compute_t mi = has_m ? static_cast<compute_t>(p.m[i]) : compute_t(0);
     wr.write(p.w, p.m, i, static_cast<compute_t>(static_cast<opmath_t>(p.w[i])),
              static_cast<compute_t>(static_cast<opmath_t>(p.g[i])), mi);
@@ -372,13 +382,14 @@ __device__ __forceinline__ void apply_writer(const Ptrs<scalar_t>& p, int64_t n,
 
 // Writes this thread's share of n elements with `up` (nothing when up.skip): in opmath, or in
 // double when a coefficient of `up` is outside opmath's normal range.
-template <typename scalar_t, typename opmath_t>
-__device__ void thread_apply(const Ptrs<scalar_t>& p, int64_t n, const Update& up) {
+template <typename scalar_t, typename opmath_t, int kStride = kThreads>
+__device__ void thread_apply(const Ptrs<scalar_t>& p, int64_t n, const Update& up,
+                             int64_t first) {
   if (up.skip) return;
   if (fits_opmath<opmath_t>(up)) {
-    apply_writer(p, n, Writer<scalar_t, opmath_t>(up));
+    apply_writer<kStride>(p, n, Writer<scalar_t, opmath_t>(up), first);
   } else {
-    apply_writer(p, n, Writer<scalar_t, opmath_t, double>(up));
+    apply_writer<kStride>(p, n, Writer<scalar_t, opmath_t, double>(up), first);
   }
 }
 
@@ -409,48 +420,6 @@ inline int64_t short_units(int64_t group, int64_t groups) {
   return group <= kWarpGroup ? ceil_div(groups, kWarps) : groups;
 }
 
-// The Gram sums of a group of n elements summed by one thread, in order: opmath, or double (the
-// same elements again) when those are suspect.
-template <typename scalar_t, typename opmath_t>
-__device__ __forceinline__ Gram serial_gram(const Ptrs<scalar_t>& p, int64_t n) {
-  const bool has_m = p.m != nullptr;
-  GramAcc<opmath_t> acc;
-  for (int64_t i = 0; i < n; ++i) {
-    acc.add(static_cast<opmath_t>(p.w[i]), static_cast<opmath_t>(p.g[i]),
-            has_m ? p.m[i] : opmath_t(0), has_m);
-  }
-  if (!acc.suspect()) return acc.to_double();
-  GramAcc<double> exact;
-  for (int64_t i = 0; i < n; ++i) {
-    exact.add(static_cast<opmath_t>(p.w[i]), static_cast<opmath_t>(p.g[i]),
-              has_m ? p.m[i] : opmath_t(0), has_m);
-  }
-  return exact.to_double();
-}
-
-// Writes the n elements of a group with `up`, by one thread (nothing when up.skip): in opmath, or
-// in double when a coefficient of `up` is outside opmath's normal range.
-template <typename scalar_t, typename opmath_t>
-__device__ __forceinline__ void serial_apply(const Ptrs<scalar_t>& p, int64_t n,
-                                             const Update& up) {
-  if (up.skip) return;
-  const bool has_m = p.m != nullptr;
-  if (fits_opmath<opmath_t>(up)) {
-    const Writer<scalar_t, opmath_t> wr(up);
-    for (int64_t i = 0; i < n; ++i) {
-      wr.write(p.w, p.m, i, static_cast<opmath_t>(p.w[i]), static_cast<opmath_t>(p.g[i]),
-               has_m ? p.m[i] : opmath_t(0));
-    }
-  } else {
-    const Writer<scalar_t, opmath_t, double> wr(up);
-    for (int64_t i = 0; i < n; ++i) {
-      wr.write(p.w, p.m, i, static_cast<double>(static_cast<opmath_t>(p.w[i])),
-               static_cast<double>(static_cast<opmath_t>(p.g[i])),
-               has_m ? static_cast<double>(p.m[i]) : 0.0);
-    }
-  }
-}
-
 // Steps work unit `unit` of tensor `a` (a.group <= kShortGroup), the short-group kernels of
 // psi_sgd_ and psi_adam_, and returns after a barrier (`sh` may then be reused):
 // * groups of at most kThreadGroup elements: one thread per group (kThreads consecutive groups
@@ -476,8 +445,9 @@ __device__ __forceinline__ void step_short_unit(const TensorMeta& a, int64_t uni
     const int64_t group = unit * kThreads + threadIdx.x;
     if (group < a.numel / len) {
       const Ptrs<scalar_t> p(a, group * len);
-      const Gram G = a.gram != 0 ? given_gram(a, group) : serial_gram<scalar_t, opmath_t>(p, len);
-      serial_apply<scalar_t, opmath_t>(p, len, solve(G, group));
+      const Gram G = a.gram != 0 ? given_gram(a, group)
+                                 : chunk_gram<scalar_t, opmath_t, 1>(p, len, 0);  // in order
+      thread_apply<scalar_t, opmath_t, 1>(p, len, solve(G, group), 0);
     }
   } else if (len <= kWarpGroup) {
     const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
@@ -508,7 +478,7 @@ __device__ __forceinline__ void step_short_unit(const TensorMeta& a, int64_t uni
                                      thread_gram<scalar_t, opmath_t>(p, len), GramSum());
     if (threadIdx.x == 0) sh.up[0] = solve(G, unit);
     __syncthreads();
-    thread_apply<scalar_t, opmath_t>(p, len, sh.up[0]);
+    thread_apply<scalar_t, opmath_t>(p, len, sh.up[0], threadIdx.x);
   }
   __syncthreads();  // sh is reused by the next unit
 }
@@ -553,7 +523,7 @@ __global__ void __launch_bounds__(kThreads)
     const TensorMeta& a = find_tensor<&TensorMeta::first_unit>(metas, num_tensors, unit);
     const ChunkOfGroup c = chunk_of_group(a, unit);
     thread_apply<scalar_t, opmath_t>(Ptrs<scalar_t>(a, c.begin), c.len,
-                                     updates[a.first_group + c.group]);
+                                     updates[a.first_group + c.group], threadIdx.x);
   }
   bump_steps_when_last(bump);
 }

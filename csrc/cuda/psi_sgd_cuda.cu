@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kThreads)
     const bool first = *reinterpret_cast<const float*>(a.step) == 0.0f;
     const Update up = euclidean_sgd_update(o, grad_factor(o.maximize, grad_scale), first);
     thread_apply<scalar_t, opmath_t>(Ptrs<scalar_t>(a, begin), min64(kChunk, a.numel - begin),
-                                     up);
+                                     up, threadIdx.x);
   }
   bump_steps_when_last(bump);
 }
